@@ -1,0 +1,47 @@
+"""Helpers shared by the host (numpy) kernels."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..registry import OpSpec
+
+
+def conv_geometry(spec: OpSpec) -> dict:
+    """Normalized 2-D convolution parameters of a Conv spec (attrs already have defaults)."""
+    n, c, h, w = spec.inputs[0]
+    k, cg, r, s = spec.inputs[1]
+    pads = spec.attr("pads")
+    return {
+        "N": n, "C": c, "H": h, "W": w, "K": k, "Cg": cg, "R": r, "S": s,
+        "group": spec.attr("group", 1),
+        "strides": tuple(spec.attr("strides")),
+        "dilations": tuple(spec.attr("dilations")),
+        "pads": tuple(pads),  # (top, left, bottom, right)
+        "P": spec.output[2], "Q": spec.output[3],
+    }
+
+
+def is_conv2d(spec: OpSpec) -> bool:
+    return spec.op_type == "Conv" and len(spec.inputs[0]) == 4 and spec.const[1] and spec.dtype == "float32"
+
+
+def activation(spec: OpSpec) -> Callable[[np.ndarray], np.ndarray]:
+    """In-place fused activation for host kernels (identity when the spec has none)."""
+    act, params = spec.activation, spec.activation_params
+    if act is None:
+        return lambda y: y
+    if act == "Relu":
+        return lambda y: np.maximum(y, 0, out=y)
+    if act == "Clip":
+        lo, hi = params
+        return lambda y: np.clip(y, lo, hi, out=y)
+    if act == "LeakyRelu":
+        alpha = params[0]
+        return lambda y: np.where(y >= 0, y, y * np.float32(alpha)).astype(y.dtype, copy=False)
+    if act == "Sigmoid":
+        return lambda y: np.divide(1, 1 + np.exp(-y, out=y), out=y)
+    if act == "Tanh":
+        return lambda y: np.tanh(y, out=y)
+    raise ValueError(f"unsupported fused activation {act}")
