@@ -1,0 +1,577 @@
+"""ONNX model -> a small IR with concrete shapes, ready for selection.
+
+Loading does, in order: read and check the model, fix input shapes (symbolic dims from the
+caller), fold every constant sub-graph into constants (the light models build their weights with
+``ConstantOfShape``), infer concrete shapes of every tensor, drop inference no-ops (Dropout,
+Identity), fold BatchNormalization into the Conv before it, fuse a following activation into
+Conv, and fill in attribute defaults of the heavy ops so that their :class:`OpSpec` is canonical.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import ortutil
+from .errors import InputError, ModelError
+from .registry import OpSpec
+
+log = logging.getLogger(__name__)
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+MIN_OPSET = 7
+KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.ml")
+# Ops whose output differs between runs: never folded even with constant inputs.
+NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+# Element-wise activations a Conv implementation may apply to its own output.
+FUSABLE_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh")
+
+
+@dataclass
+class Node:
+    name: str
+    op_type: str
+    domain: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any]
+    activation: Optional[str] = None
+    activation_params: tuple = ()
+
+
+@dataclass
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    tensors: dict[str, TensorInfo]
+    constants: dict[str, np.ndarray]
+    inputs: list[str]
+    outputs: list[str]
+    opsets: dict[str, int]
+    model_hash: str = ""
+    ir_version: int = 8
+    name: str = "model"
+
+    def consumers(self) -> dict[str, list[Node]]:
+        users: dict[str, list[Node]] = defaultdict(list)
+        for node in self.nodes:
+            for t in node.inputs:
+                if t:
+                    users[t].append(node)
+        return users
+
+    def producer(self) -> dict[str, Node]:
+        return {t: node for node in self.nodes for t in node.outputs}
+
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: self.tensors[name].shape for name in self.inputs}
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+def read_model(source: ModelSource) -> tuple[onnx.ModelProto, bytes]:
+    """Parse a model from a path, bytes or ModelProto; return it with its serialized bytes."""
+    if isinstance(source, onnx.ModelProto):
+        return source, source.SerializeToString()
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+        where = "the given bytes"
+    else:
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise ModelError(f"model file not found: {path}")
+        if os.path.isdir(path):
+            raise ModelError(f"{path} is a directory, not an ONNX model file")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise ModelError(f"cannot read {path}: {exc.strerror}") from None
+        where = path
+    if not data:
+        raise ModelError(f"{where}: empty file, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception:
+        raise ModelError(f"{where}: not an ONNX model (protobuf parse failed)") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelError(f"{where}: not an ONNX model (no graph)")
+    return model, data
+
+
+def model_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``"input:1x3x224x224"`` -> ("input", (1, 3, 224, 224)); the CLI's ``--shape`` syntax."""
+    name, sep, dims = text.rpartition(":")
+    if not sep or not name or not dims:
+        raise InputError(f"bad shape {text!r}: expected NAME:D1xD2x... (e.g. data:1x3x224x224)")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        raise InputError(f"bad shape {text!r}: dimensions must be integers separated by 'x'") from None
+    if any(d <= 0 for d in shape):
+        raise InputError(f"bad shape {text!r}: dimensions must be positive")
+    return name, shape
+
+
+def load(source: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Graph:
+    """Load a model into the IR. ``input_shapes`` fixes symbolic (or overrides batch) dims."""
+    model, data = read_model(source)
+    _check(model)
+    init_names = {t.name for t in model.graph.initializer}
+    real_inputs = [vi for vi in model.graph.input if vi.name not in init_names]
+    shapes = _input_shapes(real_inputs, dict(input_shapes or {}))
+
+    constants = {t.name: _to_array(t) for t in model.graph.initializer}
+    nodes = [_node_from_proto(i, n) for i, n in enumerate(model.graph.node)]
+    nodes = _toposort(nodes, set(shapes) | set(constants))
+    opsets = {o.domain if o.domain != "ai.onnx" else "": o.version for o in model.opset_import}
+    outputs = [o.name for o in model.graph.output]
+
+    nodes, constants = _fold_constants(nodes, constants, outputs, opsets)
+    dtypes = {vi.name: _dtype(vi.type.tensor_type.elem_type) for vi in real_inputs}
+    graph = Graph(nodes=nodes, tensors={}, constants=constants, inputs=list(shapes), outputs=outputs,
+                  opsets=opsets, model_hash=model_hash(data), ir_version=model.ir_version,
+                  name=model.graph.name or "model")
+    graph.tensors = _infer_shapes(graph, shapes, dtypes)
+    _remove_identities(graph)
+    _fold_batchnorm(graph)
+    _fuse_activations(graph)
+    for node in graph.nodes:
+        _normalize_attrs(node, graph)
+    _check_heavy_nodes(graph)
+    return graph
+
+
+def _check(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
+        raise ModelError(f"invalid ONNX model: {first}") from None
+    except Exception as exc:  # the checker raises other types on badly broken protos
+        raise ModelError(f"invalid ONNX model: {exc}") from None
+    default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not default:
+        raise ModelError("model imports no default-domain opset")
+    if default[0] < MIN_OPSET:
+        raise ModelError(f"opset {default[0]} is too old; fastrun supports opset {MIN_OPSET} and newer")
+    for n in model.graph.node:
+        if n.domain not in KNOWN_DOMAINS:
+            raise ModelError(f"node {n.name or n.op_type!r} uses op {n.op_type} from unknown domain {n.domain!r}")
+        if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type):
+            raise ModelError(f"node {n.name or n.op_type!r}: unknown op {n.op_type}")
+
+
+def _input_shapes(real_inputs: Sequence[onnx.ValueInfoProto], given: dict[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    names = [vi.name for vi in real_inputs]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise InputError(f"--shape names unknown input(s) {', '.join(unknown)}; the model's inputs are: {', '.join(names)}")
+    shapes = {}
+    for vi in real_inputs:
+        dims = vi.type.tensor_type.shape.dim
+        declared = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        if vi.name in given:
+            shape = tuple(int(d) for d in given[vi.name])
+            if vi.type.tensor_type.HasField("shape") and len(shape) != len(declared):
+                raise InputError(f"input {vi.name}: shape {_fmt(shape)} has rank {len(shape)}, the model declares rank {len(declared)}")
+            for i, (want, got) in enumerate(zip(declared, shape)):
+                if want is not None and want > 0 and want != got and not (i == 0):
+                    raise InputError(f"input {vi.name}: dim {i} is fixed to {want} by the model, --shape gives {got}")
+        else:
+            if any(d is None or d <= 0 for d in declared):
+                raise InputError(f"input {vi.name} has symbolic dims {_declared(dims)}; give them with "
+                                 f"--shape {vi.name}:{'x'.join(str(d or 1) for d in declared)} (API: input_shapes=)")
+            shape = tuple(declared)
+        shapes[vi.name] = shape
+    return shapes
+
+
+def _declared(dims) -> str:
+    return "[" + ", ".join(d.dim_param or str(d.dim_value) if (d.dim_param or d.dim_value) else "?" for d in dims) + "]"
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _to_array(t: onnx.TensorProto) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as exc:
+        raise ModelError(f"initializer {t.name!r} cannot be read: {exc}") from None
+
+
+def _dtype(elem_type: int) -> str:
+    try:
+        return str(helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception:
+        return "float32"
+
+
+def _node_from_proto(index: int, proto: onnx.NodeProto) -> Node:
+    attrs = {a.name: helper.get_attribute_value(a) for a in proto.attribute}
+    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+    return Node(name=proto.name or f"{proto.op_type}_{index}", op_type=proto.op_type,
+                domain=proto.domain if proto.domain != "ai.onnx" else "", inputs=list(proto.input),
+                outputs=list(proto.output), attrs=attrs)
+
+
+def to_proto(node: Node) -> onnx.NodeProto:
+    """The node as ONNX, without fused activation (callers handle that)."""
+    attrs = {k: v for k, v in node.attrs.items() if not k.startswith("_")}
+    return helper.make_node(node.op_type, node.inputs, node.outputs, name=node.name, domain=node.domain or None, **attrs)
+
+
+def _toposort(nodes: list[Node], available: set[str]) -> list[Node]:
+    produced_by = {}
+    for node in nodes:
+        for t in node.outputs:
+            if t in produced_by or t in available:
+                raise ModelError(f"tensor {t!r} is produced more than once")
+            produced_by[t] = node
+    for node in nodes:
+        for t in node.inputs:
+            if t and t not in produced_by and t not in available:
+                raise ModelError(f"node {node.name!r} reads {t!r}, which no node, input or initializer provides")
+    order, state = [], {}
+    for root in nodes:
+        stack = [(root, False)]
+        while stack:
+            node, done = stack.pop()
+            if done:
+                state[node.name] = 2
+                order.append(node)
+                continue
+            if state.get(node.name) == 2:
+                continue
+            if state.get(node.name) == 1:
+                continue
+            state[node.name] = 1
+            stack.append((node, True))
+            for t in node.inputs:
+                dep = produced_by.get(t)
+                if dep is None:
+                    continue
+                if state.get(dep.name) == 1:
+                    raise ModelError(f"the graph has a cycle through node {dep.name!r}")
+                if state.get(dep.name) != 2:
+                    stack.append((dep, False))
+    return order
+
+
+# ---------------------------------------------------------------------------------- simplification
+
+def _fold_constants(nodes: list[Node], constants: dict[str, np.ndarray], outputs: list[str],
+                    opsets: dict[str, int]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    """Evaluate every node whose inputs are all constant, with onnxruntime, in one session."""
+    const_names = set(constants)
+    folded, kept = [], []
+    for node in nodes:
+        if node.op_type not in NONDETERMINISTIC and all((not t) or t in const_names for t in node.inputs) \
+                and not _has_subgraph(node):
+            folded.append(node)
+            const_names.update(node.outputs)
+        else:
+            kept.append(node)
+    if not folded:
+        return nodes, constants
+    needed = {t for node in kept for t in node.inputs if t} | set(outputs)
+    wanted = [t for node in folded for t in node.outputs if t in needed]
+    fold_inputs = {t for node in folded for t in node.inputs}
+    if wanted:
+        model = ortutil.make_model([to_proto(n) for n in folded], [], [helper.make_empty_tensor_value_info(t) for t in wanted],
+                                   {k: v for k, v in constants.items() if k in fold_inputs}, opsets)
+        try:
+            values = ortutil.session(model, level="disable").run(wanted, {})
+        except Exception as exc:
+            raise ModelError(f"cannot evaluate the model's constant sub-graph: {_first_line(exc)}") from None
+        constants = dict(constants)
+        constants.update(zip(wanted, values))
+    log.debug("folded %d constant nodes", len(folded))
+    used = {t for node in kept for t in node.inputs} | set(outputs)
+    return kept, {k: v for k, v in constants.items() if k in used}
+
+
+def _has_subgraph(node: Node) -> bool:
+    return any(isinstance(v, onnx.GraphProto) or (isinstance(v, list) and v and isinstance(v[0], onnx.GraphProto))
+               for v in node.attrs.values())
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+SMALL_CONSTANT = 4096  # elements; larger constants stay out of the shape-inference model
+
+
+def _infer_shapes(graph: Graph, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> dict[str, TensorInfo]:
+    """Concrete shape and dtype of every runtime tensor (onnx inference, onnxruntime as fallback).
+
+    Large constants (weights) enter the inference model as typed inputs rather than initializers:
+    their values never matter for shapes and serializing them costs seconds on VGG-sized models.
+    """
+    small = {k: v for k, v in graph.constants.items() if v.size <= SMALL_CONSTANT}
+    large = {k: v for k, v in graph.constants.items() if k not in small}
+    inputs = [ortutil.value_info(n, s, dtypes[n]) for n, s in shapes.items()]
+    inputs += [ortutil.value_info(k, v.shape, str(v.dtype)) for k, v in large.items()]
+    model = ortutil.make_model([to_proto(n) for n in graph.nodes], inputs,
+                               [helper.make_empty_tensor_value_info(t) for t in graph.outputs], small, graph.opsets)
+    tensors = {n: TensorInfo(tuple(s), dtypes[n]) for n, s in shapes.items()}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise InputError(f"shapes do not fit the model: {_first_line(exc)}") from None
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            tensors[vi.name] = TensorInfo(tuple(d.dim_value for d in tt.shape.dim), _dtype(tt.elem_type))
+    missing = [t for node in graph.nodes for t in node.outputs if t and t not in tensors]
+    if missing:
+        log.debug("onnx shape inference left %s unknown; running onnxruntime once", missing[:5])
+        del model.graph.output[:]
+        model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in missing)
+        feed = {n: np.zeros(s, dtype=dtypes[n]) for n, s in shapes.items()}
+        feed.update(large)
+        try:
+            values = ortutil.session(model, level="disable").run(missing, feed)
+        except Exception as exc:
+            raise InputError(f"the model cannot run with input shapes {shapes}: {_first_line(exc)}") from None
+        tensors.update({t: TensorInfo(tuple(v.shape), str(v.dtype)) for t, v in zip(missing, values)})
+    return tensors
+
+
+def _rename_input(graph: Graph, old: str, new: str) -> None:
+    for node in graph.nodes:
+        node.inputs = [new if t == old else t for t in node.inputs]
+
+
+def _remove_identities(graph: Graph) -> None:
+    """Dropout (inference) and Identity forward their input unless they produce a graph output."""
+    used = {t for node in graph.nodes for t in node.inputs} | set(graph.outputs)
+    kept = []
+    for node in graph.nodes:
+        is_noop = node.op_type == "Identity" or (node.op_type == "Dropout" and not any(o in used for o in node.outputs[1:]))
+        if is_noop and node.outputs[0] not in graph.outputs and node.inputs[0] not in graph.constants:
+            _rename_input(graph, node.outputs[0], node.inputs[0])
+            continue
+        kept.append(node)
+    graph.nodes = kept
+
+
+def _single_consumer(graph: Graph, tensor: str, users: dict[str, list[Node]]) -> Optional[Node]:
+    if tensor in graph.outputs or len(users.get(tensor, [])) != 1:
+        return None
+    return users[tensor][0]
+
+
+def _fold_batchnorm(graph: Graph) -> None:
+    """Conv -> BatchNormalization (inference) becomes one Conv with scaled weights and a bias."""
+    users = graph.consumers()
+    removed = set()
+    for conv in graph.nodes:
+        if conv.op_type != "Conv" or conv.domain or len(conv.inputs) < 2 or conv.inputs[1] not in graph.constants:
+            continue
+        bn = _single_consumer(graph, conv.outputs[0], users)
+        if bn is None or bn.op_type != "BatchNormalization" or len([o for o in bn.outputs if o]) != 1:
+            continue
+        if bn.attrs.get("training_mode", 0) or not all(t in graph.constants for t in bn.inputs[1:5]):
+            continue
+        scale, bias, mean, var = (graph.constants[t].astype(np.float64) for t in bn.inputs[1:5])
+        eps = bn.attrs.get("epsilon", 1e-5)
+        w = graph.constants[conv.inputs[1]].astype(np.float64)
+        b = graph.constants[conv.inputs[2]].astype(np.float64) if len(conv.inputs) > 2 and conv.inputs[2] else np.zeros(w.shape[0])
+        factor = scale / np.sqrt(var + eps)
+        new_w = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        new_b = ((b - mean) * factor + bias).astype(np.float32)
+        w_name, b_name = f"{conv.name}/folded_W", f"{conv.name}/folded_B"
+        graph.constants[w_name], graph.constants[b_name] = new_w, new_b
+        conv.inputs = [conv.inputs[0], w_name, b_name]
+        conv.outputs = list(bn.outputs[:1])
+        removed.add(id(bn))
+    graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+    _fold_channel_affine(graph)
+    _drop_unused_constants(graph)
+
+
+def _fold_channel_affine(graph: Graph) -> None:
+    """Conv -> Mul/Add by a per-output-channel constant (as BN-style scale/bias) folds into Conv."""
+    users = graph.consumers()
+    removed = set()
+    for conv in graph.nodes:
+        if conv.op_type != "Conv" or conv.domain or len(conv.inputs) < 2 or conv.inputs[1] not in graph.constants:
+            continue
+        while True:
+            nxt = _single_consumer(graph, conv.outputs[0], users)
+            if nxt is None or nxt.op_type not in ("Mul", "Add") or nxt.domain or len(nxt.inputs) != 2:
+                break
+            other = nxt.inputs[1] if nxt.inputs[0] == conv.outputs[0] else nxt.inputs[0]
+            k = graph.constants[conv.inputs[1]].shape[0]
+            per_channel = _per_channel(graph.constants.get(other), k, len(graph.tensors[conv.outputs[0]].shape))
+            if per_channel is None or other == conv.outputs[0]:
+                break
+            w = graph.constants[conv.inputs[1]]
+            b = graph.constants[conv.inputs[2]] if len(conv.inputs) > 2 and conv.inputs[2] else np.zeros(k, np.float32)
+            if nxt.op_type == "Mul":
+                w = w * per_channel.reshape(-1, *([1] * (w.ndim - 1)))
+                b = b * per_channel
+            else:
+                b = b + per_channel
+            w_name, b_name = f"{conv.name}/{nxt.name}/W", f"{conv.name}/{nxt.name}/B"
+            graph.constants[w_name], graph.constants[b_name] = w.astype(np.float32), b.astype(np.float32)
+            conv.inputs = [conv.inputs[0], w_name, b_name]
+            conv.outputs = list(nxt.outputs)
+            removed.add(id(nxt))
+    graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+
+
+def _per_channel(value: Optional[np.ndarray], channels: int, rank: int) -> Optional[np.ndarray]:
+    """A constant that broadcasts against [N, K, ...] only along K (or is a scalar), as a [K] vector."""
+    if value is None or value.dtype != np.float32 or value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float32)
+
+
+def _fuse_activations(graph: Graph) -> None:
+    """Conv followed by its only consumer Relu/Clip/... computes the activation itself."""
+    users = graph.consumers()
+    removed = set()
+    for conv in graph.nodes:
+        if conv.op_type != "Conv" or conv.domain or conv.activation:
+            continue
+        act = _single_consumer(graph, conv.outputs[0], users)
+        if act is None or act.op_type not in FUSABLE_ACTIVATIONS or act.domain:
+            continue
+        params = _activation_params(act, graph)
+        if params is None:
+            continue
+        conv.activation, conv.activation_params = act.op_type, params
+        conv.outputs = list(act.outputs)
+        removed.add(id(act))
+    graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+
+
+def _activation_params(act: Node, graph: Graph) -> Optional[tuple]:
+    if act.op_type == "Clip":
+        lo, hi = act.attrs.get("min", -3.4028234663852886e38), act.attrs.get("max", 3.4028234663852886e38)
+        extra = act.inputs[1:]
+        for i, t in enumerate(extra):
+            if not t:
+                continue
+            if t not in graph.constants:
+                return None
+            value = float(graph.constants[t])
+            lo, hi = (value, hi) if i == 0 else (lo, value)
+        return (float(lo), float(hi))
+    if act.op_type == "LeakyRelu":
+        return (float(act.attrs.get("alpha", 0.01)),)
+    return ()
+
+
+def _drop_unused_constants(graph: Graph) -> None:
+    used = {t for node in graph.nodes for t in node.inputs} | set(graph.outputs)
+    graph.constants = {k: v for k, v in graph.constants.items() if k in used}
+
+
+def _normalize_attrs(node: Node, graph: Graph) -> None:
+    """Fill defaults (and resolve auto_pad) so equal convolutions have equal specs."""
+    if node.domain:
+        return
+    if node.op_type == "Conv":
+        x = graph.tensors[node.inputs[0]].shape
+        w_shape = _shape_of(graph, node.inputs[1])
+        spatial = len(x) - 2
+        kernel = tuple(node.attrs.get("kernel_shape") or w_shape[2:])
+        strides = tuple(node.attrs.get("strides") or [1] * spatial)
+        dilations = tuple(node.attrs.get("dilations") or [1] * spatial)
+        pads = node.attrs.get("pads") or [0] * (2 * spatial)
+        auto_pad = node.attrs.get("auto_pad", "NOTSET")
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = _same_pads(x[2:], kernel, strides, dilations, upper=auto_pad == "SAME_UPPER")
+        elif auto_pad == "VALID":
+            pads = [0] * (2 * spatial)
+        node.attrs = {"kernel_shape": kernel, "strides": strides, "pads": tuple(pads),
+                      "dilations": dilations, "group": int(node.attrs.get("group", 1))}
+    elif node.op_type == "Gemm":
+        node.attrs = {"alpha": float(node.attrs.get("alpha", 1.0)), "beta": float(node.attrs.get("beta", 1.0)),
+                      "transA": int(node.attrs.get("transA", 0)), "transB": int(node.attrs.get("transB", 0))}
+
+
+def _same_pads(spatial: Sequence[int], kernel, strides, dilations, upper: bool) -> list[int]:
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, big = total // 2, total - total // 2
+        begins.append(small if upper else big)
+        ends.append(big if upper else small)
+    return begins + ends
+
+
+def _shape_of(graph: Graph, tensor: str) -> tuple[int, ...]:
+    if tensor in graph.constants:
+        return tuple(graph.constants[tensor].shape)
+    return graph.tensors[tensor].shape
+
+
+def _check_heavy_nodes(graph: Graph) -> None:
+    for node in graph.nodes:
+        if node.op_type == "Conv" and not node.domain and len(node.inputs) > 1:
+            x, w = _shape_of(graph, node.inputs[0]), _shape_of(graph, node.inputs[1])
+            g = node.attrs["group"]
+            if len(w) != len(x) or w[1] * g != x[1] or w[0] % g:
+                raise ModelError(f"Conv {node.name!r}: weight shape {list(w)} contradicts input shape {list(x)} with group={g}")
+
+
+# ------------------------------------------------------------------------------------------- specs
+
+def spec_for_node(node: Node, graph: Graph) -> OpSpec:
+    """The graph-independent description of a node that implementations and caches key on."""
+    shapes = tuple(_shape_of(graph, t) if t else None for t in node.inputs)
+    const = tuple(bool(t) and t in graph.constants for t in node.inputs)
+    out = graph.tensors[node.outputs[0]]
+    attrs = tuple(sorted((k, _plain(v)) for k, v in node.attrs.items()))
+    return OpSpec(op_type=node.op_type, domain=node.domain, inputs=shapes, const=const, output=out.shape,
+                  dtype=out.dtype, attrs=attrs, activation=node.activation,
+                  activation_params=tuple(node.activation_params))
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(_plain(x) for x in v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v
+
+
+def const_inputs(node: Node, graph: Graph) -> dict[int, np.ndarray]:
+    return {i: graph.constants[t] for i, t in enumerate(node.inputs) if t and t in graph.constants}
+
+
+def summary(graph: Graph) -> str:
+    counts = Counter(n.op_type for n in graph.nodes)
+    return ", ".join(f"{k} {v}" for k, v in counts.most_common())
