@@ -134,6 +134,12 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
 def load(source: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Graph:
     """Load a model into the IR. ``input_shapes`` fixes symbolic (or overrides batch) dims."""
     model, data = read_model(source)
+    return from_proto(model, data, input_shapes)
+
+
+def from_proto(model: onnx.ModelProto, data: bytes,
+               input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Graph:
+    """:func:`load` for a model already read (``data``: its serialized bytes, hashed as its identity)."""
     _check(model)
     init_names = {t.name for t in model.graph.initializer}
     real_inputs = [vi for vi in model.graph.input if vi.name not in init_names]

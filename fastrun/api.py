@@ -1,0 +1,198 @@
+"""The library's entry points: profile a model, find its cached plan.
+
+These only wire the stages together (graph -> planner (profile + search) -> plan -> executor);
+the CLI and :class:`fastrun.InferenceSession` call them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from . import benchmark, executor, fingerprint as fp, graph as graph_mod, ortutil, planner
+from .cache import Caches
+from .graph import Graph, ModelSource
+from .plan import Plan
+from .profiler import DEFAULT_OP_LIMIT, Profiler, Stats
+
+log = logging.getLogger(__name__)
+
+# Whole-model outputs must match onnxruntime's within this (max abs error relative to max |ref|).
+MODEL_TOLERANCE = 1e-3
+
+
+@dataclass
+class ProfileReport:
+    """Everything ``fastrun profile`` prints or writes with ``--json``."""
+
+    model: str
+    plan: Plan
+    stats: Stats
+    seconds: float
+    measured_ms: Optional[float] = None
+    onnxruntime_ms: Optional[float] = None
+    max_error: Optional[float] = None
+    segments: int = 0
+    host_steps: int = 0
+    reorders: int = 0
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if self.measured_ms and self.onnxruntime_ms:
+            return self.onnxruntime_ms / self.measured_ms
+        return None
+
+    def to_json(self) -> dict:
+        plan = self.plan
+        return {
+            "model": self.model,
+            "fingerprint": plan.fingerprint,
+            "fingerprint_fields": fp.describe(),
+            "input_shapes": plan.input_shapes,
+            "policy": plan.policy,
+            "nodes": [{"name": n.name, "op_type": n.op_type, "impl": n.impl, "time_ms": n.time_ms,
+                       "in_formats": n.in_formats, "out_format": n.out_format, "spec": n.spec,
+                       "source": n.source, "ort_ms": n.ort_ms, "runner_up": n.runner_up,
+                       "runner_up_ms": n.runner_up_ms, "candidates": n.candidates} for n in plan.nodes],
+            "predicted_ms": plan.predicted_ms,
+            "measured_ms": self.measured_ms,
+            "onnxruntime_ms": self.onnxruntime_ms,
+            "speedup": self.speedup,
+            "greedy_ms": plan.greedy_ms,
+            "nchw_only_ms": plan.nchw_only_ms,
+            "reorders": len(plan.reorders),
+            "reorder_list": plan.reorders,
+            "solver": plan.solver,
+            "max_error": self.max_error,
+            "segments": self.segments,
+            "host_steps": self.host_steps,
+            "profiled_now": self.stats.measured,
+            "from_cache": self.stats.from_cache,
+            "specs_measured": self.stats.specs_measured,
+            "specs_cached": self.stats.specs_cached,
+            "skipped_budget": self.stats.skipped_budget,
+            "failed": [list(f) for f in self.stats.failed],
+            "seconds": self.seconds,
+        }
+
+
+def find_plan(caches: Caches, fingerprint: str, graph: Graph) -> Optional[Plan]:
+    """The cached plan for this graph's model and input shapes, if one exists and is valid."""
+    value = caches.plans.get(Caches.plan_key(fingerprint, graph.model_hash, graph.input_shapes()))
+    if value is None:
+        return None
+    try:
+        plan = Plan.from_json(value)
+    except (TypeError, ValueError, KeyError) as exc:
+        log.warning("ignoring a corrupt cached plan for %s: %s", graph.name, exc)
+        return None
+    why = plan.stale_reason(graph.model_hash, fingerprint) or _mismatch(plan, graph)
+    if why:
+        log.warning("ignoring the cached plan for %s: %s", graph.name, why)
+        return None
+    return plan
+
+
+def _mismatch(plan: Plan, graph: Graph) -> Optional[str]:
+    names = {n.name for n in graph.nodes}
+    if {n.name for n in plan.nodes} != names:
+        return "its nodes do not match the model's"
+    from . import registry
+
+    for n in plan.nodes:
+        if n.impl == "onnxruntime":
+            continue
+        try:
+            impl = registry.get(n.op_type, n.impl.split("@")[0])
+        except KeyError:
+            return f"implementation {n.impl} is not registered"
+        if impl.id != n.impl:
+            return f"implementation {n.impl} changed version (now {impl.id})"
+    return None
+
+
+def store_plan(caches: Caches, plan: Plan) -> bool:
+    shapes = {k: tuple(v) for k, v in plan.input_shapes.items()}
+    return caches.plans.set(Caches.plan_key(plan.fingerprint, plan.model_hash, shapes), plan.to_json())
+
+
+def load_plan(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+              cache_dir: Optional[str] = None) -> Optional[Plan]:
+    """The cached plan for a model (None when it has not been profiled on this machine)."""
+    graph = graph_mod.load(model, input_shapes)
+    return find_plan(Caches(cache_dir), fp.fingerprint(), graph)
+
+
+def random_feed(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for name in graph.inputs:
+        info = graph.tensors[name]
+        if info.dtype.startswith("float"):
+            feed[name] = rng.standard_normal(info.shape).astype(info.dtype)
+        else:
+            feed[name] = np.zeros(info.shape, dtype=info.dtype)
+    return feed
+
+
+def onnxruntime_baseline(graph: Graph, model_bytes: bytes, level: str = "all"):
+    """onnxruntime's own session of the original model (same threading policy as ours)."""
+    return ortutil.session(model_bytes, level=level)
+
+
+def relative_error(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> float:
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        o, r = np.asarray(o, dtype=np.float64), np.asarray(r, dtype=np.float64)
+        scale = max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-30)
+        worst = max(worst, float(np.max(np.abs(o - r))) / scale if r.size else 0.0)
+    return worst
+
+
+def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+            cache_dir: Optional[str] = None, budget: Optional[float] = None,
+            op_limit: float = DEFAULT_OP_LIMIT, progress: Optional[Callable[[str], None]] = None,
+            measure: bool = True, repeats: int = 10) -> ProfileReport:
+    """Profile every heavy node (cached signatures are reused), solve, store and measure the plan."""
+    start = time.perf_counter()
+    model_proto, data = graph_mod.read_model(model)
+    graph = graph_mod.from_proto(model_proto, data, input_shapes)
+    caches = Caches(cache_dir)
+    fingerprint = fp.fingerprint()
+    profiler = Profiler(caches, fingerprint, budget_s=budget, op_limit_s=op_limit)
+    plan = planner.make_plan(graph, fingerprint, profiler, progress=progress)
+    if not store_plan(caches, plan):
+        log.warning("the plan could not be stored in %s (read-only?)", caches.root)
+    report = ProfileReport(model=_model_label(model, graph), plan=plan, stats=profiler.stats,
+                           seconds=0.0)
+    if measure:
+        if progress:
+            progress("measuring the plan end to end against onnxruntime")
+        _measure(report, graph, plan, data, repeats)
+    report.seconds = time.perf_counter() - start
+    caches.close()
+    return report
+
+
+def _measure(report: ProfileReport, graph: Graph, plan: Plan, data: bytes, repeats: int) -> None:
+    program = executor.compile_plan(graph, plan)
+    baseline = onnxruntime_baseline(graph, data)
+    feed = random_feed(graph)
+    names = list(program.outputs)
+    ours = program.run(feed)
+    ref = baseline.run(names, feed)
+    report.max_error = relative_error([ours[n] for n in names], ref)
+    times = benchmark.interleaved({"fastrun": lambda: program.run(feed), "onnxruntime": lambda: baseline.run(names, feed)},
+                                  repeats=repeats, max_seconds=60)
+    report.measured_ms, report.onnxruntime_ms = times["fastrun"], times["onnxruntime"]
+    report.segments, report.host_steps, report.reorders = program.segments, program.host_steps, program.reorders
+
+
+def _model_label(model: ModelSource, graph: Graph) -> str:
+    if isinstance(model, (str, Path)):
+        return str(model)
+    return graph.name

@@ -1,0 +1,247 @@
+"""Compile a plan into a program of onnxruntime segments and host kernels, and run it.
+
+Every node becomes a step: ONNX nodes (onnxruntime kernels, light ops, reorders) or a host
+callable. Steps that are ONNX are merged into as few onnxruntime sessions as the data flow
+allows - all ONNX steps that are ready together form one segment - so that per-node Python
+dispatch does not eat the gains. Weights are pre-transformed once, here, by the builders.
+
+A tensor keeps its original name in the format its producer writes; a reorder of ``t`` to format
+``f`` is the tensor ``t@f``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from . import formats, ortutil, registry
+from .graph import Graph, Node, const_inputs, spec_for_node, to_proto
+from .plan import LIGHT_IMPL, Plan
+from .registry import OnnxFragment
+
+log = logging.getLogger(__name__)
+
+SEGMENT_LEVEL = "extended"  # the plan makes the layout decisions; ORT must not redo them
+
+
+@dataclass
+class Step:
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    fragment: Optional[OnnxFragment] = None   # ONNX step (names already final)
+    kernel: Optional[Callable[..., np.ndarray]] = None  # host step
+    is_reorder: bool = False
+
+
+@dataclass
+class Segment:
+    """One onnxruntime session running a run of ONNX steps."""
+
+    inputs: list[str]
+    outputs: list[str]
+    session: object
+    steps: int
+
+    def __call__(self, values: dict[str, np.ndarray]) -> None:
+        results = self.session.run(self.outputs, {k: values[k] for k in self.inputs})
+        values.update(zip(self.outputs, results))
+
+
+@dataclass
+class HostCall:
+    step: Step
+
+    def __call__(self, values: dict[str, np.ndarray]) -> None:
+        values[self.step.outputs[0]] = self.step.kernel(*[values[t] for t in self.step.inputs])
+
+
+@dataclass
+class Program:
+    program: list  # Segment | HostCall, in execution order
+    constants: dict[str, np.ndarray]
+    outputs: dict[str, str]  # graph output -> name of the NCHW tensor holding it
+    reorders: int = 0
+    host_steps: int = 0
+    segments: int = 0
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = dict(feed)
+        for part in self.program:
+            part(values)
+        out = {}
+        for name, source in self.outputs.items():
+            out[name] = values[source] if source in values else self.constants[source]
+        return out
+
+
+def tensor_name(tensor: str, fmt: str, produced: dict[str, str]) -> str:
+    return tensor if produced.get(tensor, formats.NCHW) == fmt else f"{tensor}@{fmt}"
+
+
+def compile_plan(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Program:
+    """Build every step (weights transformed once) and merge ONNX steps into sessions."""
+    produced = {t: formats.NCHW for t in graph.inputs}
+    produced.update({t: f for t, f in plan.tensor_formats.items()})
+    choices = {c.name: c for c in plan.nodes}
+    steps: list[Step] = []
+    for t, src, dst in plan.reorders:
+        steps.append(_reorder_step(t, src, dst, graph.tensors[t].shape, produced))
+    for node in graph.nodes:
+        steps.append(_node_step(node, graph, choices[node.name], produced))
+    outputs = {}
+    for t in graph.outputs:
+        if t in graph.constants:
+            outputs[t] = t
+            continue
+        outputs[t] = tensor_name(t, formats.NCHW, produced)
+    program = _schedule(steps, graph, plan, set(graph.inputs), set(outputs.values()), produced, threads)
+    return Program(program=program, constants=graph.constants, outputs=outputs,
+                   reorders=sum(s.is_reorder for s in steps),
+                   host_steps=sum(isinstance(p, HostCall) for p in program),
+                   segments=sum(isinstance(p, Segment) for p in program))
+
+
+def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str]) -> Step:
+    runtime = [t for t in node.inputs if t and t not in graph.constants]
+    in_names = [tensor_name(t, f, produced) for t, f in zip(runtime, choice.in_formats)]
+    if choice.impl == LIGHT_IMPL:
+        fmt = choice.out_format
+        if fmt == formats.NCHW:
+            fragment = OnnxFragment([to_proto(node)])
+        else:
+            from . import layout_ops
+
+            fragment = layout_ops.emit_light(node, graph, fmt)
+        rename = dict(zip(runtime, in_names))
+        for n in fragment.nodes:
+            n.input[:] = [rename.get(x, x) for x in n.input]
+        return Step(node.name, in_names, list(node.outputs), fragment=fragment)
+    impl = registry.get(node.op_type, choice.impl.split("@")[0])
+    if impl.id != choice.impl:
+        raise ValueError(f"plan wants {choice.impl} but {impl.id} is registered")
+    spec = spec_for_node(node, graph)
+    built = impl.build(spec, const_inputs(node, graph))
+    if impl.kind == "host":
+        return Step(node.name, in_names, [node.outputs[0]], kernel=built)
+    mapping = {f"in{i}": tensor_name(t, choice.in_formats[j] if j < len(choice.in_formats) else formats.NCHW, produced)
+               for j, (i, t) in enumerate((i, t) for i, t in enumerate(node.inputs) if t and t not in graph.constants)}
+    mapping["out"] = node.outputs[0]
+    return Step(node.name, in_names, [node.outputs[0]], fragment=_rename(built, mapping, node.name))
+
+
+def _rename(fragment: OnnxFragment, mapping: dict[str, str], prefix: str) -> OnnxFragment:
+    """Give a fragment's local names a unique prefix and bind its in/out names."""
+    def name(x: str) -> str:
+        return x if not x else mapping.get(x, f"{prefix}::{x}")
+
+    nodes = []
+    for k, n in enumerate(fragment.nodes):
+        new = onnx.NodeProto()
+        new.CopyFrom(n)
+        new.input[:] = [name(x) for x in n.input]
+        new.output[:] = [name(x) for x in n.output]
+        new.name = f"{prefix}::{k}"
+        nodes.append(new)
+    inits = {name(k): v for k, v in fragment.initializers.items()}
+    return OnnxFragment(nodes, inits, dict(fragment.opsets))
+
+
+def _reorder_step(tensor: str, src: str, dst: str, shape: Sequence[int], produced: dict[str, str]) -> Step:
+    out = tensor_name(tensor, dst, produced)
+    src_name = tensor_name(tensor, src, produced)
+    try:
+        from . import layout_ops
+    except ImportError:
+        layout_ops = None
+    if layout_ops is not None:
+        fragment = layout_ops.reorder_fragment(src_name, out, src, dst, tuple(shape))
+        return Step(f"reorder:{out}", [src_name], [out], fragment=fragment, is_reorder=True)
+    channels = shape[1]
+    return Step(f"reorder:{out}", [src_name], [out], is_reorder=True,
+                kernel=lambda x: formats.reorder(x, src, dst, channels))
+
+
+def _schedule(steps: list[Step], graph: Graph, plan: Plan, available: set[str], wanted: set[str],
+              produced: dict[str, str], threads: Optional[int]) -> list:
+    """Order steps; every maximal set of ONNX steps ready together becomes one segment."""
+    available = set(available) | set(graph.constants)
+    consumed_later: dict[str, int] = {}
+    for s in steps:
+        for t in s.inputs:
+            consumed_later[t] = consumed_later.get(t, 0) + 1
+    pending = list(steps)
+    program = []
+    while pending:
+        batch, inside = [], set()
+        progress = True
+        while progress:
+            progress = False
+            for s in pending:
+                if s.fragment is not None and s not in batch and all(t in available or t in inside for t in s.inputs):
+                    batch.append(s)
+                    inside.update(s.outputs)
+                    progress = True
+        if batch:
+            pending = [s for s in pending if s not in batch]
+            outside_needs = {t for s in pending for t in s.inputs} | wanted
+            program.append(_segment(batch, graph, plan, available, outside_needs, produced, threads))
+            available |= inside
+        ready_host = [s for s in pending if s.kernel is not None and all(t in available for t in s.inputs)]
+        for s in ready_host:
+            program.append(HostCall(s))
+            available.update(s.outputs)
+        pending = [s for s in pending if s not in ready_host]
+        if not batch and not ready_host and pending:
+            missing = sorted({t for s in pending for t in s.inputs if t not in available})[:5]
+            raise RuntimeError(f"plan cannot be scheduled; tensors never produced: {missing}")
+    return program
+
+
+def _segment(batch: list[Step], graph: Graph, plan: Plan, available: set[str], needed: set[str],
+             produced: dict[str, str], threads: Optional[int]) -> Segment:
+    nodes, inits = [], {}
+    opsets = dict(graph.opsets)
+    inside = {t for s in batch for t in s.outputs}
+    for s in batch:
+        nodes.extend(s.fragment.nodes)
+        inits.update(s.fragment.initializers)
+        for d, v in s.fragment.opsets.items():
+            opsets[d] = max(opsets.get(d, 0), v)
+    reads = [x for n in nodes for x in n.input if x]
+    seg_inputs = []
+    for x in dict.fromkeys(reads):
+        if x in inside or x in inits:
+            continue
+        if x in graph.constants:
+            inits[x] = graph.constants[x]
+        else:
+            seg_inputs.append(x)
+    seg_outputs = [t for t in dict.fromkeys(t for s in batch for t in s.outputs) if t in needed]
+    in_vis = [ortutil.value_info(x, _physical(x, graph, produced), _dtype(x, graph)) for x in seg_inputs]
+    out_vis = [helper.make_empty_tensor_value_info(t) for t in seg_outputs]
+    model = ortutil.make_model(nodes, in_vis, out_vis, inits, opsets)
+    try:
+        sess = ortutil.session(model, level=SEGMENT_LEVEL, threads=threads or plan.threads or None)
+    except Exception as exc:
+        raise RuntimeError(f"onnxruntime rejected a segment of {len(batch)} steps "
+                           f"({batch[0].name} .. {batch[-1].name}): {str(exc).strip().splitlines()[-1]}") from None
+    return Segment(seg_inputs, seg_outputs, sess, len(batch))
+
+
+def _base(name: str) -> tuple[str, Optional[str]]:
+    base, sep, fmt = name.rpartition("@")
+    return (base, fmt) if sep and formats.is_valid(fmt) else (name, None)
+
+
+def _physical(name: str, graph: Graph, produced: dict[str, str]) -> tuple[int, ...]:
+    base, fmt = _base(name)
+    return formats.physical_shape(graph.tensors[base].shape, fmt or produced.get(base, formats.NCHW))
+
+
+def _dtype(name: str, graph: Graph) -> str:
+    return graph.tensors[_base(name)[0]].dtype

@@ -1,0 +1,204 @@
+"""Graph + timings -> search problem -> Plan.
+
+This is the only place that knows both the graph and the search: it turns every node into
+choices (heavy nodes: each implementation that passed its check, with its measured time; light
+nodes: onnxruntime in each format the op supports, with its measured time), every tensor into
+reorder costs, solves the assignment exactly and writes the result down as a :class:`Plan`.
+Without a profiler it builds the heuristic plan: each heavy node's top-ranked implementation.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from . import formats, registry, search
+from .graph import Graph, Node, spec_for_node
+from .ortutil import default_threads
+from .plan import LIGHT_IMPL, NodeChoice, Plan
+from .profiler import AuxiliaryTimer, Profiler, Timing
+from .registry import OpSpec
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class HeavyNode:
+    node: Node
+    spec: OpSpec
+    impls: list[registry.Implementation]
+
+
+def heavy_nodes(graph: Graph) -> list[HeavyNode]:
+    """Nodes that have registered implementations (the ones fastrun selects for)."""
+    heavy_types = registry.heavy_op_types()
+    out = []
+    for node in graph.nodes:
+        if node.op_type not in heavy_types or node.domain:
+            continue
+        spec = spec_for_node(node, graph)
+        impls = registry.candidates(spec)
+        if impls:
+            out.append(HeavyNode(node, spec, impls))
+    return out
+
+
+def _runtime_inputs(node: Node, graph: Graph) -> list[str]:
+    return [t for t in node.inputs if t and t not in graph.constants]
+
+
+def _heavy_choice(impl: registry.Implementation, n_inputs: int, cost: float) -> search.Choice:
+    fin = registry.resolve_format(impl.in_format)
+    return search.Choice(impl.id, (fin,) + (formats.NCHW,) * (n_inputs - 1), registry.resolve_format(impl.out_format), cost)
+
+
+def light_formats(node: Node, graph: Graph, allowed: set[str]) -> list[str]:
+    """Formats a light node may run in: NCHW always, others where layout_ops supports them."""
+    from . import layout_ops
+
+    try:
+        extra = layout_ops.light_formats(node, graph)
+    except Exception as exc:  # an unexpected node shape must not stop planning
+        log.debug("light_formats(%s) raised %s", node.name, exc)
+        extra = []
+    return [formats.NCHW] + [f for f in extra if f in allowed and f != formats.NCHW]
+
+
+def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = None,
+              allowed_formats: Optional[set[str]] = None, progress: Optional[Progress] = None) -> Plan:
+    """The plan for ``graph``: profiled (with a profiler) or heuristic (without)."""
+    allowed = set(allowed_formats or formats.machine_formats())
+    heavy = {h.node.name: h for h in heavy_nodes(graph)}
+    timings: dict[str, dict[str, Timing]] = {}
+    if profiler is not None:
+        specs: dict[str, HeavyNode] = {}
+        for h in heavy.values():
+            specs.setdefault(h.spec.key(), h)
+        for i, (key, h) in enumerate(specs.items()):
+            if progress:
+                progress(f"[{i + 1}/{len(specs)}] {h.node.op_type} {h.spec.describe()}")
+            timings[key] = profiler.profile(h.spec, h.impls)
+    aux = AuxiliaryTimer(profiler) if profiler is not None else None
+
+    nodes, light_cost = [], {}
+    for node in graph.nodes:
+        runtime = _runtime_inputs(node, graph)
+        h = heavy.get(node.name)
+        if h is not None:
+            choices = _heavy_choices(h, timings.get(h.spec.key(), {}), len(runtime), allowed)
+        else:
+            choices = []
+            for fmt in light_formats(node, graph, allowed):
+                cost = aux.light(node, graph, fmt) if aux else 0.0
+                if cost is None and fmt != formats.NCHW:
+                    continue
+                choices.append(search.Choice(LIGHT_IMPL, (fmt,) * len(runtime), fmt, cost or 0.0))
+        nodes.append(search.SearchNode(node.name, runtime, [t for t in node.outputs if t], choices))
+
+    problem = search.SearchProblem(nodes, {t: formats.NCHW for t in graph.inputs},
+                                   {t: formats.NCHW for t in graph.outputs if t not in graph.constants},
+                                   _reorder_costs(graph, nodes, aux))
+    if profiler is None:
+        result = search.evaluate(problem, {n.name: 0 for n in nodes})
+        greedy = nchw_only = None
+    else:
+        if progress:
+            progress("solving the format assignment")
+        result = search.solve(problem)
+        greedy = search.greedy(problem)
+        try:
+            nchw_only = search.solve(search.restricted(problem, {formats.NCHW}))
+        except Exception as exc:
+            log.debug("NCHW-only baseline unavailable: %s", exc)
+            nchw_only = None
+
+    return _to_plan(graph, fingerprint, problem, result, heavy, timings, greedy, nchw_only,
+                    partial=profiler is not None and profiler.stats.skipped_budget > 0,
+                    profiled=profiler is not None)
+
+
+def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], n_inputs: int, allowed: set[str]) -> list[search.Choice]:
+    by_id = {impl.id: impl for impl in h.impls}
+    choices = []
+    for impl_id, t in timings.items():
+        impl = by_id.get(impl_id)
+        if impl is None or not t.ok:
+            continue
+        c = _heavy_choice(impl, n_inputs, t.median_ms)
+        if c.out_format in allowed and all(f in allowed for f in c.in_formats):
+            choices.append(c)
+    if not choices:  # unprofiled (heuristic or out of budget): the top-ranked implementation
+        fallback = [i for i in h.impls if registry.resolve_format(i.in_format) in allowed
+                    and registry.resolve_format(i.out_format) in allowed] or h.impls
+        choices.append(_heavy_choice(fallback[0], n_inputs, 0.0))
+    return choices
+
+
+def _reorder_costs(graph: Graph, nodes: list[search.SearchNode], aux: Optional[AuxiliaryTimer]) -> dict[str, dict[str, float]]:
+    """Reorder cost of every format pair a tensor might need (measured per shape, cached)."""
+    involved: dict[str, set[str]] = {}
+    for n in nodes:
+        for c in n.choices:
+            for t, f in zip(n.inputs, c.in_formats):
+                involved.setdefault(t, set()).add(f)
+            for t in n.outputs:
+                involved.setdefault(t, set()).add(c.out_format)
+    costs: dict[str, dict[str, float]] = {}
+    for t, fmts in involved.items():
+        fmts = fmts | {formats.NCHW}
+        if len(fmts) < 2 or t not in graph.tensors:
+            continue
+        shape = graph.tensors[t].shape
+        costs[t] = {}
+        for src in fmts:
+            for dst in fmts:
+                if src == dst or not (formats.applicable(shape, src) and formats.applicable(shape, dst)):
+                    continue
+                ms = aux.reorder(shape, src, dst, graph.tensors[t].dtype) if aux else 0.0
+                if ms is not None:
+                    costs[t][f"{src}>{dst}"] = ms
+    return costs
+
+
+def _to_plan(graph: Graph, fingerprint: str, problem: search.SearchProblem, result: search.Assignment,
+             heavy: dict[str, HeavyNode], timings: dict[str, dict[str, Timing]],
+             greedy: Optional[search.Assignment], nchw_only: Optional[search.Assignment],
+             partial: bool, profiled: bool) -> Plan:
+    op_types = {n.name: n.op_type for n in graph.nodes}
+    choices = []
+    for sn in problem.nodes:
+        c = sn.choices[result.choices[sn.name]]
+        nc = NodeChoice(name=sn.name, op_type=op_types[sn.name], impl=c.impl,
+                        in_formats=list(c.in_formats), out_format=c.out_format,
+                        time_ms=c.cost if profiled else None, source="heuristic")
+        h = heavy.get(sn.name)
+        if h is not None:
+            t = timings.get(h.spec.key(), {})
+            nc.spec, nc.spec_key = h.spec.describe(), h.spec.key()
+            nc.candidates = {k: (round(v.median_ms, 4) if v.ok else f"failed: {v.reason}") for k, v in t.items()}
+            ok = sorted((v.median_ms, k) for k, v in t.items() if v.ok)
+            if ok:
+                nc.source = "profiled"
+                others = [(ms, k) for ms, k in ok if k != c.impl]
+                if others:
+                    nc.runner_up_ms, nc.runner_up = others[0]
+                ort = [v.median_ms for k, v in t.items() if v.ok and k.startswith("ort@")]
+                nc.ort_ms = ort[0] if ort else None
+            elif profiled:
+                nc.time_ms = None
+        elif profiled:
+            nc.source = "profiled"
+        choices.append(nc)
+    solver = {"status": result.status, "gap": result.gap, "seconds": result.seconds, "method": result.method,
+              "lower_bound": result.lower_bound}
+    policy = "heuristic" if not profiled else ("partial" if partial else "profiled")
+    return Plan(model_hash=graph.model_hash, model_name=graph.name, fingerprint=fingerprint,
+                input_shapes={k: list(v) for k, v in graph.input_shapes().items()}, nodes=choices,
+                tensor_formats=dict(result.formats), reorders=[list(r) for r in result.reorders],
+                predicted_ms=result.cost if profiled else None,
+                greedy_ms=greedy.cost if greedy else None,
+                nchw_only_ms=nchw_only.cost if nchw_only else None,
+                solver=solver if profiled else {}, threads=default_threads(), policy=policy)
+

@@ -1,0 +1,170 @@
+"""``fastrun.InferenceSession``: onnxruntime's call shape, running the cached plan.
+
+Swapping ``onnxruntime.InferenceSession(path)`` for ``fastrun.InferenceSession(path)`` is the
+whole migration. What happens when no plan is cached for the fed shapes is the policy:
+
+* ``heuristic`` (default): run the heuristic choice and log one warning;
+* ``profile``: profile now and persist (like ``cudnn.benchmark``, but it survives the process);
+* ``require``: raise :class:`PlanNotFoundError` (for images that must ship warm).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from . import api, executor, fingerprint as fp, graph as graph_mod, planner
+from .cache import Caches
+from .errors import InputError, PlanNotFoundError
+from .graph import ModelSource
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("heuristic", "profile", "require")
+ENV_POLICY = "FASTRUN_POLICY"
+
+_ONNX_TYPE_NAMES = {
+    "float32": "tensor(float)", "float64": "tensor(double)", "float16": "tensor(float16)",
+    "int64": "tensor(int64)", "int32": "tensor(int32)", "int8": "tensor(int8)", "uint8": "tensor(uint8)",
+    "bool": "tensor(bool)",
+}
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """Same fields as ``onnxruntime.NodeArg``: name, shape (ints or dim names), type string."""
+
+    name: str
+    shape: list
+    type: str
+
+
+def _node_args(values: Sequence[onnx.ValueInfoProto]) -> list[NodeArg]:
+    out = []
+    for vi in values:
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        dtype = graph_mod._dtype(tt.elem_type)
+        out.append(NodeArg(vi.name, shape, _ONNX_TYPE_NAMES.get(dtype, f"tensor({dtype})")))
+    return out
+
+
+class InferenceSession:
+    """Run a model with its cached fastrun plan; never profiles unless ``policy="profile"``."""
+
+    def __init__(self, path_or_bytes: ModelSource, cache_dir: Optional[str] = None,
+                 input_shapes: Optional[Mapping[str, Sequence[int]]] = None, policy: Optional[str] = None,
+                 **ort_compat):
+        if ort_compat:
+            log.debug("ignoring onnxruntime-only arguments %s", sorted(ort_compat))
+        self._policy = policy or os.environ.get(ENV_POLICY) or "heuristic"
+        if self._policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self._policy!r}")
+        self._model, self._data = graph_mod.read_model(path_or_bytes)
+        init_names = {t.name for t in self._model.graph.initializer}
+        self._inputs = _node_args([vi for vi in self._model.graph.input if vi.name not in init_names])
+        self._outputs = _node_args(self._model.graph.output)
+        self._caches = Caches(cache_dir)
+        self._fingerprint = fp.fingerprint()
+        self._programs: dict[tuple, executor.Program] = {}
+        self.plans: dict[tuple, Plan] = {}
+        self.profiled = 0  # how many times this session had to profile (policy="profile" only)
+        self._warned = False
+        shapes = dict(input_shapes or {})
+        if all(i.name in shapes or all(isinstance(d, int) and d > 0 for d in i.shape) for i in self._inputs):
+            self._prepare({i.name: tuple(shapes.get(i.name) or i.shape) for i in self._inputs})
+
+    # -- onnxruntime-compatible surface
+    def get_inputs(self) -> list[NodeArg]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[NodeArg]:
+        return list(self._outputs)
+
+    def get_providers(self) -> list[str]:
+        return ["CPUExecutionProvider"]
+
+    def run(self, output_names: Optional[Sequence[str]], input_feed: Mapping[str, np.ndarray], run_options=None) -> list:
+        feed = self._check_feed(input_feed)
+        key = tuple(sorted((k, v.shape) for k, v in feed.items()))
+        program = self._programs.get(key) or self._prepare({k: v.shape for k, v in feed.items()})
+        names = list(output_names) if output_names else [o.name for o in self._outputs]
+        unknown = [n for n in names if n not in program.outputs]
+        if unknown:
+            raise InputError(f"unknown output name(s) {unknown}; the model's outputs are {list(program.outputs)}")
+        results = program.run(feed)
+        return [results[n] for n in names]
+
+    # -- plans
+    def plan_for(self, input_shapes: Mapping[str, Sequence[int]]) -> Plan:
+        key = tuple(sorted((k, tuple(v)) for k, v in input_shapes.items()))
+        if key not in self.plans:
+            self._prepare(dict(input_shapes))
+        return self.plans[key]
+
+    def _prepare(self, shapes: Mapping[str, Sequence[int]]) -> executor.Program:
+        shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        graph = graph_mod.from_proto(self._model, self._data, shapes)
+        plan = api.find_plan(self._caches, self._fingerprint, graph)
+        if plan is None:
+            plan = self._no_plan(graph, shapes)
+        key = tuple(sorted(shapes.items()))
+        program = executor.compile_plan(graph, plan)
+        self._programs[key], self.plans[key] = program, plan
+        return program
+
+    def _no_plan(self, graph: graph_mod.Graph, shapes: dict) -> Plan:
+        described = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
+        if self._policy == "require":
+            raise PlanNotFoundError(
+                f"no cached plan for model {graph.name} (sha256 {graph.model_hash[:12]}) with shapes {described} "
+                f"on fingerprint {self._fingerprint} in {self._caches.root}; run `fastrun warmup` or "
+                f"`fastrun profile` first")
+        if self._policy == "profile":
+            log.info("no cached plan for %s (%s): profiling now", graph.name, described)
+            from .profiler import Profiler
+
+            profiler = Profiler(self._caches, self._fingerprint)
+            plan = planner.make_plan(graph, self._fingerprint, profiler)
+            api.store_plan(self._caches, plan)
+            self.profiled += 1
+            return plan
+        if not self._warned:
+            self._warned = True
+            log.warning("no cached fastrun plan for %s (%s) on this machine; using the heuristic choice "
+                        "(run `fastrun profile` to make one)", graph.name, described)
+        return planner.make_plan(graph, self._fingerprint, None)
+
+    def _check_feed(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not isinstance(feed, Mapping):
+            raise InputError("input_feed must be a dict of input name -> array")
+        expected = {i.name: i for i in self._inputs}
+        unknown = sorted(set(feed) - set(expected))
+        missing = sorted(set(expected) - set(feed))
+        if unknown or missing:
+            parts = []
+            if unknown:
+                parts.append(f"unknown input(s) {unknown}")
+            if missing:
+                parts.append(f"missing input(s) {missing}")
+            raise InputError(f"{'; '.join(parts)}; the model's inputs are {list(expected)}")
+        out = {}
+        for name, value in feed.items():
+            arg = expected[name]
+            arr = np.asarray(value)
+            want = {v: k for k, v in _ONNX_TYPE_NAMES.items()}.get(arg.type)
+            if want and str(arr.dtype) != want:
+                raise InputError(f"input {name}: dtype {arr.dtype}, the model expects {want}")
+            if len(arr.shape) != len(arg.shape):
+                raise InputError(f"input {name}: rank {arr.ndim} (shape {list(arr.shape)}), the model expects "
+                                 f"rank {len(arg.shape)} {arg.shape}")
+            for i, (d, want_d) in enumerate(zip(arr.shape, arg.shape)):
+                if isinstance(want_d, int) and want_d > 0 and d != want_d and i != 0:
+                    raise InputError(f"input {name}: dim {i} is {d}, the model expects {want_d} (shape {arg.shape})")
+            out[name] = arr
+        return out
