@@ -207,6 +207,7 @@ def _segment(batch: list[Step], graph: Graph, plan: Plan, available: set[str], n
     nodes, inits = [], {}
     opsets = dict(graph.opsets)
     inside = {t for s in batch for t in s.outputs}
+    inside.update(x for s in batch for n in s.fragment.nodes for x in n.output)
     for s in batch:
         nodes.extend(s.fragment.nodes)
         inits.update(s.fragment.initializers)
