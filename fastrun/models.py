@@ -38,7 +38,8 @@ def pytorch_converted_dir() -> Path:
     return Path(onnx.__file__).parent / "backend" / "test" / "data" / "pytorch-converted"
 
 
-def randomized(path: "str | Path", seed: int = 0, batch: int | None = None) -> onnx.ModelProto:
+def randomized(path: "str | Path", seed: int = 0, batch: int | None = None,
+               strip_softmax: bool = False) -> onnx.ModelProto:
     """The model with every ``ConstantOfShape`` weight replaced by a random initializer.
 
     Weights (rank >= 2) get He scaling; 1-D parameters named like BatchNorm variances stay
@@ -65,6 +66,9 @@ def randomized(path: "str | Path", seed: int = 0, batch: int | None = None) -> o
     inputs = [vi for vi in model.graph.input if vi.name not in init_names and vi.name in used]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
+    if strip_softmax:
+        _strip_final_softmax(model)
+    model.ir_version = max(model.ir_version, 4)  # initializers need not be graph inputs from IR 4 on
     if batch is not None:
         _set_batch(model, batch)
     return model
@@ -97,3 +101,13 @@ def _set_batch(model: onnx.ModelProto, batch: int) -> None:
                 arr[0] = -1
                 model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
     del model.graph.value_info[:]
+
+
+def _strip_final_softmax(model: onnx.ModelProto) -> None:
+    outputs = {o.name for o in model.graph.output}
+    for node in list(model.graph.node):
+        if node.op_type == "Softmax" and node.output[0] in outputs:
+            model.graph.node.remove(node)
+            for o in model.graph.output:
+                if o.name == node.output[0]:
+                    o.name = node.input[0]

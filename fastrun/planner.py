@@ -12,7 +12,9 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import formats, registry, search
+import numpy as np
+
+from . import costmodel, formats, registry, search
 from .graph import Graph, Node, spec_for_node
 from .ortutil import default_threads
 from .plan import LIGHT_IMPL, NodeChoice, Plan
@@ -91,7 +93,7 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
         else:
             choices = []
             for fmt in light_formats(node, graph, allowed):
-                cost = aux.light(node, graph, fmt) if aux else 0.0
+                cost = aux.light(node, graph, fmt) if aux else costmodel.traffic_ms(_elements(node, graph))
                 if cost is None and fmt != formats.NCHW:
                     continue
                 choices.append(search.Choice(LIGHT_IMPL, (fmt,) * len(runtime), fmt, cost or 0.0))
@@ -100,13 +102,11 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
     problem = search.SearchProblem(nodes, {t: formats.NCHW for t in graph.inputs},
                                    {t: formats.NCHW for t in graph.outputs if t not in graph.constants},
                                    _reorder_costs(graph, nodes, aux))
-    if profiler is None:
-        result = search.evaluate(problem, {n.name: 0 for n in nodes})
-        greedy = nchw_only = None
-    else:
-        if progress:
-            progress("solving the format assignment")
-        result = search.solve(problem)
+    if progress:
+        progress("solving the format assignment")
+    result = search.solve(problem)
+    greedy = nchw_only = None
+    if profiler is not None:
         greedy = search.greedy(problem)
         try:
             nchw_only = search.solve(search.restricted(problem, {formats.NCHW}))
@@ -129,11 +129,16 @@ def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], n_inputs: int, allo
         c = _heavy_choice(impl, n_inputs, t.median_ms)
         if c.out_format in allowed and all(f in allowed for f in c.in_formats):
             choices.append(c)
-    if not choices:  # unprofiled (heuristic or out of budget): the top-ranked implementation
-        fallback = [i for i in h.impls if registry.resolve_format(i.in_format) in allowed
-                    and registry.resolve_format(i.out_format) in allowed] or h.impls
-        choices.append(_heavy_choice(fallback[0], n_inputs, 0.0))
+    if not choices:  # unprofiled (heuristic or out of budget): estimated costs
+        for impl in h.impls:
+            c = _heavy_choice(impl, n_inputs, costmodel.impl_ms(impl, h.spec))
+            if c.out_format in allowed and all(f in allowed for f in c.in_formats):
+                choices.append(c)
     return choices
+
+
+def _elements(node: Node, graph: Graph) -> int:
+    return sum(int(np.prod(graph.tensors[t].shape)) for t in node.outputs if t in graph.tensors)
 
 
 def _reorder_costs(graph: Graph, nodes: list[search.SearchNode], aux: Optional[AuxiliaryTimer]) -> dict[str, dict[str, float]]:
@@ -156,7 +161,8 @@ def _reorder_costs(graph: Graph, nodes: list[search.SearchNode], aux: Optional[A
             for dst in fmts:
                 if src == dst or not (formats.applicable(shape, src) and formats.applicable(shape, dst)):
                     continue
-                ms = aux.reorder(shape, src, dst, graph.tensors[t].dtype) if aux else 0.0
+                ms = aux.reorder(shape, src, dst, graph.tensors[t].dtype) if aux \
+                    else costmodel.traffic_ms(int(np.prod(shape)))
                 if ms is not None:
                     costs[t][f"{src}>{dst}"] = ms
     return costs

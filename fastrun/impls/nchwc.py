@@ -221,7 +221,7 @@ def _bias(consts: dict[int, np.ndarray]) -> Optional[np.ndarray]:
 
 
 @implementation("Conv", "ort_nchwc", kind="onnx", in_format="NCHWc", out_format="NCHWc",
-                heuristic_rank=20, applies=blocked_applies)
+                heuristic_rank=5, applies=blocked_applies)
 def ort_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
     """onnxruntime's NCHWc (MLAS blocked) convolution, blocked in and out, activation fused."""
     b = _block()
@@ -235,7 +235,7 @@ def ort_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
 
 
 @implementation("Conv", "ort_nchwc_nchw_in", kind="onnx", in_format="NCHW", out_format="NCHWc",
-                heuristic_rank=20, applies=nchw_in_applies)
+                heuristic_rank=5, applies=nchw_in_applies)
 def ort_nchwc_nchw_in(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
     """onnxruntime's NCHWc convolution reading a plain NCHW input with few channels (first conv)."""
     b = _block()
@@ -247,7 +247,7 @@ def ort_nchwc_nchw_in(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragme
 
 
 @implementation("Conv", "ort_nchwc_depthwise", kind="onnx", in_format="NCHWc", out_format="NCHWc",
-                heuristic_rank=20, applies=depthwise_applies)
+                heuristic_rank=5, applies=depthwise_applies)
 def ort_nchwc_depthwise(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
     """onnxruntime's NCHWc depthwise convolution (group = padded channel count)."""
     b = _block()

@@ -1,0 +1,60 @@
+"""The command line: output, JSON, and one clear line plus a non-zero exit for user errors."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fastrun.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_profile_prints_table_and_writes_json(tmp_path, tiny_model):
+    out = tmp_path / "r.json"
+    res = run("profile", tiny_model, "--cache-dir", str(tmp_path / "c"), "--op-limit", "0.1", "--repeats", "2",
+              "--json", str(out))
+    assert res.exit_code == 0, res.output
+    assert "winner" in res.output and "speed-up" in res.output
+    data = json.loads(out.read_text())
+    for key in ("model", "fingerprint", "nodes", "predicted_ms", "measured_ms", "onnxruntime_ms", "reorders",
+                "solver", "greedy_ms", "nchw_only_ms"):
+        assert key in data
+    conv = [n for n in data["nodes"] if n["op_type"] == "Conv"]
+    assert len(conv) == 2 and all(n["impl"] and n["time_ms"] > 0 for n in conv)
+    assert all("in_formats" in n and "out_format" in n for n in data["nodes"])
+    again = run("profile", tiny_model, "--cache-dir", str(tmp_path / "c"), "--no-measure")
+    assert "0 profiled now, 2 from cache" in again.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["profile", "/no/such/model.onnx"], "not found"),
+    (["profile"], "no model given"),
+    (["profile", "--example", "nonet"], "unknown example"),
+    (["profile", "--example", "squeezenet", "--shape", "bad"], "bad shape"),
+    (["profile", "--example", "squeezenet", "--shape", "other:1x3"], "unknown input"),
+])
+def test_user_errors_are_one_line_and_nonzero(args, needle, tmp_path):
+    res = CliRunner().invoke(main, args + ["--cache-dir", str(tmp_path)])
+    assert res.exit_code == 1
+    assert needle in res.output
+    assert "Traceback" not in res.output
+
+
+def test_not_onnx_file(tmp_path):
+    bad = tmp_path / "x.onnx"
+    bad.write_text("hello")
+    res = CliRunner().invoke(main, ["profile", str(bad), "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 1 and "not an ONNX model" in res.output
+
+
+def test_impls_and_fingerprint():
+    res = run("impls")
+    assert res.exit_code == 0
+    for name in ("ort@1", "im2col_gemm", "winograd_f4", "fft_conv", "conv1x1_gemm", "ort_nchwc"):
+        assert name in res.output
+    data = json.loads(run("impls", "--json").output)
+    assert {"Conv", "MatMul", "Gemm"} <= {d["op_type"] for d in data}
+    fp = json.loads(run("fingerprint", "--json").output)
+    assert fp["fingerprint"] and fp["cores"] >= 1 and "onnxruntime" in fp

@@ -1,0 +1,44 @@
+"""End to end on the real architectures shipped in the onnx wheel (random weights, logits out).
+
+The heuristic plan runs on every model in the default suite; profiled plans on all nine are
+marked slow (CI runs them in a separate step).
+"""
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import fastrun
+from fastrun import api, executor, fingerprint, graph as G, models, planner
+
+
+def _model(name):
+    return models.randomized(models.example_path(name), seed=2, strip_softmax=True).SerializeToString()
+
+
+def _check(program, data, graph):
+    feed = api.random_feed(graph, seed=7)
+    names = list(program.outputs)
+    ours = program.run(feed)
+    ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(names, feed)
+    err = api.relative_error([ours[n] for n in names], ref)
+    assert err < api.MODEL_TOLERANCE, err
+
+
+@pytest.mark.parametrize("name", models.EXAMPLES)
+def test_heuristic_plan_matches_onnxruntime(name):
+    data = _model(name)
+    graph = G.load(data)
+    plan = planner.make_plan(graph, fingerprint.fingerprint())
+    _check(executor.compile_plan(graph, plan), data, graph)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", models.EXAMPLES)
+def test_profiled_plan_matches_onnxruntime(name, tmp_path):
+    data = _model(name)
+    report = fastrun.profile(data, cache_dir=str(tmp_path), op_limit=0.3, repeats=2)
+    assert report.max_error < api.MODEL_TOLERANCE
+    assert report.plan.policy == "profiled"
+    sess = fastrun.InferenceSession(data, cache_dir=str(tmp_path))
+    graph = G.load(data)
+    _check(sess._programs[next(iter(sess._programs))], data, graph)

@@ -1,0 +1,170 @@
+"""Profile -> cache -> serve: counters prove what was (not) profiled; outputs match onnxruntime."""
+import json
+import logging
+import os
+import sqlite3
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import fastrun
+from fastrun import api, graph as G, profiler
+from fastrun.cache import Caches
+from fastrun.errors import InputError
+from tests.conftest import tiny_conv_model
+
+
+def _reference(model_bytes, feed):
+    return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def test_profile_stores_plan_and_second_run_profiles_nothing(cache_dir, squeezenet_bytes):
+    first = fastrun.profile(squeezenet_bytes, cache_dir=cache_dir, op_limit=0.2, repeats=2)
+    assert first.stats.measured > 0 and first.stats.specs_measured == 18
+    assert first.max_error < api.MODEL_TOLERANCE
+    assert first.plan.policy == "profiled" and first.plan.solver["status"] == "optimal"
+    heavy = [n for n in first.plan.nodes if n.spec]
+    assert all(n.source == "profiled" and n.time_ms > 0 for n in heavy)
+    second = fastrun.profile(squeezenet_bytes, cache_dir=cache_dir, op_limit=0.2, repeats=2)
+    assert second.stats.measured == 0 and second.stats.specs_measured == 0
+    assert second.stats.from_cache == first.stats.measured
+    assert [n.impl for n in second.plan.nodes] == [n.impl for n in first.plan.nodes]
+
+
+def test_shared_signatures_are_not_reprofiled_for_another_model(cache_dir, tmp_path):
+    a = tiny_conv_model(batch=1, c=8, k=16)
+    fastrun.profile(a.SerializeToString(), cache_dir=cache_dir, op_limit=0.1, measure=False)
+    b = tiny_conv_model(batch=1, c=8, k=16, relu=False)  # conv2 has the same signature, conv1 does not
+    report = fastrun.profile(b.SerializeToString(), cache_dir=cache_dir, op_limit=0.1, measure=False)
+    assert report.stats.specs_cached == 1 and report.stats.specs_measured == 1
+
+
+def test_session_serves_the_cached_plan_and_never_profiles(cache_dir, squeezenet_bytes, monkeypatch):
+    fastrun.profile(squeezenet_bytes, cache_dir=cache_dir, op_limit=0.2, measure=False)
+
+    def boom(*a, **k):
+        raise AssertionError("serving must not profile")
+
+    monkeypatch.setattr(profiler.Profiler, "_measure", boom)
+    monkeypatch.setattr(profiler.AuxiliaryTimer, "_cached_or", boom)
+    sess = fastrun.InferenceSession(squeezenet_bytes, cache_dir=cache_dir)
+    (plan,) = sess.plans.values()
+    assert plan.policy == "profiled"
+    feed = {"data_0": np.random.default_rng(3).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    out = sess.run(None, feed)
+    ref = _reference(squeezenet_bytes, feed)
+    assert api.relative_error(out, ref) < api.MODEL_TOLERANCE
+    assert sess.profiled == 0
+
+
+def test_session_without_plan_uses_heuristic_and_warns_once(cache_dir, tiny_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastrun"):
+        sess = fastrun.InferenceSession(tiny_model, cache_dir=cache_dir)
+        x = np.ones((1, 8, 12, 12), np.float32)
+        sess.run(None, {"x": x})
+        sess.run(None, {"x": x})
+    warnings = [r for r in caplog.records if "heuristic" in r.getMessage()]
+    assert len(warnings) == 1
+    (plan,) = sess.plans.values()
+    assert plan.policy == "heuristic"
+    np.testing.assert_allclose(sess.run(["y"], {"x": x})[0], _reference(open(tiny_model, "rb").read(), {"x": x})[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_session_looks_like_onnxruntime(tiny_model, cache_dir):
+    sess = fastrun.InferenceSession(tiny_model, cache_dir=cache_dir)
+    ref = ort.InferenceSession(tiny_model, providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape, i.type) for i in sess.get_inputs()] == [(i.name, i.shape, i.type) for i in ref.get_inputs()]
+    assert [(o.name, o.shape, o.type) for o in sess.get_outputs()] == [(o.name, o.shape, o.type) for o in ref.get_outputs()]
+
+
+@pytest.mark.parametrize("feed,match", [
+    ({"nope": np.ones((1, 8, 12, 12), np.float32)}, "unknown input"),
+    ({}, "missing input"),
+    ({"x": np.ones((1, 8, 12, 12), np.float64)}, "dtype"),
+    ({"x": np.ones((8, 12, 12), np.float32)}, "rank"),
+    ({"x": np.ones((1, 7, 12, 12), np.float32)}, "dim 1"),
+])
+def test_wrong_feeds_raise_clear_errors(tiny_model, cache_dir, feed, match):
+    sess = fastrun.InferenceSession(tiny_model, cache_dir=cache_dir)
+    with pytest.raises(InputError, match=match):
+        sess.run(None, feed)
+
+
+def test_unknown_output_name(tiny_model, cache_dir):
+    sess = fastrun.InferenceSession(tiny_model, cache_dir=cache_dir)
+    with pytest.raises(InputError, match="output"):
+        sess.run(["zzz"], {"x": np.ones((1, 8, 12, 12), np.float32)})
+
+
+def test_corrupt_plan_entries_are_ignored(cache_dir, tiny_model, caplog):
+    fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=0.1, measure=False)
+    caches = Caches(cache_dir)
+    (key,) = list(caches.plans.keys())
+    x = {"x": np.ones((1, 8, 12, 12), np.float32)}
+    ref = _reference(open(tiny_model, "rb").read(), x)
+    for bad in ("{truncated", json.dumps({"schema": 999}), json.dumps({"schema": 1, "nodes": "x"}), "[1, 2]"):
+        caches.plans._cache.set(key, bad)
+        with caplog.at_level(logging.WARNING):
+            sess = fastrun.InferenceSession(tiny_model, cache_dir=cache_dir)
+        assert list(sess.plans.values())[0].policy == "heuristic"
+        np.testing.assert_allclose(sess.run(None, x)[0], ref[0], rtol=1e-4, atol=1e-5)
+
+
+def test_pickled_cache_values_are_never_unpickled(cache_dir, tiny_model, tmp_path):
+    """A cache copied from elsewhere must not execute code: pickled rows are refused."""
+    fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=0.1, measure=False)
+    import diskcache
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    caches = Caches(cache_dir)
+    (key,) = list(caches.plans.keys())
+    caches.close()
+    raw = diskcache.Cache(os.path.join(cache_dir, "plans"))  # default Disk pickles
+    raw.set(key, Evil())
+    raw.close()
+    sess = fastrun.InferenceSession(tiny_model, cache_dir=cache_dir)
+    assert not marker.exists()
+    assert list(sess.plans.values())[0].policy == "heuristic"
+
+
+def test_stale_plan_after_model_edit_is_not_used(cache_dir, tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny_conv_model(batch=1), str(path))
+    fastrun.profile(str(path), cache_dir=cache_dir, op_limit=0.1, measure=False)
+    assert fastrun.load_plan(str(path), cache_dir=cache_dir) is not None
+    edited = tiny_conv_model(batch=1, k=24)
+    onnx.save(edited, str(path))
+    assert fastrun.load_plan(str(path), cache_dir=cache_dir) is None
+
+
+def test_absent_cache_directory_is_created(tmp_path, tiny_model):
+    target = tmp_path / "a" / "b" / "cache"
+    fastrun.profile(tiny_model, cache_dir=str(target), op_limit=0.1, measure=False)
+    assert (target / "plans").is_dir() and (target / "timings").is_dir()
+
+
+def test_damaged_sqlite_file_does_not_crash_serving(cache_dir, tiny_model):
+    fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=0.1, measure=False)
+    db = os.path.join(cache_dir, "plans", "cache.db")
+    with open(db, "r+b") as f:
+        f.seek(0)
+        f.write(b"\0" * 4096)
+    sess = fastrun.InferenceSession(tiny_model, cache_dir=cache_dir)
+    out = sess.run(None, {"x": np.ones((1, 8, 12, 12), np.float32)})
+    assert out[0].shape == (1, 16, 1, 1)
+
+
+def test_budget_zero_profiles_nothing_and_falls_back(cache_dir, tiny_model):
+    report = fastrun.profile(tiny_model, cache_dir=cache_dir, budget=1e-9, measure=False)
+    assert report.stats.measured == 0 and report.stats.skipped_budget == 2
+    assert report.plan.policy == "partial"
+    assert all(n.source == "heuristic" for n in report.plan.nodes if n.spec)
