@@ -83,25 +83,26 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
                 progress(f"[{i + 1}/{len(specs)}] {h.node.op_type} {h.spec.describe()}")
             timings[key] = profiler.profile(h.spec, h.impls)
     aux = AuxiliaryTimer(profiler) if profiler is not None else None
+    dispatch = aux.dispatch() if aux else 0.0
 
     nodes, light_cost = [], {}
     for node in graph.nodes:
         runtime = _runtime_inputs(node, graph)
         h = heavy.get(node.name)
         if h is not None:
-            choices = _heavy_choices(h, timings.get(h.spec.key(), {}), len(runtime), allowed)
+            choices = _heavy_choices(h, timings.get(h.spec.key(), {}), len(runtime), allowed, dispatch)
         else:
             choices = []
             for fmt in light_formats(node, graph, allowed):
                 cost = aux.light(node, graph, fmt) if aux else costmodel.traffic_ms(_elements(node, graph))
                 if cost is None and fmt != formats.NCHW:
                     continue
-                choices.append(search.Choice(LIGHT_IMPL, (fmt,) * len(runtime), fmt, cost or 0.0))
+                choices.append(search.Choice(LIGHT_IMPL, (fmt,) * len(runtime), fmt, _in_segment(cost or 0.0, dispatch)))
         nodes.append(search.SearchNode(node.name, runtime, [t for t in node.outputs if t], choices))
 
     problem = search.SearchProblem(nodes, {t: formats.NCHW for t in graph.inputs},
                                    {t: formats.NCHW for t in graph.outputs if t not in graph.constants},
-                                   _reorder_costs(graph, nodes, aux))
+                                   _reorder_costs(graph, nodes, aux, dispatch))
     if progress:
         progress("solving the format assignment")
     result = search.solve(problem)
@@ -119,14 +120,21 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
                     profiled=profiler is not None)
 
 
-def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], n_inputs: int, allowed: set[str]) -> list[search.Choice]:
+def _in_segment(standalone_ms: float, dispatch: float) -> float:
+    """Cost of an ONNX node inside a merged segment, from its standalone one-node time."""
+    return max(standalone_ms - dispatch, 0.1 * standalone_ms)
+
+
+def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], n_inputs: int, allowed: set[str],
+                   dispatch: float = 0.0) -> list[search.Choice]:
     by_id = {impl.id: impl for impl in h.impls}
     choices = []
     for impl_id, t in timings.items():
         impl = by_id.get(impl_id)
         if impl is None or not t.ok:
             continue
-        c = _heavy_choice(impl, n_inputs, t.median_ms)
+        cost = _in_segment(t.median_ms, dispatch) if impl.kind == "onnx" else t.median_ms + dispatch
+        c = _heavy_choice(impl, n_inputs, cost)
         if c.out_format in allowed and all(f in allowed for f in c.in_formats):
             choices.append(c)
     if not choices:  # unprofiled (heuristic or out of budget): estimated costs
@@ -141,7 +149,8 @@ def _elements(node: Node, graph: Graph) -> int:
     return sum(int(np.prod(graph.tensors[t].shape)) for t in node.outputs if t in graph.tensors)
 
 
-def _reorder_costs(graph: Graph, nodes: list[search.SearchNode], aux: Optional[AuxiliaryTimer]) -> dict[str, dict[str, float]]:
+def _reorder_costs(graph: Graph, nodes: list[search.SearchNode], aux: Optional[AuxiliaryTimer],
+                   dispatch: float = 0.0) -> dict[str, dict[str, float]]:
     """Reorder cost of every format pair a tensor might need (measured per shape, cached)."""
     involved: dict[str, set[str]] = {}
     for n in nodes:
@@ -164,7 +173,7 @@ def _reorder_costs(graph: Graph, nodes: list[search.SearchNode], aux: Optional[A
                 ms = aux.reorder(shape, src, dst, graph.tensors[t].dtype) if aux \
                     else costmodel.traffic_ms(int(np.prod(shape)))
                 if ms is not None:
-                    costs[t][f"{src}>{dst}"] = ms
+                    costs[t][f"{src}>{dst}"] = _in_segment(ms, dispatch)
     return costs
 
 
@@ -187,6 +196,8 @@ def _to_plan(graph: Graph, fingerprint: str, problem: search.SearchProblem, resu
             ok = sorted((v.median_ms, k) for k, v in t.items() if v.ok)
             if ok:
                 nc.source = "profiled"
+                if c.impl in t:
+                    nc.time_ms = t[c.impl].median_ms  # the standalone measurement, comparable with ort_ms
                 others = [(ms, k) for ms, k in ok if k != c.impl]
                 if others:
                     nc.runner_up_ms, nc.runner_up = others[0]

@@ -276,6 +276,26 @@ class AuxiliaryTimer:
             caches.timings.set(full, {"ms": ms})
         return ms
 
+    def dispatch(self) -> float:
+        """Fixed cost of one onnxruntime ``run`` call (feeds, fetches, thread wake-up).
+
+        Standalone one-node timings include it, yet nodes merged into a segment do not pay it
+        per node, while every host kernel splits a segment and pays it once more: the planner
+        corrects candidate costs by this amount.
+        """
+        return self._cached_or("dispatch", self._time_dispatch) or 0.0
+
+    def _time_dispatch(self) -> float:
+        from onnx import helper
+
+        from . import ortutil
+
+        model = ortutil.make_model([helper.make_node("Identity", ["x"], ["y"])], [ortutil.value_info("x", [1, 16])],
+                                   [ortutil.value_info("y", [1, 16])])
+        sess = ortutil.session(model, level="extended")
+        feed = {"x": np.zeros((1, 16), np.float32)}
+        return time_callable(lambda: sess.run(None, feed), limit_s=0.2, min_rounds=50)
+
     def light(self, node, graph, fmt: str) -> Optional[float]:
         return self._cached_or(light_key(node, graph, fmt), lambda: self._time_light(node, graph, fmt))
 

@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""End-to-end benchmark: onnxruntime vs fastrun, interleaved in one process, medians.
+
+For each model and batch size it runs, round-robin so machine noise hits all alike:
+  ort_all       onnxruntime ORT_ENABLE_ALL        (the baseline ratios are quoted against)
+  ort_extended  onnxruntime ORT_ENABLE_EXTENDED   (no NCHWc layout transformer)
+  heuristic     fastrun, heuristic plan (no profiling)
+  profiled      fastrun, profiled plan (profiles first if the cache has no plan)
+Every session has intra-op spinning off (several sessions in one process otherwise spin against
+each other); a lone default onnxruntime session is timed once per model to check that the
+baseline is not handicapped by that setting.
+
+    python scripts/bench.py --models resnet50 vgg19 --batch 1 8 --out bench-results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from fastrun import api, benchmark, costmodel, executor, fingerprint, graph as G, models, ortutil, planner
+from fastrun.cache import Caches
+from fastrun.graph import spec_for_node
+
+log = logging.getLogger("bench")
+
+
+def direct_gflop(graph: G.Graph) -> float:
+    return sum(costmodel.direct_flops(spec_for_node(h.node, graph)) for h in planner.heavy_nodes(graph)) / 1e9
+
+
+def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: float) -> dict:
+    model = models.randomized(models.example_path(name), seed=0, batch=batch if batch != 1 else None)
+    data = model.SerializeToString()
+    graph = G.from_proto(model, data)
+    fp = fingerprint.fingerprint()
+    caches = Caches(cache_dir)
+    t0 = time.perf_counter()
+    plan = api.find_plan(caches, fp, graph)
+    if plan is None:
+        log.info("%s b%d: profiling", name, batch)
+        plan = api.profile(data, cache_dir=cache_dir, op_limit=op_limit, measure=False).plan
+    profile_s = time.perf_counter() - t0
+    profiled = executor.compile_plan(graph, plan)
+    heuristic = executor.compile_plan(graph, planner.make_plan(graph, fp))
+    ort_all = ortutil.session(data, level="all")
+    ort_ext = ortutil.session(data, level="extended")
+    feed = api.random_feed(graph)
+    names = list(profiled.outputs)
+    ref = ort_all.run(names, feed)
+    errors = {k: api.relative_error([p.run(feed)[n] for n in names], ref) for k, p in
+              (("heuristic", heuristic), ("profiled", profiled))}
+    times = benchmark.interleaved({
+        "ort_all": lambda: ort_all.run(names, feed),
+        "ort_extended": lambda: ort_ext.run(names, feed),
+        "heuristic": lambda: heuristic.run(feed),
+        "profiled": lambda: profiled.run(feed),
+    }, repeats=repeats, max_seconds=120)
+    lone = ort.InferenceSession(data, providers=["CPUExecutionProvider"])  # default options, spinning on
+    lone_ms = benchmark.interleaved({"lone": lambda: lone.run(names, feed)}, repeats=repeats)["lone"]
+    gflop = direct_gflop(graph)
+    return {
+        "model": name, "batch": batch, **{f"{k}_ms": v for k, v in times.items()},
+        "ort_default_alone_ms": lone_ms,
+        "ratio": times["ort_all"] / times["profiled"],
+        "heuristic_ratio": times["ort_all"] / times["heuristic"],
+        "heuristic_over_profiled": times["heuristic"] / times["profiled"],
+        "predicted_ms": plan.predicted_ms, "gflop": gflop,
+        "profiled_gflops": gflop / times["profiled"] * 1e3, "ort_gflops": gflop / times["ort_all"] * 1e3,
+        "max_error": errors, "segments": profiled.segments, "host_steps": profiled.host_steps,
+        "reorders": profiled.reorders, "profile_s": profile_s, "plan_policy": plan.policy,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| model | batch | ORT_ALL ms | ORT_EXT ms | heuristic ms | profiled ms | predicted ms | "
+            "ratio ALL/profiled | ALL/heuristic | GFLOP/s profiled | GFLOP/s ORT | lone ORT ms |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        pred = f"{r['predicted_ms']:.1f}" if r["predicted_ms"] else "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['ort_all_ms']:.1f} | {r['ort_extended_ms']:.1f} | "
+                     f"{r['heuristic_ms']:.1f} | {r['profiled_ms']:.1f} | {pred} | {r['ratio']:.2f} | "
+                     f"{r['heuristic_ratio']:.2f} | {r['profiled_gflops']:.0f} | {r['ort_gflops']:.0f} | "
+                     f"{r['ort_default_alone_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(models.EXAMPLES))
+    p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--op-limit", type=float, default=1.0)
+    p.add_argument("--cache-dir", default=None, help="default: the fastrun default cache")
+    p.add_argument("--out", default="bench-results", help="directory for bench.md and bench.json")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cache_dir = args.cache_dir or str(Caches().root)
+    rows = []
+    for name in args.models:
+        for batch in args.batch:
+            try:
+                rows.append(bench_model(name, batch, cache_dir, args.repeats, args.op_limit))
+            except Exception as exc:  # one model failing must not lose the others' numbers
+                log.error("%s batch %d failed: %s", name, batch, exc)
+                continue
+            log.info("%s", markdown(rows[-1:]).splitlines()[-1])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    (out / "bench.md").write_text(table + "\n")
+    (out / "bench.json").write_text(json.dumps({"fingerprint": fingerprint.describe(), "rows": rows}, indent=1))
+    print(table)
+    return 0 if len(rows) == len(args.models) * len(args.batch) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
