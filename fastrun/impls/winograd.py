@@ -1,0 +1,170 @@
+"""Winograd minimal-filtering convolutions F(m x m, 3 x 3) for 3x3, stride 1, dilation 1, group 1.
+
+Per output tile of m x m pixels the input tile d (alpha x alpha, alpha = m + 2) is transformed to
+B^T d B, multiplied element-wise with the pre-transformed filter U = G g G^T, summed over the
+input channels (that sum, for all alpha^2 positions at once, is one batched matmul
+[alpha^2, K, C] @ [alpha^2, C, tiles]) and transformed back with A^T (.) A. Multiplications per
+output drop from 9 to alpha^2/m^2 (4: 2.25, 6: 1.78) at the price of the transforms, which are
+memory-bound: they decide whether Winograd wins (see DESIGN.md).
+
+Both transforms are separable and run as GEMMs with the small transform matrices over gathered
+strided views (rows first, then columns), channel chunk by channel chunk so that intermediates
+stay in L2; the output transform, crop and bias run per output-channel chunk right after that
+chunk's batched product. The filter transform is done once, in float64. (Fused numba transform
+kernels were tried and lost to this on the target machine - 30-50 ms vs 10-15 ms at C=64@224 -
+so the module needs nothing beyond numpy.)
+
+Accuracy (fp32, He-scaled random weights, relative to max|y|): F(2,3) ~1e-6, F(4,3) ~1e-5,
+F(6,3) ~1e-4 -- the transform matrices' dynamic range grows with m.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ..registry import OpSpec, implementation
+from .common import activation, conv_geometry
+from .conv_host import SCRATCH, bias_of, host_conv_ok, padded
+
+# Interpolation points (plus the point at infinity) of the Toom-Cook construction.
+POINTS = {
+    2: (0, 1, -1),
+    4: (0, 1, -1, 2, -2),
+    6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2)),
+}
+
+
+def winograd_matrices(m: int, r: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A^T [m, alpha], G [alpha, r], B^T [alpha, alpha]) of F(m, r), in float64.
+
+    A^T and G follow the Cook-Toom construction (Lavin & Gray); B^T is solved from the defining
+    identity sum_j A^T[i,j] G[j,k] B^T[j,l] = [l == i + k], exactly for these point sets.
+    """
+    alpha = m + r - 1
+    pts = [Fraction(p) for p in POINTS[m]]
+    at = np.zeros((m, alpha))
+    g = np.zeros((alpha, r))
+    for j, p in enumerate(pts):
+        f = Fraction(1)
+        for q in pts:
+            if q != p:
+                f *= p - q
+        for i in range(m):
+            at[i, j] = float(p ** i)
+        for k in range(r):
+            g[j, k] = float(p ** k / f)
+    at[m - 1, alpha - 1] = 1.0
+    g[alpha - 1, r - 1] = 1.0
+    bt = np.zeros((alpha, alpha))
+    e = np.array([[at[i, j] * g[j, k] for j in range(alpha)] for i in range(m) for k in range(r)])
+    for col in range(alpha):
+        rhs = np.array([1.0 if col == i + k else 0.0 for i in range(m) for k in range(r)])
+        bt[:, col] = np.linalg.lstsq(e, rhs, rcond=None)[0]
+    bt = np.round(bt * 64) / 64  # entries are multiples of 1/4 for these points
+    assert np.allclose(np.einsum("ij,jk,jl->ikl", at, g, bt).reshape(m * r, alpha),
+                       [[1.0 if col == i + k else 0.0 for col in range(alpha)] for i in range(m) for k in range(r)])
+    return at, g, bt
+
+
+# ---------------------------------------------------------------------------------- builder
+
+def winograd_applies(spec: OpSpec) -> bool:
+    if not host_conv_ok(spec):
+        return False
+    g = conv_geometry(spec)
+    return (g["R"], g["S"]) == (3, 3) and g["strides"] == (1, 1) and g["dilations"] == (1, 1) and g["group"] == 1
+
+
+# Working-set target of one chunk: the transforms run chunk by chunk (input: channels, output:
+# rows of tiles) so that their intermediates stay in cache instead of streaming through memory.
+CHUNK_BYTES = 1 << 20
+MIN_TILE_COLUMNS = 128  # keep the batched product's GEMMs wide enough to run at speed
+
+
+def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int):
+    g = conv_geometry(spec)
+    N, C, K, H, W, P, Q = g["N"], g["C"], g["K"], g["H"], g["W"], g["P"], g["Q"]
+    pads = g["pads"]
+    at64, g64, bt64 = winograd_matrices(m)
+    A = m + 2
+    tp_n, tq_n = -(-P // m), -(-Q // m)
+    T = tp_n * tq_n
+    hp, wp = tp_n * m + 2, tq_n * m + 2
+    at, bt = at64.astype(np.float32), bt64.astype(np.float32)
+    # U[b*A + a, 0, k, c] = (G g G^T)[a, b]: b (the column transform) outer, as the input transform
+    # below produces it.
+    w = np.asarray(consts[1], np.float64)
+    u = np.einsum("ar,kcrs,bs->bakc", g64, w, g64)
+    u = np.ascontiguousarray(u.reshape(A * A, 1, K, C).astype(np.float32))
+    bias = bias_of(spec, consts)
+    act = activation(spec)
+    extra_h, extra_w = hp - (H + pads[0] + pads[2]), wp - (W + pads[1] + pads[3])
+    cs = max(1, CHUNK_BYTES // (4 * N * A * tp_n * wp))  # input channels per chunk
+    rs = max(-(-MIN_TILE_COLUMNS // tq_n), CHUNK_BYTES // (4 * N * A * A * K * tq_n))  # tile rows per chunk
+    f = 4
+    scratch = SCRATCH
+
+    def run(x):
+        xp = padded(x, pads, scratch, extra_h, extra_w)
+        s0, s1, s2, s3 = xp.strides
+        d = scratch.get("wino_d", (A * A, N, C, T))
+        for c0 in range(0, C, cs):
+            cc = min(C, c0 + cs) - c0
+            # rows: R[a, n, c, tp, w] = sum_i BT[a, i] xp[n, c, tp*m + i, w]   (gather i, one GEMM)
+            v1 = as_strided(xp[:, c0:], (A, N, cc, tp_n, wp), (s2, s0, s1, m * s2, s3), writeable=False)
+            g1 = scratch.get("wino_g1", (A, N * cc * tp_n * wp))
+            np.copyto(g1.reshape(v1.shape), v1)
+            r = np.dot(bt, g1, out=scratch.get("wino_r", g1.shape))
+            # cols: D[b, a, n, c, tp, tq] = sum_j BT[b, j] R[a, n, c, tp, tq*m + j]
+            v2 = as_strided(r, (A, A, N, cc, tp_n, tq_n),
+                            (f, N * cc * tp_n * wp * f, cc * tp_n * wp * f, tp_n * wp * f, wp * f, m * f),
+                            writeable=False)
+            g2 = scratch.get("wino_g2", (A, A * N * cc * T))
+            np.copyto(g2.reshape(v2.shape), v2)
+            if cc == C:
+                np.dot(bt, g2, out=d.reshape(A, -1))
+            else:
+                dd = np.dot(bt, g2, out=scratch.get("wino_dd", g2.shape))
+                d[:, :, c0:c0 + cc] = dd.reshape(A * A, N, cc, T)
+        y = np.empty((N, K, P, Q), np.float32)
+        for t0 in range(0, tp_n, rs):
+            tr = min(tp_n, t0 + rs) - t0
+            mm = np.matmul(u, d[:, :, :, t0 * tq_n:(t0 + tr) * tq_n],
+                           out=scratch.get("wino_mm", (A * A, N, K, tr * tq_n)))
+            # cols back, j innermost: Y1[(a, n, k, tp, tq), j] = sum_b M[b, (a, ...)] AT[j, b]
+            rest = A * N * K * tr * tq_n
+            y1 = np.dot(mm.reshape(A, rest).T, at.T, out=scratch.get("wino_y1", (rest, m)))
+            # rows: Y2[i, (n, k, tp, tq, j)] = sum_a AT[i, a] Y1[a, ...]: each image row is contiguous
+            y2 = np.dot(at, y1.reshape(A, -1), out=scratch.get("wino_y2", (m, N * K * tr * tq_n * m)))
+            y2 = y2.reshape(m, N, K, tr, tq_n * m)
+            h0, h1 = t0 * m, min(P, (t0 + tr) * m)
+            for i in range(min(m, h1 - h0)):
+                dst = y[:, :, h0 + i:h1:m]
+                src = y2[i, :, :, :dst.shape[2], :Q]
+                if bias is not None:
+                    np.add(src, bias[:, None, None], out=dst)
+                else:
+                    dst[...] = src
+        return act(y)
+
+    return run
+
+
+@implementation("Conv", "winograd_f2", heuristic_rank=45, applies=winograd_applies)
+def build_winograd_f2(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(2x2,3x3): 2.25x fewer multiplies, GEMM-based chunked transforms."""
+    return build_winograd(spec, consts, 2)
+
+
+@implementation("Conv", "winograd_f4", heuristic_rank=35, applies=winograd_applies)
+def build_winograd_f4(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(4x4,3x3): 4x fewer multiplies, GEMM-based chunked transforms."""
+    return build_winograd(spec, consts, 4)
+
+
+@implementation("Conv", "winograd_f6", heuristic_rank=40, applies=winograd_applies)
+def build_winograd_f6(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(6x6,3x3): 5.06x fewer multiplies, least exact (~1e-4 relative)."""
+    return build_winograd(spec, consts, 6)
