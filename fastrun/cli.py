@@ -148,7 +148,7 @@ def _print_profile(d: dict) -> None:
     solver = d["solver"]
     if solver:
         click.echo(f"format search: {solver['method']} {solver['status']} (gap {solver['gap']:.1e}) in {solver['seconds'] * 1e3:.0f} ms; "
-                   f"reorders {d['reorders']}")
+                   f"reorders {d['reorders']} (greedy: {solver.get('greedy_reorders', '-')})")
     click.echo(f"predicted: {_ms(d['predicted_ms'])} ms   greedy: {_ms(d['greedy_ms'])} ms   "
                f"NCHW-only: {_ms(d['nchw_only_ms'])} ms")
     if d["measured_ms"] is not None:

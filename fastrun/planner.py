@@ -209,7 +209,9 @@ def _to_plan(graph: Graph, fingerprint: str, problem: search.SearchProblem, resu
             nc.source = "profiled"
         choices.append(nc)
     solver = {"status": result.status, "gap": result.gap, "seconds": result.seconds, "method": result.method,
-              "lower_bound": result.lower_bound}
+              "lower_bound": result.lower_bound,
+              "greedy_reorders": len(greedy.reorders) if greedy else None,
+              "nchw_only_reorders": len(nchw_only.reorders) if nchw_only else None}
     policy = "heuristic" if not profiled else ("partial" if partial else "profiled")
     return Plan(model_hash=graph.model_hash, model_name=graph.name, fingerprint=fingerprint,
                 input_shapes={k: list(v) for k, v in graph.input_shapes().items()}, nodes=choices,
