@@ -128,8 +128,8 @@ def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str]) -> St
     built = impl.build(spec, const_inputs(node, graph))
     if impl.kind == "host":
         return Step(node.name, in_names, [node.outputs[0]], kernel=built)
-    mapping = {f"in{i}": tensor_name(t, choice.in_formats[j] if j < len(choice.in_formats) else formats.NCHW, produced)
-               for j, (i, t) in enumerate((i, t) for i, t in enumerate(node.inputs) if t and t not in graph.constants)}
+    runtime_idx = [i for i, t in enumerate(node.inputs) if t and t not in graph.constants]
+    mapping = {f"in{i}": name for i, name in zip(runtime_idx, in_names)}
     mapping["out"] = node.outputs[0]
     return Step(node.name, in_names, [node.outputs[0]], fragment=_rename(built, mapping, node.name))
 

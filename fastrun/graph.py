@@ -159,6 +159,7 @@ def from_proto(model: onnx.ModelProto, data: bytes,
     graph.tensors = _infer_shapes(graph, shapes, dtypes)
     _remove_identities(graph)
     _fold_batchnorm(graph)
+    _fuse_residual_adds(graph)
     _fuse_activations(graph)
     for node in graph.nodes:
         _normalize_attrs(node, graph)
@@ -458,6 +459,46 @@ def _per_channel(value: Optional[np.ndarray], channels: int, rank: int) -> Optio
     if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, channels):
         return None
     return np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float32)
+
+
+def _fuse_residual_adds(graph: Graph) -> None:
+    """Conv -> Add(Conv output, residual) becomes one Conv with the residual as input 3.
+
+    Kernels that accumulate into their output (onnxruntime's FusedConv and NCHWc Conv) then skip
+    a full pass over the tensor; the activation that follows the Add fuses as usual. When both
+    operands come from Convs, the later one takes the residual (the other is computed first).
+    """
+    users = graph.consumers()
+    producer = graph.producer()
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    removed = set()
+    for add in graph.nodes:
+        if add.op_type not in ("Add", "Sum") or add.domain or len(add.inputs) != 2 or add.inputs[0] == add.inputs[1]:
+            continue
+        convs = [producer.get(t) for t in add.inputs]
+        best = None
+        for k, conv in enumerate(convs):
+            other = add.inputs[1 - k]
+            if conv is None or conv.op_type != "Conv" or conv.domain or conv.activation or len(conv.inputs) > 3 \
+                    or conv.inputs[1] not in graph.constants or other in graph.constants or other not in graph.tensors \
+                    or _single_consumer(graph, conv.outputs[0], users) is not add \
+                    or graph.tensors[other].shape != graph.tensors[conv.outputs[0]].shape:
+                continue
+            if best is None or order[conv.name] > order[best[0].name]:
+                best = (conv, other)
+        if best is None:
+            continue
+        conv, other = best
+        if len(conv.inputs) < 3 or not conv.inputs[2]:
+            zero = f"{conv.name}/zero_bias"
+            graph.constants[zero] = np.zeros(graph.constants[conv.inputs[1]].shape[0], np.float32)
+            conv.inputs = conv.inputs[:2] + [zero]
+        conv.inputs = conv.inputs + [other]
+        conv.outputs = list(add.outputs)
+        removed.add(id(add))
+    graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+    if removed:
+        graph.nodes = _toposort(graph.nodes, set(graph.inputs) | set(graph.constants))
 
 
 def _fuse_activations(graph: Graph) -> None:

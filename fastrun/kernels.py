@@ -13,17 +13,14 @@ from . import formats, ortutil
 from .registry import Implementation, OnnxFragment, OpSpec, resolve_format
 
 
-def fragment_callable(fragment: OnnxFragment, spec: OpSpec, in_format: str = formats.NCHW,
+def fragment_callable(fragment: OnnxFragment, spec: OpSpec, in_formats: Optional[tuple[str, ...]] = None,
                       out_format: str = formats.NCHW, threads: Optional[int] = None,
                       level: str = "extended") -> Callable[..., np.ndarray]:
     """A one-fragment onnxruntime session called like a host kernel."""
     runtime = spec.runtime_inputs
-    inputs = []
-    for j, i in enumerate(runtime):
-        shape = spec.inputs[i]
-        if j == 0:
-            shape = formats.physical_shape(shape, in_format)
-        inputs.append(ortutil.value_info(f"in{i}", shape, spec.dtype))
+    in_formats = in_formats or (formats.NCHW,) * len(runtime)
+    inputs = [ortutil.value_info(f"in{i}", formats.physical_shape(spec.inputs[i], fmt), spec.dtype)
+              for i, fmt in zip(runtime, in_formats)]
     out_shape = formats.physical_shape(spec.output, out_format)
     model = ortutil.make_model(fragment.nodes, inputs, [ortutil.value_info("out", out_shape, spec.dtype)],
                                fragment.initializers, fragment.opsets)
@@ -41,7 +38,7 @@ def build_callable(impl: Implementation, spec: OpSpec, consts: dict[int, np.ndar
     """Build ``impl`` for ``spec`` and return a callable over the runtime inputs."""
     built = impl.build(spec, consts)
     if impl.kind == "onnx":
-        return fragment_callable(built, spec, resolve_format(impl.in_format), resolve_format(impl.out_format),
+        return fragment_callable(built, spec, impl.input_formats(spec), resolve_format(impl.out_format),
                                  threads=threads)
     return built
 

@@ -51,9 +51,8 @@ def _runtime_inputs(node: Node, graph: Graph) -> list[str]:
     return [t for t in node.inputs if t and t not in graph.constants]
 
 
-def _heavy_choice(impl: registry.Implementation, n_inputs: int, cost: float) -> search.Choice:
-    fin = registry.resolve_format(impl.in_format)
-    return search.Choice(impl.id, (fin,) + (formats.NCHW,) * (n_inputs - 1), registry.resolve_format(impl.out_format), cost)
+def _heavy_choice(impl: registry.Implementation, spec: OpSpec, cost: float) -> search.Choice:
+    return search.Choice(impl.id, impl.input_formats(spec), registry.resolve_format(impl.out_format), cost)
 
 
 def light_formats(node: Node, graph: Graph, allowed: set[str]) -> list[str]:
@@ -90,7 +89,7 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
         runtime = _runtime_inputs(node, graph)
         h = heavy.get(node.name)
         if h is not None:
-            choices = _heavy_choices(h, timings.get(h.spec.key(), {}), len(runtime), allowed, dispatch)
+            choices = _heavy_choices(h, timings.get(h.spec.key(), {}), allowed, dispatch)
         else:
             choices = []
             for fmt in light_formats(node, graph, allowed):
@@ -125,7 +124,7 @@ def _in_segment(standalone_ms: float, dispatch: float) -> float:
     return max(standalone_ms - dispatch, 0.1 * standalone_ms)
 
 
-def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], n_inputs: int, allowed: set[str],
+def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], allowed: set[str],
                    dispatch: float = 0.0) -> list[search.Choice]:
     by_id = {impl.id: impl for impl in h.impls}
     choices = []
@@ -134,12 +133,12 @@ def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], n_inputs: int, allo
         if impl is None or not t.ok:
             continue
         cost = _in_segment(t.median_ms, dispatch) if impl.kind == "onnx" else t.median_ms + dispatch
-        c = _heavy_choice(impl, n_inputs, cost)
+        c = _heavy_choice(impl, h.spec, cost)
         if c.out_format in allowed and all(f in allowed for f in c.in_formats):
             choices.append(c)
     if not choices:  # unprofiled (heuristic or out of budget): estimated costs
         for impl in h.impls:
-            c = _heavy_choice(impl, n_inputs, costmodel.impl_ms(impl, h.spec))
+            c = _heavy_choice(impl, h.spec, costmodel.impl_ms(impl, h.spec))
             if c.out_format in allowed and all(f in allowed for f in c.in_formats):
                 choices.append(c)
     return choices

@@ -63,6 +63,11 @@ class OpSpec:
     activation_params: tuple[float, ...] = ()
     domain: str = ""
 
+    @property
+    def has_sum(self) -> bool:
+        """A Conv with a fused residual: input 3 is a runtime tensor added before the activation."""
+        return self.op_type == "Conv" and len(self.inputs) > 3 and self.inputs[3] is not None
+
     def attr(self, name: str, default: Any = None) -> Any:
         for k, v in self.attrs:
             if k == name:
@@ -159,6 +164,16 @@ class Implementation:
     heuristic_rank: int
     description: str
     module: str
+    sum_input: bool = False
+
+    def input_formats(self, spec: OpSpec) -> tuple[str, ...]:
+        """Format of each runtime input: the first in ``in_format``, a fused residual in
+        ``out_format`` (it is added to the output), any other plain."""
+        fin, fout = resolve_format(self.in_format), resolve_format(self.out_format)
+        fmts = []
+        for j, i in enumerate(spec.runtime_inputs):
+            fmts.append(fin if j == 0 else fout if (spec.has_sum and i == 3) else formats.NCHW)
+        return tuple(fmts)
 
     @property
     def id(self) -> str:
@@ -174,6 +189,8 @@ class Implementation:
     def accepts(self, spec: OpSpec) -> bool:
         """Whether this implementation can compute ``spec`` (a predicate that raises says no)."""
         if spec.op_type != self.op_type or not self.formats_ok(spec):
+            return False
+        if spec.has_sum and not self.sum_input:
             return False
         try:
             return bool(self.applies(spec))
@@ -203,13 +220,16 @@ def implementation(
     kind: str = "host",
     applies: Callable[[OpSpec], bool] = lambda spec: True,
     heuristic_rank: int = 100,
+    sum_input: bool = False,
     replace: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register the decorated builder as an implementation of ``op_type``.
 
     ``in_format``/``out_format`` are the formats of the first runtime input and of the output
     (``"NCHWc"`` means the machine's native block). ``heuristic_rank`` orders candidates when no
-    profile exists: the lowest-ranked applicable one is the heuristic choice.
+    profile exists: the lowest-ranked applicable one is the heuristic choice. ``sum_input``
+    declares that the builder handles a Conv with a fused residual (``spec.has_sum``: input 3,
+    in the output format, added before the activation).
     """
     if kind not in ("host", "onnx"):
         raise ValueError(f"kind must be 'host' or 'onnx', not {kind!r}")
@@ -232,6 +252,7 @@ def implementation(
             heuristic_rank=heuristic_rank,
             description=(builder.__doc__ or "").strip().split("\n")[0],
             module=builder.__module__,
+            sum_input=sum_input,
         )
         return builder
 

@@ -331,3 +331,29 @@ def test_pytorch_converted_layer(case, impl):
     assert y.shape == expected.shape
     err = relative_error(y, expected)
     assert err <= 10 * tolerance(impl.name, spec), f"{impl.id} on {case}: relative error {err:.2e}"
+
+
+# ------------------------------------------------------------------ fused residual (Conv + Add)
+
+@pytest.mark.parametrize("act", [None, "Relu"])
+@pytest.mark.parametrize("shape", [(1, 32, 14, 14, 64, 1), (2, 16, 9, 7, 24, 3)], ids=["1x1", "3x3"])
+def test_residual_sum_implementations(act, shape):
+    """Implementations declaring sum_input add input 3 (in the output's format) before the activation."""
+    from fastrun import formats, registry
+    from fastrun.kernels import build_callable, random_inputs, reference_callable
+    from fastrun.registry import OpSpec
+
+    n, c, h, w, k, r = shape
+    p = r // 2
+    spec = OpSpec("Conv", ((n, c, h, w), (k, c, r, r), (k,), (n, k, h, w)), (False, True, True, False), (n, k, h, w),
+                  attrs=(("dilations", (1, 1)), ("group", 1), ("kernel_shape", (r, r)), ("pads", (p, p, p, p)),
+                         ("strides", (1, 1))), activation=act)
+    consts, args = random_inputs(spec, np.random.default_rng(0))
+    ref = reference_callable(spec, consts)(*args)
+    impls = registry.candidates(spec)
+    assert {i.name for i in impls} >= {"ort", "ort_nchwc"} and all(i.sum_input for i in impls)
+    for impl in impls:
+        fmts = impl.input_formats(spec)
+        out = build_callable(impl, spec, consts)(*[formats.to_format(a, f) for a, f in zip(args, fmts)])
+        out = formats.from_format(out, registry.resolve_format(impl.out_format), k)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=impl.id)

@@ -104,7 +104,7 @@ def _conv_basics(spec: OpSpec) -> bool:
         return False
     if len(spec.inputs) > 2 and spec.inputs[2] is not None and not spec.const[2]:
         return False
-    if len(spec.inputs) > 3:
+    if len(spec.inputs) > 4 or (len(spec.inputs) == 4 and not spec.has_sum):
         return False
     if spec.activation is not None:
         if spec.activation not in NCHWC_ACTIVATIONS:
@@ -207,9 +207,13 @@ def _fragment(spec: OpSpec, w: np.ndarray, bias: Optional[np.ndarray], group: in
         nodes.append(to_4d_node("in0", "x4", "shape4"))
         x = "x4"
     conv_inputs = [x, "w"]
-    if bias is not None:
-        inits["b"] = bias
+    if bias is not None or spec.has_sum:
+        inits["b"] = bias if bias is not None else np.zeros(_ceil_to(spec.output[1], b), np.float32)
         conv_inputs.append("b")
+    if spec.has_sum:  # the residual, blocked like the output, accumulated before the activation
+        inits.setdefault("shape4", shape_4d())
+        nodes.append(to_4d_node("in3", "sum4", "shape4"))
+        conv_inputs.append("sum4")
     nodes.append(helper.make_node("Conv", conv_inputs, ["y4"], domain=NCHWC_DOMAIN,
                                   **_conv_node_attrs(spec, group)))
     nodes.append(to_5d_node("y4", "out", "shape5"))
@@ -221,7 +225,7 @@ def _bias(consts: dict[int, np.ndarray]) -> Optional[np.ndarray]:
 
 
 @implementation("Conv", "ort_nchwc", kind="onnx", in_format="NCHWc", out_format="NCHWc",
-                heuristic_rank=5, applies=blocked_applies)
+                heuristic_rank=5, sum_input=True, applies=blocked_applies)
 def ort_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
     """onnxruntime's NCHWc (MLAS blocked) convolution, blocked in and out, activation fused."""
     b = _block()
@@ -235,7 +239,7 @@ def ort_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
 
 
 @implementation("Conv", "ort_nchwc_nchw_in", kind="onnx", in_format="NCHW", out_format="NCHWc",
-                heuristic_rank=5, applies=nchw_in_applies)
+                heuristic_rank=5, sum_input=True, applies=nchw_in_applies)
 def ort_nchwc_nchw_in(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
     """onnxruntime's NCHWc convolution reading a plain NCHW input with few channels (first conv)."""
     b = _block()
@@ -247,7 +251,7 @@ def ort_nchwc_nchw_in(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragme
 
 
 @implementation("Conv", "ort_nchwc_depthwise", kind="onnx", in_format="NCHWc", out_format="NCHWc",
-                heuristic_rank=5, applies=depthwise_applies)
+                heuristic_rank=5, sum_input=True, applies=depthwise_applies)
 def ort_nchwc_depthwise(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
     """onnxruntime's NCHWc depthwise convolution (group = padded channel count)."""
     b = _block()

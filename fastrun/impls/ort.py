@@ -36,12 +36,15 @@ def _conv_attrs(spec: OpSpec) -> dict:
             for k in ("kernel_shape", "strides", "pads", "dilations", "group")}
 
 
-@implementation("Conv", "ort", kind="onnx", heuristic_rank=10,
+@implementation("Conv", "ort", kind="onnx", heuristic_rank=10, sum_input=True,
                 applies=lambda spec: spec.activation in (None,) + FUSABLE)
 def ort_conv(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
-    """onnxruntime's default (MLAS) convolution in NCHW, with the activation fused."""
+    """onnxruntime's default (MLAS) convolution in NCHW, with the activation (and residual) fused."""
     names, inits = _io_names(spec, consts)
     attrs = _conv_attrs(spec)
+    if spec.activation is None and spec.has_sum:
+        nodes = [helper.make_node("Conv", names[:3], ["conv"], **attrs), helper.make_node("Add", ["conv", names[3]], ["out"])]
+        return OnnxFragment(nodes, inits)
     if spec.activation is None:
         node = helper.make_node("Conv", names, ["out"], **attrs)
     else:
@@ -77,7 +80,10 @@ def reference_fragment(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragm
     names, inits = _io_names(spec, consts)
     attrs = dict(spec.attrs)
     out = "out" if spec.activation is None else "pre"
-    nodes = [helper.make_node(spec.op_type, names, [out], domain=spec.domain, **attrs)]
+    if spec.has_sum:
+        nodes = [helper.make_node("Conv", names[:3], ["conv"], **attrs), helper.make_node("Add", ["conv", names[3]], [out])]
+    else:
+        nodes = [helper.make_node(spec.op_type, names, [out], domain=spec.domain, **attrs)]
     if spec.activation is not None:
         act, params = spec.activation, list(spec.activation_params)
         if act == "Clip":
