@@ -68,8 +68,13 @@ def light_formats(node: Node, graph: Graph, allowed: set[str]) -> list[str]:
 
 
 def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = None,
-              allowed_formats: Optional[set[str]] = None, progress: Optional[Progress] = None) -> Plan:
-    """The plan for ``graph``: profiled (with a profiler) or heuristic (without)."""
+              allowed_formats: Optional[set[str]] = None, progress: Optional[Progress] = None,
+              assignment: str = "optimal") -> Plan:
+    """The plan for ``graph``: profiled (with a profiler) or heuristic (without).
+
+    ``assignment="heuristic"`` with a profiler keeps the heuristic choices but prices them with
+    the measured costs: the alternative that end-to-end verification compares against.
+    """
     allowed = set(allowed_formats or formats.machine_formats())
     heavy = {h.node.name: h for h in heavy_nodes(graph)}
     timings: dict[str, dict[str, Timing]] = {}
@@ -84,7 +89,7 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
     aux = AuxiliaryTimer(profiler) if profiler is not None else None
     dispatch = aux.dispatch() if aux else 0.0
 
-    nodes, light_cost = [], {}
+    nodes = []
     for node in graph.nodes:
         runtime = _runtime_inputs(node, graph)
         h = heavy.get(node.name)
@@ -104,7 +109,10 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
                                    _reorder_costs(graph, nodes, aux, dispatch))
     if progress:
         progress("solving the format assignment")
-    result = search.solve(problem)
+    if assignment == "heuristic" and profiler is not None:
+        result = search.evaluate(problem, _choices_like(problem, make_plan(graph, fingerprint, None, allowed)))
+    else:
+        result = search.solve(problem)
     greedy = nchw_only = None
     if profiler is not None:
         greedy = search.greedy(problem)
@@ -117,6 +125,17 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
     return _to_plan(graph, fingerprint, problem, result, heavy, timings, greedy, nchw_only,
                     partial=profiler is not None and profiler.stats.skipped_budget > 0,
                     profiled=profiler is not None)
+
+
+def _choices_like(problem: search.SearchProblem, plan: Plan) -> dict[str, int]:
+    """Indices of ``plan``'s choices in ``problem`` (the cheapest choice where it has none)."""
+    picked = {}
+    for sn in problem.nodes:
+        want = plan.node(sn.name)
+        same = [i for i, c in enumerate(sn.choices) if c.impl == want.impl and c.out_format == want.out_format
+                and list(c.in_formats) == list(want.in_formats)]
+        picked[sn.name] = same[0] if same else min(range(len(sn.choices)), key=lambda i: sn.choices[i].cost)
+    return picked
 
 
 def _in_segment(standalone_ms: float, dispatch: float) -> float:

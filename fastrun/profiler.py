@@ -167,7 +167,7 @@ class Profiler:
             results[impl.id] = timing
             try:
                 fn = kernels.build_callable(impl, spec, consts)
-                call_args = [formats.to_format(args[0], fin)] + list(args[1:]) if args else []
+                call_args = [formats.to_format(a, f) for a, f in zip(args, impl.input_formats(spec))]
                 out = fn(*call_args)
                 if fout != formats.NCHW and isinstance(out, np.ndarray):
                     out = formats.from_format(out, fout, spec.output[1])

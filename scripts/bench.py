@@ -75,6 +75,7 @@ def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: f
         "profiled_gflops": gflop / times["profiled"] * 1e3, "ort_gflops": gflop / times["ort_all"] * 1e3,
         "max_error": errors, "segments": profiled.segments, "host_steps": profiled.host_steps,
         "reorders": profiled.reorders, "profile_s": profile_s, "plan_policy": plan.policy,
+        "greedy_ms": plan.greedy_ms, "nchw_only_ms": plan.nchw_only_ms, "solver": plan.solver,
     }
 
 
@@ -88,6 +89,21 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['heuristic_ms']:.1f} | {r['profiled_ms']:.1f} | {pred} | {r['ratio']:.2f} | "
                      f"{r['heuristic_ratio']:.2f} | {r['profiled_gflops']:.0f} | {r['ort_gflops']:.0f} | "
                      f"{r['ort_default_alone_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def formats_markdown(rows: list[dict]) -> str:
+    """The format-search view: prediction quality, baselines, reorders, solver time."""
+    head = ("| model | batch | predicted ms | measured ms | pred/meas | greedy ms | NCHW-only ms | ORT_ALL ms | "
+            "reorders (opt/greedy) | solver | solve s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        s = r["solver"] or {}
+        pred = r["predicted_ms"] or float("nan")
+        lines.append(f"| {r['model']} | {r['batch']} | {pred:.1f} | {r['profiled_ms']:.1f} | {pred / r['profiled_ms']:.2f} | "
+                     f"{(r['greedy_ms'] or float('nan')):.1f} | {(r['nchw_only_ms'] or float('nan')):.1f} | "
+                     f"{r['ort_all_ms']:.1f} | {r['reorders']}/{s.get('greedy_reorders', '-')} | "
+                     f"{s.get('status', '-')} | {s.get('seconds', float('nan')):.2f} |")
     return "\n".join(lines)
 
 
@@ -113,7 +129,7 @@ def main() -> int:
             log.info("%s", markdown(rows[-1:]).splitlines()[-1])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows)
+    table = markdown(rows) + "\n\n" + formats_markdown(rows)
     (out / "bench.md").write_text(table + "\n")
     (out / "bench.json").write_text(json.dumps({"fingerprint": fingerprint.describe(), "rows": rows}, indent=1))
     print(table)
