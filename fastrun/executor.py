@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SEGMENT_LEVEL = "extended"  # the plan makes the layout decisions; ORT must not redo them
 
 
-@dataclass
+@dataclass(eq=False)  # steps are compared by identity: field equality made scheduling quadratic
 class Step:
     name: str
     inputs: list[str]
@@ -225,9 +225,9 @@ def _segment(batch: list[Step], graph: Graph, plan: Plan, available: set[str], n
     seg_outputs = [t for t in dict.fromkeys(t for s in batch for t in s.outputs) if t in needed]
     in_vis = [ortutil.value_info(x, _physical(x, graph, produced), _dtype(x, graph)) for x in seg_inputs]
     out_vis = [helper.make_empty_tensor_value_info(t) for t in seg_outputs]
-    model = ortutil.make_model(nodes, in_vis, out_vis, inits, opsets)
     try:
-        sess = ortutil.session(model, level=SEGMENT_LEVEL, threads=threads or plan.threads or None)
+        sess = ortutil.build_session(nodes, in_vis, out_vis, inits, opsets, level=SEGMENT_LEVEL,
+                                     threads=threads or plan.threads or None)
     except Exception as exc:
         raise RuntimeError(f"onnxruntime rejected a segment of {len(batch)} steps "
                            f"({batch[0].name} .. {batch[-1].name}): {str(exc).strip().splitlines()[-1]}") from None

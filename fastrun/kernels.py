@@ -22,9 +22,8 @@ def fragment_callable(fragment: OnnxFragment, spec: OpSpec, in_formats: Optional
     inputs = [ortutil.value_info(f"in{i}", formats.physical_shape(spec.inputs[i], fmt), spec.dtype)
               for i, fmt in zip(runtime, in_formats)]
     out_shape = formats.physical_shape(spec.output, out_format)
-    model = ortutil.make_model(fragment.nodes, inputs, [ortutil.value_info("out", out_shape, spec.dtype)],
-                               fragment.initializers, fragment.opsets)
-    sess = ortutil.session(model, level=level, threads=threads)
+    sess = ortutil.build_session(fragment.nodes, inputs, [ortutil.value_info("out", out_shape, spec.dtype)],
+                                 fragment.initializers, fragment.opsets, level=level, threads=threads)
     names = [f"in{i}" for i in runtime]
 
     def run(*args: np.ndarray) -> np.ndarray:

@@ -61,10 +61,54 @@ def session_options(level: str = "all", threads: Optional[int] = None) -> ort.Se
     return so
 
 
-def session(model: "onnx.ModelProto | bytes | str", level: str = "all", threads: Optional[int] = None) -> ort.InferenceSession:
+def session(model: "onnx.ModelProto | bytes | str", level: str = "all", threads: Optional[int] = None,
+            external: Optional[dict[str, np.ndarray]] = None) -> ort.InferenceSession:
+    """An onnxruntime session; ``external`` arrays back the model's external-data stubs in place."""
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
-    return ort.InferenceSession(model, session_options(level, threads), providers=["CPUExecutionProvider"])
+    so = session_options(level, threads)
+    keep = []
+    if external:
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in external.values()]
+        so.add_external_initializers(list(external), values)
+        keep = [values, list(external.values())]
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    sess._fastrun_external = keep  # onnxruntime reads these buffers for the session's lifetime
+    return sess
+
+
+# Constants at least this large reach onnxruntime as in-memory external data rather than being
+# serialized into the model: copying VGG-19's 550 MB of weights through protobuf took seconds.
+EXTERNAL_MIN_BYTES = 1 << 16
+
+
+def _external_stub(name: str, array: np.ndarray) -> onnx.TensorProto:
+    t = onnx.TensorProto()
+    t.name = name
+    t.data_type = onnx_dtype(str(array.dtype))
+    t.dims.extend(array.shape)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "fastrun-memory"), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def build_session(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
+                  outputs: Sequence[onnx.ValueInfoProto], initializers: dict[str, np.ndarray],
+                  opsets: Optional[dict[str, int]] = None, level: str = "all",
+                  threads: Optional[int] = None) -> ort.InferenceSession:
+    """Model + session in one step, large constants handed over without serialization."""
+    inits, external = [], {}
+    for name, value in initializers.items():
+        arr = np.asarray(value)
+        if arr.nbytes >= EXTERNAL_MIN_BYTES and str(arr.dtype) in _NP_TO_ONNX:
+            external[name] = arr
+            inits.append(_external_stub(name, arr))
+        else:
+            inits.append(numpy_helper.from_array(arr, name))
+    model = make_model(nodes, inputs, outputs, inits, opsets)
+    return session(model, level=level, threads=threads, external=external)
 
 
 def value_info(name: str, shape: Sequence[int], dtype: str = "float32") -> onnx.ValueInfoProto:
