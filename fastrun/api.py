@@ -5,6 +5,7 @@ the CLI and :class:`fastrun.InferenceSession` call them.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ class ProfileReport:
     segments: int = 0
     host_steps: int = 0
     reorders: int = 0
+    edges: dict = field(default_factory=dict)  # node name -> {"inputs": runtime input tensors, "outputs": [...]}
 
     @property
     def speedup(self) -> Optional[float]:
@@ -57,7 +59,8 @@ class ProfileReport:
             "nodes": [{"name": n.name, "op_type": n.op_type, "impl": n.impl, "time_ms": n.time_ms,
                        "in_formats": n.in_formats, "out_format": n.out_format, "spec": n.spec,
                        "source": n.source, "ort_ms": n.ort_ms, "runner_up": n.runner_up,
-                       "runner_up_ms": n.runner_up_ms, "candidates": n.candidates} for n in plan.nodes],
+                       "runner_up_ms": n.runner_up_ms, "candidates": n.candidates, **self.edges.get(n.name, {})}
+                      for n in plan.nodes],
             "predicted_ms": plan.predicted_ms,
             "measured_ms": self.measured_ms,
             "onnxruntime_ms": self.onnxruntime_ms,
@@ -90,7 +93,9 @@ def find_plan(caches: Caches, fingerprint: str, graph: Graph) -> Optional[Plan]:
     except (TypeError, ValueError, KeyError) as exc:
         log.warning("ignoring a corrupt cached plan for %s: %s", graph.name, exc)
         return None
-    why = plan.stale_reason(graph.model_hash, fingerprint) or _mismatch(plan, graph)
+    from .plancheck import plan_problem
+
+    why = plan.stale_reason(graph.model_hash, fingerprint) or plan_problem(graph, plan) or _mismatch(plan, graph)
     if why:
         log.warning("ignoring the cached plan for %s: %s", graph.name, why)
         return None
@@ -101,6 +106,11 @@ def _mismatch(plan: Plan, graph: Graph) -> Optional[str]:
     names = {n.name for n in graph.nodes}
     if {n.name for n in plan.nodes} != names:
         return "its nodes do not match the model's"
+    return implementation_change(plan)
+
+
+def implementation_change(plan: Plan) -> Optional[str]:
+    """Why the plan's implementations no longer match the registry's (None: they all do)."""
     from . import registry
 
     for n in plan.nodes:
@@ -124,7 +134,11 @@ def load_plan(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[i
               cache_dir: Optional[str] = None) -> Optional[Plan]:
     """The cached plan for a model (None when it has not been profiled on this machine)."""
     graph = graph_mod.load(model, input_shapes)
-    return find_plan(Caches(cache_dir), fp.fingerprint(), graph)
+    caches = Caches(cache_dir, writable=False)
+    try:
+        return find_plan(caches, fp.fingerprint(), graph)
+    finally:
+        caches.close()
 
 
 def random_feed(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
@@ -156,19 +170,34 @@ def relative_error(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> fl
 def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
             cache_dir: Optional[str] = None, budget: Optional[float] = None,
             op_limit: float = DEFAULT_OP_LIMIT, progress: Optional[Callable[[str], None]] = None,
-            measure: bool = True, repeats: int = 10) -> ProfileReport:
-    """Profile every heavy node (cached signatures are reused), solve, store and measure the plan."""
+            measure: bool = True, repeats: int = 10, verify: bool = True,
+            op_timeout: Optional[float] = None, isolate: bool = True) -> ProfileReport:
+    """Profile every heavy node (cached signatures are reused), solve, store and measure the plan.
+
+    Candidates run in a killable worker process (``isolate``); one that crashes, or whose build
+    or single call takes longer than ``op_timeout`` seconds (default
+    :data:`fastrun.profiler.DEFAULT_OP_TIMEOUT`), is recorded as failed and never chosen.
+
+    ``verify`` times the optimal assignment against the heuristic one end to end and keeps the
+    faster: per-operator timings predict the whole well, not perfectly (caches, segment
+    boundaries), and a profiled plan must never be slower than not profiling.
+    """
     start = time.perf_counter()
     model_proto, data = graph_mod.read_model(model)
     graph = graph_mod.from_proto(model_proto, data, input_shapes)
     caches = Caches(cache_dir)
     fingerprint = fp.fingerprint()
-    profiler = Profiler(caches, fingerprint, budget_s=budget, op_limit_s=op_limit)
+    profiler = Profiler(caches, fingerprint, budget_s=budget, op_limit_s=op_limit, op_timeout=op_timeout,
+                        isolate=isolate)
     plan = planner.make_plan(graph, fingerprint, profiler, progress=progress)
+    if verify and plan.policy == "profiled":
+        if progress:
+            progress("verifying the plan end to end against the heuristic assignment")
+        plan = verify_plan(graph, plan, profiler, fingerprint, repeats)
     if not store_plan(caches, plan):
         log.warning("the plan could not be stored in %s (read-only?)", caches.root)
     report = ProfileReport(model=_model_label(model, graph), plan=plan, stats=profiler.stats,
-                           seconds=0.0)
+                           seconds=0.0, edges=_edges(graph))
     if measure:
         if progress:
             progress("measuring the plan end to end against onnxruntime")
@@ -176,6 +205,33 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     report.seconds = time.perf_counter() - start
     caches.close()
     return report
+
+
+VERIFY_MARGIN = 0.03  # the heuristic assignment must be this much faster to replace the optimum
+
+
+def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, repeats: int) -> Plan:
+    """The faster, measured end to end, of ``plan`` and the heuristic assignment."""
+    saved = copy.deepcopy(profiler.stats)  # re-planning reads the cache; don't count it twice
+    alternative = planner.make_plan(graph, fingerprint, profiler, assignment="heuristic")
+    profiler.stats = saved
+    same = [(n.impl, n.in_formats, n.out_format) for n in plan.nodes] == \
+        [(n.impl, n.in_formats, n.out_format) for n in alternative.nodes]
+    if same:
+        plan.solver["verified"] = {"kept": "optimal", "note": "the heuristic assignment is the same"}
+        return plan
+    feed = random_feed(graph)
+    programs = {"optimal": executor.compile_plan(graph, plan), "heuristic": executor.compile_plan(graph, alternative)}
+    times = benchmark.interleaved({k: (lambda p=p: p.run(feed)) for k, p in programs.items()},
+                                  repeats=max(5, repeats), max_seconds=60)
+    kept = "heuristic" if times["heuristic"] < (1 - VERIFY_MARGIN) * times["optimal"] else "optimal"
+    chosen = alternative if kept == "heuristic" else plan
+    chosen.solver = dict(plan.solver, verified={"kept": kept, "optimal_ms": times["optimal"],
+                                                 "heuristic_ms": times["heuristic"]})
+    if kept == "heuristic":
+        log.info("the heuristic assignment measured faster end to end (%.2f vs %.2f ms): keeping it",
+                 times["heuristic"], times["optimal"])
+    return chosen
 
 
 def _measure(report: ProfileReport, graph: Graph, plan: Plan, data: bytes, repeats: int) -> None:
@@ -190,6 +246,12 @@ def _measure(report: ProfileReport, graph: Graph, plan: Plan, data: bytes, repea
                                   repeats=repeats, max_seconds=60)
     report.measured_ms, report.onnxruntime_ms = times["fastrun"], times["onnxruntime"]
     report.segments, report.host_steps, report.reorders = program.segments, program.host_steps, program.reorders
+
+
+def _edges(graph: Graph) -> dict:
+    """Each node's runtime input and output tensors (the report places reorders with them)."""
+    return {n.name: {"inputs": [t for t in n.inputs if t and t not in graph.constants], "outputs": list(n.outputs)}
+            for n in graph.nodes}
 
 
 def _model_label(model: ModelSource, graph: Graph) -> str:

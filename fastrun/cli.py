@@ -105,24 +105,62 @@ _shape_option = click.option("--shape", "shapes", multiple=True, metavar="NAME:D
               help="Stop profiling new signatures after this long; the rest take the heuristic choice.")
 @click.option("--op-limit", type=float, default=2.0, show_default=True, metavar="SECONDS",
               help="Timing budget per op signature.")
+@click.option("--op-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Kill a candidate whose build or single call takes longer; it is recorded as failed [default: 10].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a self-contained HTML report (charts of every candidate, formats, reorders).")
 @click.option("--no-measure", is_flag=True, help="Skip the end-to-end comparison with onnxruntime.")
 @click.option("--repeats", type=int, default=10, show_default=True, help="Rounds of the end-to-end comparison.")
 @_fail_cleanly
-def profile(model, example, shapes, cache_dir, budget, op_limit, json_path, no_measure, repeats) -> None:
+def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, json_path, report_path, no_measure, repeats) -> None:
     """Profile MODEL, store its plan, print what was chosen and what it gains."""
     from . import api
 
     path = _resolve_model(model, example)
     show, done = _progress_printer()
-    report = api.profile(path, _parse_shapes(shapes), cache_dir=cache_dir, budget=budget, op_limit=op_limit,
-                         progress=show, measure=not no_measure, repeats=repeats)
-    done()
-    data = report.to_json()
-    _print_profile(data)
+    results = []
+    for shape_set in _shape_sets(shapes) or [None]:  # one plan per shape set
+        report = api.profile(path, shape_set, cache_dir=cache_dir, budget=budget, op_limit=op_limit,
+                             op_timeout=op_timeout, progress=show, measure=not no_measure, repeats=repeats)
+        done()
+        results.append(report.to_json())
+        _print_profile(results[-1])
     if json_path:
-        Path(json_path).write_text(json.dumps(data, indent=1))
+        Path(json_path).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
         click.echo(f"wrote {json_path}")
+    if report_path:
+        for i, data in enumerate(results):
+            target = Path(report_path)
+            _write_report(data, str(target.with_name(f"{target.stem}.{i + 1}{target.suffix}")) if i else report_path)
+
+
+def _write_report(data: dict, path: str) -> None:
+    from .report import render_html
+
+    Path(path).write_text(render_html(data), encoding="utf-8")
+    click.echo(f"wrote {path}")
+
+
+@main.command("report")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="HTML file to write (default: RESULTS with .html).")
+@_fail_cleanly
+def report_cmd(results, output) -> None:
+    """Render the HTML report of a saved `fastrun profile --json` file (one per shape set it holds)."""
+    from .errors import FastrunError
+
+    try:
+        data = json.loads(Path(results).read_text())
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    items = data if isinstance(data, list) else [data]
+    if not items or not all(isinstance(d, dict) and isinstance(d.get("nodes"), list) for d in items):
+        raise FastrunError(f"{results} is not a `fastrun profile --json` file")
+    target = Path(output or Path(results).with_suffix(".html"))
+    for i, d in enumerate(items):
+        _write_report(d, str(target.with_name(f"{target.stem}.{i + 1}{target.suffix}") if i else target))
 
 
 def _print_profile(d: dict) -> None:
@@ -189,6 +227,294 @@ def fingerprint(as_json) -> None:
     click.echo(fp.fingerprint(fields))
     for k, v in fields.items():
         click.echo(f"  {k:<12} {' '.join(v) if isinstance(v, list) else v}")
+
+
+# ------------------------------------------------------------------ serving: warm-up, plans, cache
+
+def _shape_sets(shapes: tuple[str, ...]) -> list[dict[str, tuple[int, ...]]]:
+    from .warmup import shape_sets
+
+    return shape_sets(shapes)
+
+
+def _shapes_text(shapes: dict) -> str:
+    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items()) or "-"
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, keeping its end (paths and node names end usefully)."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDx..",
+              help="Input shape; repeat a name for several shape sets (one plan each), e.g. "
+                   "--shape x:1x3x224x224 --shape x:8x3x224x224.")
+@_cache_option
+@click.option("--budget", type=float, default=None, metavar="SECONDS",
+              help="Per model and shape set: stop profiling new signatures after this long.")
+@click.option("--op-limit", type=float, default=2.0, show_default=True, metavar="SECONDS",
+              help="Timing budget per op signature.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the summary as JSON.")
+@_fail_cleanly
+def warmup(paths, shapes, cache_dir, budget, op_limit, json_path) -> None:
+    """Profile what is missing for PATHS (model files, directories searched for *.onnx).
+
+    Plans already cached are not touched: a second run times nothing (a plan cut short by
+    --budget is resumed). Failed models are reported after the others finish, with exit status 1.
+    For container builds:
+
+    \b
+        RUN fastrun warmup models/ --cache-dir /opt/fastrun
+    """
+    from .warmup import warmup as run_warmup
+
+    sets = _shape_sets(shapes)
+    show, done = _progress_printer()
+    results = run_warmup(paths, sets, cache_dir=cache_dir, progress=show, budget=budget, op_limit=op_limit)
+    done()
+    _print_warmup(results)
+    if json_path:
+        Path(json_path).write_text(json.dumps([r.to_json() for r in results], indent=1))
+        click.echo(f"wrote {json_path}")
+    if any(not r.ok for r in results):
+        sys.exit(1)
+
+
+def _print_warmup(results) -> None:
+    click.echo(f"{'model':<34} {'shapes':<24} {'plan':<9} {'timed':>6} {'reused':>6} {'pred. ms':>9} {'x ort':>6}")
+    for r in results:
+        plan = r.status if r.status != "profiled" or r.plan_policy != "partial" else "partial"
+        gain = f"{r.speedup:.2f}x" if r.speedup else "-"
+        click.echo(f"{_cut(r.model, 34):<34} {_cut(_shapes_text(r.shapes), 24):<24} {plan:<9} {r.measured:>6} "
+                   f"{r.reused:>6} {_ms(r.predicted_ms):>9} {gain:>6}")
+    profiled = [r for r in results if r.status == "profiled"]
+    cached = sum(r.status == "cached" for r in results)
+    failed = [r for r in results if not r.ok]
+    measured = sum(r.measured for r in results)
+    if not profiled and not failed:
+        click.echo(f"nothing profiled: all {cached} plan(s) were already cached, 0 timings measured")
+    else:
+        click.echo(f"{len(results)} plan(s): {len(profiled)} profiled now ({measured} timings measured, "
+                   f"{sum(r.reused for r in results)} reused), {cached} already cached, {len(failed)} failed")
+    for r in failed:
+        click.echo(f"error: {r.model}{' (' + _shapes_text(r.shapes) + ')' if r.shapes else ''}: {r.error}", err=True)
+
+
+def _show_options(fn):
+    for option in reversed([
+        click.argument("model", required=False),
+        click.option("--example", metavar="NAME", help="A model shipped in the onnx wheel (resnet50, ...)."),
+        click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDx..",
+                     help="Only the plan(s) for these shapes (default: every cached shape set)."),
+        click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+                     help="A table fitting 100 columns, or a JSON list of plans."),
+        _cache_option,
+        _fail_cleanly,
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _show(model, example, shapes, fmt, cache_dir) -> None:
+    from . import cachetool, fingerprint as fp
+    from .cache import Caches
+    from .errors import FastrunError
+
+    path = _resolve_model(model, example)
+    caches = Caches(cache_dir, writable=False)
+    try:
+        everything = cachetool.model_plans(caches, path)
+        sets = _shape_sets(shapes)
+        plans = [p for p in everything if not sets or any(
+            all(list(p.input_shapes.get(k, ())) == list(v) for k, v in s.items()) for s in sets)]
+    finally:
+        caches.close()
+    if not plans:
+        where = f"on fingerprint {fp.fingerprint()} in {caches.root}"
+        if everything:
+            cached = "; ".join(_shapes_text(p.input_shapes) for p in everything)
+            raise FastrunError(f"no cached plan for {path} with shapes {', '.join(shapes)} {where} (cached: {cached})")
+        raise FastrunError(f"no cached plan for {path} {where}; run `fastrun warmup {path}`")
+    if fmt == "json":
+        click.echo(json.dumps([p.to_json() for p in plans], indent=1))
+        return
+    for i, plan in enumerate(plans):
+        if i:
+            click.echo("")
+        _print_plan(plan, cachetool.plan_problem(plan, fp.fingerprint()))
+
+
+def _print_plan(plan, problem: str = "") -> None:
+    """A cached plan as a table no wider than 100 columns."""
+    from collections import Counter
+
+    click.echo(f"model: {_cut(plan.model_name, 30)}   sha256 {plan.model_hash[:12]}   shapes: "
+               f"{_cut(_shapes_text(plan.input_shapes), 40)}")
+    click.echo(f"fingerprint: {plan.fingerprint}   plan: {plan.policy}   fastrun {plan.fastrun_version}   "
+               f"onnxruntime {plan.onnxruntime_version}")
+    if problem:
+        click.echo(f"not served here: {problem}")
+    header = f"{'node':<17} {'op':<5} {'signature':<27} {'implementation':<20} {'ms':>7} {'x ort':>6} formats"
+    click.echo(header)
+    click.echo("-" * 100)
+    heavy = [n for n in plan.nodes if n.spec]
+    for n in heavy:
+        gain = f"{n.ort_ms / n.time_ms:.2f}x" if n.ort_ms and n.time_ms else "-"
+        fmt = n.in_formats[0] if n.in_formats else "-"
+        fmt = fmt if fmt == n.out_format else f"{fmt}>{n.out_format}"
+        click.echo(f"{_cut(n.name, 17):<17} {n.op_type[:5]:<5} {n.spec[:27]:<27} {n.impl[:20]:<20} "
+                   f"{_ms(n.time_ms):>7} {gain:>6} {fmt[:12]}")
+    light = Counter(n.out_format for n in plan.nodes if not n.spec)
+    if light:
+        click.echo(f"{sum(light.values())} other nodes run by onnxruntime, output formats: "
+                   + ", ".join(f"{f} {c}" for f, c in sorted(light.items())))
+    click.echo(f"predicted: {_ms(plan.predicted_ms)} ms   greedy: {_ms(plan.greedy_ms)} ms   "
+               f"NCHW-only: {_ms(plan.nchw_only_ms)} ms   reorders: {len(plan.reorders)}")
+    line = "reorders:"
+    for tensor, src, dst in plan.reorders:
+        item = f" {_cut(tensor, 24)} {src}>{dst};"
+        if len(line) + len(item) > 100:
+            click.echo(line)
+            line = "         "
+        line += item
+    if plan.reorders:
+        click.echo(line.rstrip(";"))
+
+
+@main.command("show")
+@_show_options
+def show(model, example, shapes, fmt, cache_dir) -> None:
+    """Print the cached plan of MODEL (every cached shape set unless --shape)."""
+    _show(model, example, shapes, fmt, cache_dir)
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and manage the plan and timing cache."""
+
+
+@cache.command("ls")
+@_cache_option
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_fail_cleanly
+def cache_ls(cache_dir, as_json) -> None:
+    """Plans and timing counts per fingerprint."""
+    from dataclasses import asdict
+
+    from . import cachetool
+    from .cache import Caches
+
+    caches = Caches(cache_dir, writable=False)
+    try:
+        infos = cachetool.listing(caches)
+    finally:
+        caches.close()
+    if as_json:
+        click.echo(json.dumps({"cache": str(caches.root), "fingerprints": [asdict(i) for i in infos]}, indent=1))
+        return
+    if not infos:
+        click.echo(f"cache {caches.root} is empty")
+        return
+    click.echo(f"cache {caches.root}")
+    for info in infos:
+        here = " (this machine)" if info.this_machine else ""
+        click.echo(f"fingerprint {info.fingerprint}{here}: {len(info.plans)} plan(s), {info.timings} timing(s)")
+        for p in info.plans:
+            note = f"  not served: {p.problem}" if p.problem else ""
+            click.echo(f"  {_cut(p.model_name, 20):<20} {p.model_hash[:12]:<12} {_cut(p.shapes, 28):<28} "
+                       f"{p.policy:<9} {_ms(p.predicted_ms):>8} ms{note}"[:100])
+
+
+@cache.command("show")
+@_show_options
+def cache_show(model, example, shapes, fmt, cache_dir) -> None:
+    """Print the cached plan of MODEL (every cached shape set unless --shape)."""
+    _show(model, example, shapes, fmt, cache_dir)
+
+
+@cache.command("export")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--fingerprint", "fingerprint_id", default=None, help="Export this fingerprint (default: this machine's).")
+@_cache_option
+@_fail_cleanly
+def cache_export(file, fingerprint_id, cache_dir) -> None:
+    """Write the plans and timings of one fingerprint to a portable JSON bundle."""
+    from . import cachetool
+    from .cache import Caches
+
+    caches = Caches(cache_dir, writable=False)
+    try:
+        s = cachetool.export_bundle(caches, file, fingerprint_id)
+    finally:
+        caches.close()
+    click.echo(f"wrote {s.path}: {s.plans} plan(s), {s.timings} timing(s) of fingerprint {s.fingerprint}"
+               + (f", {s.skipped} unreadable entries left out" if s.skipped else ""))
+
+
+@cache.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Import a bundle of another fingerprint (kept under its own).")
+@_cache_option
+@_fail_cleanly
+def cache_import(file, force, cache_dir) -> None:
+    """Store the entries of a bundle written by `fastrun cache export`."""
+    from . import cachetool, fingerprint as fp
+    from .cache import Caches
+
+    caches = Caches(cache_dir)
+    try:
+        s = cachetool.import_bundle(caches, file, force=force)
+    finally:
+        caches.close()
+    click.echo(f"imported {s.plans} plan(s), {s.timings} timing(s) of fingerprint {s.fingerprint}"
+               + (f"; {s.skipped} invalid entries skipped" if s.skipped else ""))
+    if s.fingerprint != fp.fingerprint():
+        click.echo(f"note: this machine is {fp.fingerprint()}; they serve only where the fingerprint is {s.fingerprint}")
+
+
+@cache.command("verify")
+@click.argument("models", nargs=-1, type=click.Path())
+@click.option("--fix", is_flag=True, help="Delete the stale and corrupt entries.")
+@_cache_option
+@_fail_cleanly
+def cache_verify(models, fix, cache_dir) -> None:
+    """Check every entry (schema, plan keys, versions, implementations); with MODELS (files or
+    directories), plans of any other model count as stale. Exit status 1 if problems remain."""
+    from . import cachetool
+    from .cache import Caches
+
+    caches = Caches(cache_dir, writable=fix)
+    try:
+        report = cachetool.verify(caches, models, fix=fix)
+    finally:
+        caches.close()
+    for p in report.problems:
+        click.echo(f"{p.kind:<7} {p.store:<7} {_cut(p.key, 48):<48} {p.reason}{'  (removed)' if p.fixed else ''}")
+    remaining = [p for p in report.problems if not p.fixed]
+    click.echo(f"checked {report.plans} plan(s) and {report.timings} timing(s): {len(report.problems)} problem(s)"
+               + (f", {len(report.problems) - len(remaining)} removed" if fix else ""))
+    if remaining:
+        sys.exit(1)
+
+
+@cache.command("clear")
+@click.option("--fingerprint", "fingerprint_id", default=None, help="Only the entries of this fingerprint.")
+@_cache_option
+@_fail_cleanly
+def cache_clear(fingerprint_id, cache_dir) -> None:
+    """Delete cached plans and timings (all of them, or one fingerprint's)."""
+    from . import cachetool
+    from .cache import Caches
+
+    caches = Caches(cache_dir)
+    try:
+        counts = cachetool.clear(caches, fingerprint_id)
+    finally:
+        caches.close()
+    click.echo(f"removed {counts['plans']} plan(s) and {counts['timings']} timing(s)"
+               + (f" of fingerprint {fingerprint_id}" if fingerprint_id else "") + f" from {caches.root}")
 
 
 if __name__ == "__main__":

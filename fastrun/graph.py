@@ -143,6 +143,7 @@ def from_proto(model: onnx.ModelProto, data: bytes,
     _check(model)
     init_names = {t.name for t in model.graph.initializer}
     real_inputs = [vi for vi in model.graph.input if vi.name not in init_names]
+    _check_declarations(model, real_inputs)
     shapes = _input_shapes(real_inputs, dict(input_shapes or {}))
 
     constants = {t.name: _to_array(t) for t in model.graph.initializer}
@@ -150,6 +151,7 @@ def from_proto(model: onnx.ModelProto, data: bytes,
     nodes = _toposort(nodes, set(shapes) | set(constants))
     opsets = {o.domain if o.domain != "ai.onnx" else "": o.version for o in model.opset_import}
     outputs = [o.name for o in model.graph.output]
+    nodes = _drop_dead_nodes(nodes, outputs)
 
     nodes, constants = _fold_constants(nodes, constants, outputs, opsets)
     dtypes = {vi.name: _dtype(vi.type.tensor_type.elem_type) for vi in real_inputs}
@@ -175,6 +177,7 @@ def _check(model: onnx.ModelProto) -> None:
         raise ModelError(f"invalid ONNX model: {first}") from None
     except Exception as exc:  # the checker raises other types on badly broken protos
         raise ModelError(f"invalid ONNX model: {exc}") from None
+    _check_text(model)
     default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     if not default:
         raise ModelError("model imports no default-domain opset")
@@ -185,6 +188,53 @@ def _check(model: onnx.ModelProto) -> None:
             raise ModelError(f"node {n.name or n.op_type!r} uses op {n.op_type} from unknown domain {n.domain!r}")
         if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type):
             raise ModelError(f"node {n.name or n.op_type!r}: unknown op {n.op_type}")
+
+
+def _check_declarations(model: onnx.ModelProto, real_inputs: Sequence[onnx.ValueInfoProto]) -> None:
+    """Graph inputs must have a tensor type fastrun knows; one backed by an initializer must
+    declare the initializer's own type and shape (onnxruntime refuses the model otherwise)."""
+    for vi in real_inputs:
+        if not vi.type.HasField("tensor_type"):
+            raise ModelError(f"input {vi.name!r} is not a tensor")
+        elem = vi.type.tensor_type.elem_type
+        try:
+            ortutil.onnx_dtype(str(helper.tensor_dtype_to_np_dtype(elem)))
+        except Exception:
+            raise ModelError(f"input {vi.name!r} has unsupported element type {_type_name(elem)}") from None
+    inits = {t.name: t for t in model.graph.initializer}
+    for vi in model.graph.input:
+        t = inits.get(vi.name)
+        if t is None or not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        if tt.elem_type != t.data_type:
+            raise ModelError(f"input {vi.name!r} declares element type {_type_name(tt.elem_type)}, "
+                             f"its initializer has {_type_name(t.data_type)}")
+        if tt.HasField("shape"):
+            declared = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            if len(declared) != len(t.dims) or any(d is not None and d != a for d, a in zip(declared, t.dims)):
+                raise ModelError(f"input {vi.name!r} declares shape {_declared(tt.shape.dim)}, "
+                                 f"its initializer has {list(t.dims)}")
+
+
+def _type_name(elem_type: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type)
+    except ValueError:
+        return str(elem_type)
+
+
+def _drop_dead_nodes(nodes: list[Node], outputs: Sequence[str]) -> list[Node]:
+    """Only nodes that some graph output depends on (``nodes`` in topological order)."""
+    needed = set(outputs)
+    kept = []
+    for node in reversed(nodes):
+        if any(t in needed for t in node.outputs if t):
+            kept.append(node)
+            needed.update(t for t in node.inputs if t)
+    if len(kept) != len(nodes):
+        log.debug("dropped %d nodes no output depends on", len(nodes) - len(kept))
+    return kept[::-1]
 
 
 def _input_shapes(real_inputs: Sequence[onnx.ValueInfoProto], given: dict[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
@@ -234,9 +284,27 @@ def _dtype(elem_type: int) -> str:
         return "float32"
 
 
+def _check_text(model: onnx.ModelProto) -> None:
+    """Names must be text: protobuf hands back ``bytes`` for a string field that is not UTF-8."""
+    g = model.graph
+    names = [("graph", g.name)] + [("opset domain", o.domain) for o in model.opset_import]
+    for kind, items in (("input", g.input), ("output", g.output), ("value_info", g.value_info),
+                        ("initializer", g.initializer)):
+        names += [(kind, x.name) for x in items]
+    for i, n in enumerate(g.node):
+        names += [(f"node #{i}", x) for x in [n.name, n.op_type, n.domain, *n.input, *n.output]]
+        names += [(f"node #{i} attribute", a.name) for a in n.attribute]
+    for where, text in names:
+        if not isinstance(text, str):
+            raise ModelError(f"invalid ONNX model: a name of {where} is not valid UTF-8 text ({bytes(text)[:40]!r})")
+
+
 def _node_from_proto(index: int, proto: onnx.NodeProto) -> Node:
     attrs = {a.name: helper.get_attribute_value(a) for a in proto.attribute}
-    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+    try:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+    except UnicodeDecodeError:
+        raise ModelError(f"node {proto.name or proto.op_type!r}: a string attribute is not valid UTF-8") from None
     return Node(name=proto.name or f"{proto.op_type}_{index}", op_type=proto.op_type,
                 domain=proto.domain if proto.domain != "ai.onnx" else "", inputs=list(proto.input),
                 outputs=list(proto.output), attrs=attrs)
@@ -305,10 +373,11 @@ def _fold_constants(nodes: list[Node], constants: dict[str, np.ndarray], outputs
     wanted = [t for node in folded for t in node.outputs if t in needed]
     fold_inputs = {t for node in folded for t in node.inputs}
     if wanted:
+        _check_constant_sizes(folded, constants)
         model = ortutil.make_model([to_proto(n) for n in folded], [], [helper.make_empty_tensor_value_info(t) for t in wanted],
                                    {k: v for k, v in constants.items() if k in fold_inputs}, opsets)
         try:
-            values = ortutil.session(model, level="disable").run(wanted, {})
+            values = ortutil.session(model, level="disable").run(wanted, {}, _quiet())
         except Exception as exc:
             raise ModelError(f"cannot evaluate the model's constant sub-graph: {_first_line(exc)}") from None
         constants = dict(constants)
@@ -316,6 +385,38 @@ def _fold_constants(nodes: list[Node], constants: dict[str, np.ndarray], outputs
     log.debug("folded %d constant nodes", len(folded))
     used = {t for node in kept for t in node.inputs} | set(outputs)
     return kept, {k: v for k, v in constants.items() if k in used}
+
+
+MAX_CONSTANT_BYTES = 2 << 30  # no tensor of a valid ONNX file is larger (protobuf's limit)
+
+
+def _check_constant_sizes(folded: list[Node], constants: dict[str, np.ndarray]) -> None:
+    """Refuse constants a model would build far beyond any real weight (before allocating them)."""
+    for node in folded:
+        if node.op_type not in ("ConstantOfShape", "Expand") or node.domain:
+            continue
+        shape_input = node.inputs[0] if node.op_type == "ConstantOfShape" else node.inputs[1] if len(node.inputs) > 1 else ""
+        dims = constants.get(shape_input)
+        if dims is None or dims.dtype.kind not in "iu":
+            continue
+        dims = [int(d) for d in np.asarray(dims).reshape(-1)]
+        if any(d < 0 for d in dims):
+            raise ModelError(f"node {node.name!r} ({node.op_type}) has a negative dimension in its shape {dims}")
+        size = 8
+        for d in dims:
+            size *= d
+        if size > MAX_CONSTANT_BYTES:
+            raise ModelError(f"node {node.name!r} ({node.op_type}) would build a constant of shape {dims} "
+                             f"(over {MAX_CONSTANT_BYTES >> 30} GiB)")
+
+
+def _quiet():
+    """Run options that keep onnxruntime from logging the errors fastrun reports itself."""
+    import onnxruntime
+
+    options = onnxruntime.RunOptions()
+    options.log_severity_level = 4
+    return options
 
 
 def _has_subgraph(node: Node) -> bool:
@@ -360,7 +461,7 @@ def _infer_shapes(graph: Graph, shapes: dict[str, tuple[int, ...]], dtypes: dict
         feed = {n: np.zeros(s, dtype=dtypes[n]) for n, s in shapes.items()}
         feed.update(large)
         try:
-            values = ortutil.session(model, level="disable").run(missing, feed)
+            values = ortutil.session(model, level="disable").run(missing, feed, _quiet())
         except Exception as exc:
             raise InputError(f"the model cannot run with input shapes {shapes}: {_first_line(exc)}") from None
         tensors.update({t: TensorInfo(tuple(v.shape), str(v.dtype)) for t, v in zip(missing, values)})
@@ -588,8 +689,24 @@ def _check_heavy_nodes(graph: Graph) -> None:
         if node.op_type == "Conv" and not node.domain and len(node.inputs) > 1:
             x, w = _shape_of(graph, node.inputs[0]), _shape_of(graph, node.inputs[1])
             g = node.attrs["group"]
-            if len(w) != len(x) or w[1] * g != x[1] or w[0] % g:
+            if g < 1 or len(w) != len(x) or w[1] * g != x[1] or w[0] % g:
                 raise ModelError(f"Conv {node.name!r}: weight shape {list(w)} contradicts input shape {list(x)} with group={g}")
+            spatial = len(x) - 2
+            a = node.attrs
+            if tuple(a["kernel_shape"]) != tuple(w[2:]):
+                raise ModelError(f"Conv {node.name!r}: kernel_shape {list(a['kernel_shape'])} contradicts weight shape {list(w)}")
+            if spatial < 1 or len(a["strides"]) != spatial or len(a["dilations"]) != spatial \
+                    or len(a["pads"]) != 2 * spatial or any(v < 1 for v in (*a["strides"], *a["dilations"])) \
+                    or any(p < 0 for p in a["pads"]):
+                raise ModelError(f"Conv {node.name!r}: invalid strides {list(a['strides'])}, dilations "
+                                 f"{list(a['dilations'])} or pads {list(a['pads'])} for {spatial} spatial dims")
+            out = graph.tensors[node.outputs[0]].shape
+            if any(d <= 0 for d in out):
+                raise InputError(f"shapes do not fit the model: Conv {node.name!r} would turn input {_fmt(x)} "
+                                 f"into an empty output {_fmt(out)}")
+            if len(node.inputs) > 2 and node.inputs[2] and _shape_of(graph, node.inputs[2]) != (w[0],):
+                raise ModelError(f"Conv {node.name!r}: bias shape {list(_shape_of(graph, node.inputs[2]))} "
+                                 f"contradicts {w[0]} output channels")
 
 
 # ------------------------------------------------------------------------------------------- specs

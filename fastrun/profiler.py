@@ -1,10 +1,54 @@
 """Timing harness: build every candidate of an op signature, check it, time it, cache the result.
 
 For one :class:`OpSpec` all applicable implementations are built with the same random weights,
-run once and compared with onnxruntime's plain answer (a wrong or crashing candidate is recorded
-as failed and never chosen), then timed round-robin - interleaved so that machine noise hits all
-candidates alike - until the medians are stable or the per-op time limit is reached. Candidates
-more than ``DROP_FACTOR`` times slower than the best so far stop early: they cannot win.
+run and compared with onnxruntime's plain answer (a wrong or crashing candidate is recorded as
+failed, with the reason, and never chosen), then timed round-robin - interleaved so that machine
+noise hits all candidates alike - until the medians are stable or the per-op time limit is
+reached. Candidates more than ``DROP_FACTOR`` times slower than the best so far stop early: they
+cannot win.
+
+Isolation
+---------
+By default (``Profiler(isolate=True)``) candidates are built, checked and timed in a worker
+process (:mod:`fastrun.isolation`) that the profiler kills when one stretch of candidate code -
+building it, or one call - takes longer than ``op_timeout`` seconds, and that dies alone when a
+candidate segfaults or aborts. Such a candidate is recorded as failed (``"timed out after 10 s"``,
+``"crashed with signal SIGSEGV"``, ``"out of memory ..."``) and the remaining candidates of the
+signature are measured in a fresh worker. Every result is written to the timing cache the moment
+the parent receives it, so a killed run resumes where it stopped. A worker may grow its address
+space by at most ``memory_limit`` bytes (default :func:`fastrun.isolation.default_memory_limit`:
+8 GiB, at most half the machine's memory) beyond what it inherits: that bounds the extra memory
+of profiling. ``isolate=False`` runs everything in this process: faster to start, but a crash or
+hang of a candidate is this process's.
+
+Numerical checks (what "correct" means)
+---------------------------------------
+Every candidate runs on four inputs, all seeded from the signature (so a restarted worker sees
+the same data) and compared with onnxruntime's reference (the plain ONNX op, no fusion, no
+layout tricks, optimizations disabled):
+
+* ``random``: standard normal activations, He-scaled weights;
+* ``zeros``: the first runtime input all zeros (exposes uninitialized memory, wrong padding);
+* ``large``: the random input times 1e30 (float32/float64; overflow and scaling bugs);
+* ``nonfinite``: the random input with two NaNs, one +Inf and one -Inf at seeded positions.
+
+On the three finite inputs the output must have the reference's shape and dtype, NaN/Inf exactly
+where the reference has them (infinities with the same sign), and elsewhere a relative error -
+max absolute difference over the largest finite reference magnitude - within :func:`tolerance`:
+``base(dtype) * max(1, sqrt(reduction / 64))`` with base 1e-4 for float32 (1e-12 float64, 1e-2
+float16).
+
+On the ``nonfinite`` input the policy is *propagate, never hide*: every output where the
+reference is NaN or +-Inf must be non-finite in the candidate too (NaN and Inf are
+interchangeable there: Inf - Inf inside a transform is NaN), and outputs finite in both must
+match within the tolerance. A candidate may, however, turn outputs that the reference keeps
+finite into NaN/Inf: fast algorithms legitimately spread a non-finite value across a whole
+Winograd tile, or an FFT's whole plane, and an output computed from a NaN input is garbage
+either way. What is never accepted is a candidate that silently turns the reference's NaN/Inf
+into plausible finite numbers.
+
+A candidate must also leave its inputs unmodified. The first check that fails is the reason
+recorded, shown by ``fastrun profile`` ("rejected: ...") and kept in the plan's candidate table.
 """
 from __future__ import annotations
 
@@ -12,11 +56,11 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import formats, kernels, registry
+from . import formats, isolation, kernels, registry
 from .cache import Caches
 from .registry import Implementation, OpSpec
 
@@ -27,7 +71,16 @@ MAX_ROUNDS = 200
 MIN_SECONDS = 0.05
 STABLE_SPREAD = 0.05
 DROP_FACTOR = 4.0
+EARLY_DROP_FACTOR = 16.0  # after one round: this much slower than the best cannot win
 DEFAULT_OP_LIMIT = 2.0
+DEFAULT_OP_TIMEOUT = isolation.DEFAULT_TIMEOUT
+
+TOLERANCE_BASE = {"float64": 1e-12, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+LARGE_MAGNITUDE = 1e30
+SPECIAL_INPUTS = ("zeros", "large", "nonfinite")
+_CASE_WORDS = {"random": "random input", "zeros": "all-zero input", "large": "large-magnitude (1e30) input",
+               "nonfinite": "input with NaN/Inf"}
+STATUSES = ("ok", "failed")
 
 
 @dataclass
@@ -43,6 +96,7 @@ class Timing:
     reason: str = ""
     in_format: str = formats.NCHW
     out_format: str = formats.NCHW
+    limit_s: Optional[float] = None  # the time limit a "timed out" failure ran into
 
     @property
     def ok(self) -> bool:
@@ -53,12 +107,42 @@ class Timing:
 
     @classmethod
     def from_json(cls, d: dict) -> "Timing":
+        """A Timing from cache data; ValueError when the data is not a plausible Timing.
+
+        Cache values are foreign data: a time that is not a finite non-negative number, or a
+        status that is not one of ours, must never reach the planner (it would pick a fake winner).
+        """
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if not isinstance(fields.get("impl"), str) or fields.get("status") not in STATUSES:
+            raise ValueError("impl or status missing or invalid")
+        for name in ("median_ms", "limit_s"):
+            v = fields.get(name)
+            if v is not None and (not _is_number(v) or not math.isfinite(v) or v < 0):
+                raise ValueError(f"{name} is {v!r}")
+        if fields["status"] == "ok" and fields.get("median_ms") is None:
+            raise ValueError("status ok without a time")
+        for name in ("spread", "error"):
+            if name in fields and not _is_number(fields[name]):
+                raise ValueError(f"{name} is {fields[name]!r}")
+        if "repeats" in fields and (not isinstance(fields["repeats"], int) or isinstance(fields["repeats"], bool)):
+            raise ValueError(f"repeats is {fields['repeats']!r}")
+        for name in ("reason", "in_format", "out_format"):
+            if name in fields and not isinstance(fields[name], str):
+                raise ValueError(f"{name} is {fields[name]!r}")
+        for name in ("in_format", "out_format"):
+            if name in fields and not formats.is_valid(fields[name]):
+                raise ValueError(f"{name} {fields[name]!r} is not a format")
         return cls(**fields)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def tolerance(spec: OpSpec) -> float:
-    """Relative error allowed for fp32: grows with the reduction length (sqrt of it)."""
+    """Relative error allowed: a base per dtype, growing with the reduction length (sqrt of it)."""
     if spec.op_type == "Conv" and len(spec.inputs) > 1:
         w = spec.inputs[1]
         reduction = int(np.prod(w[1:]))
@@ -67,28 +151,211 @@ def tolerance(spec: OpSpec) -> float:
         reduction = a[0] if spec.op_type == "Gemm" and spec.attr("transA") else a[-1]
     else:
         reduction = 1
-    base = 1e-4 if spec.dtype == "float32" else 1e-2
+    base = TOLERANCE_BASE.get(spec.dtype, 1e-2)
     return base * max(1.0, math.sqrt(reduction / 64))
 
 
-def compare(out: np.ndarray, ref: np.ndarray) -> tuple[float, str]:
-    """Relative max error and a reason if the candidate's output is unacceptable in kind."""
+def _kind_problem(out, ref: np.ndarray) -> str:
     if out is None or not isinstance(out, np.ndarray):
-        return math.inf, f"returned {type(out).__name__}, not an array"
+        return f"returned {type(out).__name__}, not an array"
     if out.shape != ref.shape:
-        return math.inf, f"output shape {out.shape} != reference {ref.shape}"
+        return f"output shape {out.shape} != reference {ref.shape}"
     if out.dtype != ref.dtype:
-        return math.inf, f"output dtype {out.dtype} != reference {ref.dtype}"
+        return f"output dtype {out.dtype} != reference {ref.dtype}"
+    return ""
+
+
+def compare(out: np.ndarray, ref: np.ndarray) -> tuple[float, str]:
+    """Relative max error and a reason if the candidate's output is unacceptable in kind.
+
+    For finite inputs: NaN and Inf (with its sign) exactly where the reference has them.
+    """
+    problem = _kind_problem(out, ref)
+    if problem:
+        return math.inf, problem
     ref_nan, out_nan = np.isnan(ref), np.isnan(out)
     if not np.array_equal(ref_nan, out_nan):
         return math.inf, "NaNs differ from the reference"
-    finite = ~ref_nan
-    if not np.array_equal(np.isinf(ref[finite]), np.isinf(out[finite])):
+    ref_inf = np.isinf(ref)
+    if not np.array_equal(ref_inf, np.isinf(out)):
         return math.inf, "infinities differ from the reference"
-    ok = finite & ~np.isinf(ref)
-    scale = float(np.max(np.abs(ref[ok]))) if ok.any() else 0.0
-    err = float(np.max(np.abs(out[ok] - ref[ok]))) if ok.any() else 0.0
-    return err / max(scale, 1e-30), ""
+    if not np.array_equal(np.signbit(ref[ref_inf]), np.signbit(out[ref_inf])):
+        return math.inf, "infinities differ in sign from the reference"
+    return _relative_error(out, ref, ~ref_nan & ~ref_inf), ""
+
+
+def compare_nonfinite(out: np.ndarray, ref: np.ndarray) -> tuple[float, str]:
+    """:func:`compare` for inputs holding NaN/Inf: propagate, never hide (see the module docstring)."""
+    problem = _kind_problem(out, ref)
+    if problem:
+        return math.inf, problem
+    ref_finite, out_finite = np.isfinite(ref), np.isfinite(out)
+    hidden = int(np.count_nonzero(~ref_finite & out_finite))
+    if hidden:
+        return math.inf, f"hides NaN/Inf: {hidden} outputs are finite where the reference's are not"
+    return _relative_error(out, ref, ref_finite & out_finite), ""
+
+
+def _relative_error(out: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
+    if not mask.any():
+        return 0.0
+    r = ref[mask].astype(np.float64)
+    scale = float(np.max(np.abs(r)))
+    err = float(np.max(np.abs(out[mask].astype(np.float64) - r)))
+    return err / max(scale, 1e-30)
+
+
+def spec_seed(spec: OpSpec, seed: int = 0) -> list[int]:
+    """Seed of a signature's random data: the same in every process and on every run."""
+    return [seed, int(spec.key()[:15], 16)]
+
+
+def check_inputs(spec: OpSpec, args: Sequence[np.ndarray], rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
+    """The runtime inputs each candidate is checked on (logical NCHW): random plus the special ones."""
+    cases = {"random": list(args)}
+    if not args:
+        return cases
+    first = args[0]
+    cases["zeros"] = [np.zeros_like(first)] + list(args[1:])
+    if first.dtype.kind == "f":
+        big = LARGE_MAGNITUDE if first.dtype.itemsize >= 4 else float(np.finfo(first.dtype).max) ** 0.25
+        cases["large"] = [(first.astype(np.float64) * big).astype(first.dtype)] + list(args[1:])
+        bad = first.copy()
+        flat = bad.reshape(-1)
+        positions = rng.choice(flat.size, size=min(4, flat.size), replace=False)
+        for pos, value in zip(positions, (np.nan, np.inf, -np.inf, np.nan)):
+            flat[pos] = value
+        cases["nonfinite"] = [bad] + list(args[1:])
+    return cases
+
+
+def run_candidate(fn: Callable[..., np.ndarray], impl: Implementation, spec: OpSpec,
+                  args: Sequence[np.ndarray]) -> np.ndarray:
+    """Call a built candidate on logical-NCHW inputs; its output back in logical NCHW."""
+    call_args = [formats.to_format(a, f) for a, f in zip(args, impl.input_formats(spec))]
+    out = fn(*call_args)
+    fout = registry.resolve_format(impl.out_format)
+    if fout != formats.NCHW and isinstance(out, np.ndarray):
+        out = formats.from_format(out, fout, spec.output[1])
+    return out
+
+
+def measure_candidates(spec: OpSpec, impls: Sequence[Implementation], channel: isolation.Channel,
+                       seed: int = 0, op_limit_s: float = DEFAULT_OP_LIMIT) -> None:
+    """Build, check and time ``impls`` on ``spec``; send each one's :class:`Timing` as JSON.
+
+    The job that :func:`fastrun.isolation.run_isolated` runs in a worker (or
+    :func:`~fastrun.isolation.run_in_process` here). All candidate code runs inside
+    ``channel.running(impl.id)``; everything else (random data, the reference) is seeded from
+    the signature, so a restarted worker sees exactly the same data.
+    """
+    rng = np.random.default_rng(spec_seed(spec, seed))
+    consts, args = kernels.random_inputs(spec, rng)
+    for c in consts.values():  # shared by every candidate's builder: one that writes into them raises
+        c.setflags(write=False)
+    cases = check_inputs(spec, args, rng)
+    reference = kernels.reference_callable(spec, consts)
+    with np.errstate(all="ignore"):
+        refs = {name: reference(*case) for name, case in cases.items()}
+    del reference  # its session holds a copy of the weights: free it before building candidates
+    tol = tolerance(spec)
+    timings: dict[str, Timing] = {}
+    runners: dict[str, Callable[[], object]] = {}
+    for impl in impls:
+        fin, fout = registry.resolve_format(impl.in_format), registry.resolve_format(impl.out_format)
+        timing = Timing(impl=impl.id, status="failed", in_format=fin, out_format=fout)
+        runner = _check_candidate(impl, spec, consts, cases, refs, tol, timing, channel)
+        if runner is None:
+            log.debug("candidate %s rejected on %s: %s", impl.id, spec.describe(), timing.reason)
+            channel.send(impl.id, timing.to_json())
+        else:
+            timings[impl.id], runners[impl.id] = timing, runner
+    samples, broken = _time_round_robin(runners, channel, op_limit_s)
+    for impl_id, why in broken.items():
+        t = timings[impl_id]
+        t.reason = f"{why} while being timed"[:300]
+        channel.send(impl_id, t.to_json())
+    for impl_id, times in samples.items():
+        t = timings[impl_id]
+        arr = np.array(times) * 1e3
+        q1, med, q3 = np.percentile(arr, [25, 50, 75])
+        t.status, t.median_ms, t.repeats = "ok", float(med), len(arr)
+        t.spread = float((q3 - q1) / med) if med > 0 else 0.0
+        channel.send(impl_id, t.to_json())
+
+
+def _check_candidate(impl: Implementation, spec: OpSpec, consts: dict, cases: dict, refs: dict, tol: float,
+                     timing: Timing, channel: isolation.Channel) -> Optional[Callable[[], object]]:
+    """Build ``impl`` and check it on every case: its timed call, or None with ``timing.reason`` set."""
+    try:
+        with channel.running(impl.id):
+            fn = kernels.build_callable(impl, spec, dict(consts))
+    except Exception as exc:  # a crashing candidate is a result, not an error
+        timing.reason = f"build {isolation.describe_exception(exc)}"[:300]
+        return None
+    for name, case in cases.items():
+        fresh = [a.copy() for a in case]
+        try:
+            with channel.running(impl.id), np.errstate(all="ignore"):  # judged by the comparison, not warnings
+                out = run_candidate(fn, impl, spec, fresh)
+        except Exception as exc:
+            timing.reason = (isolation.describe_exception(exc) + ("" if name == "random" else f" on {_CASE_WORDS[name]}"))[:300]
+            return None
+        if any(not np.array_equal(a, b, equal_nan=a.dtype.kind in "fc") for a, b in zip(fresh, case)):
+            timing.reason = f"modified its input in place (on {_CASE_WORDS[name]})"
+            return None
+        err, why = compare_nonfinite(out, refs[name]) if name == "nonfinite" else compare(out, refs[name])
+        if why or err > tol:
+            timing.error = err if not why else timing.error
+            detail = why or f"relative error {err:.2e} > tolerance {tol:.1e}"
+            timing.reason = f"wrong result on {_CASE_WORDS[name]}: {detail}"[:300]
+            return None
+        timing.error = max(timing.error, err)
+    call_args = [formats.to_format(a, f) for a, f in zip(cases["random"], impl.input_formats(spec))]
+    return lambda: fn(*call_args)
+
+
+def _time_round_robin(runners: dict[str, Callable[[], object]], channel: isolation.Channel,
+                      op_limit_s: float) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Samples (seconds) of every runner that kept working, and why the others stopped."""
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    broken: dict[str, str] = {}
+    start = time.perf_counter()
+    with np.errstate(all="ignore"):
+        for k, fn in runners.items():  # warm-up (first calls allocate, JIT, fill caches)
+            try:
+                with channel.running(k):
+                    fn()
+            except Exception as exc:
+                broken[k] = isolation.describe_exception(exc)
+        active = [k for k in runners if k not in broken]
+        for rnd in range(MAX_ROUNDS):
+            for k in list(active):
+                channel.start(k)
+                t0 = time.perf_counter()
+                try:
+                    runners[k]()
+                except Exception as exc:
+                    channel.stop()
+                    broken[k] = isolation.describe_exception(exc)
+                    active.remove(k)
+                    continue
+                samples[k].append(time.perf_counter() - t0)
+                channel.stop()
+            if not active:
+                break
+            elapsed = time.perf_counter() - start
+            if rnd == 0 and len(active) > 1:
+                best = min(samples[k][0] for k in active)
+                active = [k for k in active if samples[k][0] <= EARLY_DROP_FACTOR * best]
+            if rnd + 1 >= MIN_ROUNDS:
+                best = min(float(np.median(samples[k])) for k in active)
+                active = [k for k in active if float(np.median(samples[k])) <= DROP_FACTOR * best]
+                if elapsed >= MIN_SECONDS and all(_stable(samples[k]) for k in active):
+                    break
+            if elapsed > op_limit_s and rnd + 1 >= 3:
+                break
+    return {k: v for k, v in samples.items() if k not in broken}, broken
 
 
 @dataclass
@@ -100,36 +367,65 @@ class Stats:
     specs_measured: int = 0
     specs_cached: int = 0
     skipped_budget: int = 0  # specs left unprofiled because the budget ran out
-    failed: list = field(default_factory=list)  # (spec description, impl, reason)
+    failed: list = field(default_factory=list)  # (spec description, impl, reason): measured now or cached
+    unmeasured: list = field(default_factory=list)  # (spec description, why): the worker failed; nothing cached
+    workers: int = 0         # worker processes started (isolated profiling)
+    worker_peak_rss: int = 0  # largest resident set of a worker that finished (bytes)
 
 
 class Profiler:
-    """Measures candidates of op signatures, backed by the timing cache."""
+    """Measures candidates of op signatures, backed by the timing cache.
+
+    ``isolate`` runs candidates in a killable worker process (see the module docstring) with
+    ``op_timeout`` seconds per build or call and ``memory_limit`` extra bytes of address space;
+    ``isolate=False`` runs them here (no time limit). ``op_limit_s`` is the timing budget of one
+    signature, ``budget_s`` the whole run's (signatures after it take the heuristic choice).
+    """
 
     def __init__(self, caches: Optional[Caches], fingerprint: str, budget_s: Optional[float] = None,
-                 op_limit_s: float = DEFAULT_OP_LIMIT, seed: int = 0):
+                 op_limit_s: float = DEFAULT_OP_LIMIT, seed: int = 0, isolate: bool = True,
+                 op_timeout: Optional[float] = None, memory_limit: Optional[int] = None):
         self.caches = caches
         self.fingerprint = fingerprint
         self.deadline = time.monotonic() + budget_s if budget_s else None
         self.op_limit_s = op_limit_s
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self.isolate = isolate
+        self.op_timeout = float(op_timeout) if op_timeout else DEFAULT_OP_TIMEOUT
+        self.memory_limit = memory_limit
         self.stats = Stats()
+        self._reported: set[str] = set()
 
     def budget_left(self) -> bool:
         return self.deadline is None or time.monotonic() < self.deadline
 
+    def _key(self, spec: OpSpec, impl_id: str) -> str:
+        return Caches.timing_key(self.fingerprint, spec.key(), impl_id)
+
     def cached(self, spec: OpSpec, impls: Sequence[Implementation]) -> dict[str, Timing]:
+        """Usable cached timings of ``impls``. Corrupt or foreign entries are reported once and
+        measured again; a timeout recorded under a shorter ``op_timeout`` than now is retried."""
         found = {}
         if self.caches is None:
             return found
-        skey = spec.key()
         for impl in impls:
-            value = self.caches.timings.get(Caches.timing_key(self.fingerprint, skey, impl.id))
-            if value is not None:
-                try:
-                    found[impl.id] = Timing.from_json(value)
-                except TypeError:
-                    continue
+            key = self._key(spec, impl.id)
+            value = self.caches.timings.get(key)
+            if value is None:
+                continue
+            try:
+                t = Timing.from_json(value)
+                if t.impl != impl.id:
+                    raise ValueError(f"it holds the timing of {t.impl}")
+            except (TypeError, ValueError) as exc:
+                if key not in self._reported:
+                    self._reported.add(key)
+                    log.warning("ignoring a corrupt timing cache entry %s (%s); measuring again", key, exc)
+                continue
+            if t.limit_s is not None and self.isolate and self.op_timeout > t.limit_s:
+                continue
+            found[impl.id] = t
         return found
 
     def profile(self, spec: OpSpec, impls: Optional[Sequence[Implementation]] = None) -> dict[str, Timing]:
@@ -137,6 +433,7 @@ class Profiler:
         impls = list(impls if impls is not None else registry.candidates(spec))
         timings = self.cached(spec, impls)
         self.stats.from_cache += len(timings)
+        self.stats.failed.extend((spec.describe(), k, t.reason) for k, t in timings.items() if not t.ok)
         todo = [impl for impl in impls if impl.id not in timings]
         if not todo:
             self.stats.specs_cached += 1
@@ -147,70 +444,59 @@ class Profiler:
         measured = self._measure(spec, todo)
         self.stats.specs_measured += 1
         self.stats.measured += len(measured)
-        for impl_id, t in measured.items():
-            if not t.ok:
-                self.stats.failed.append((spec.describe(), impl_id, t.reason))
-            if self.caches is not None:
-                self.caches.timings.set(Caches.timing_key(self.fingerprint, spec.key(), impl_id), t.to_json())
+        self.stats.failed.extend((spec.describe(), k, t.reason) for k, t in measured.items() if not t.ok)
         timings.update(measured)
         return timings
 
-    def _measure(self, spec: OpSpec, impls: Sequence[Implementation]) -> dict[str, Timing]:
-        consts, args = kernels.random_inputs(spec, self.rng)
-        ref = kernels.reference_callable(spec, consts)(*args)
-        tol = tolerance(spec)
-        results: dict[str, Timing] = {}
-        runners: dict[str, Callable[[], np.ndarray]] = {}
-        for impl in impls:
-            fin, fout = registry.resolve_format(impl.in_format), registry.resolve_format(impl.out_format)
-            timing = Timing(impl=impl.id, status="failed", in_format=fin, out_format=fout)
-            results[impl.id] = timing
-            try:
-                fn = kernels.build_callable(impl, spec, consts)
-                call_args = [formats.to_format(a, f) for a, f in zip(args, impl.input_formats(spec))]
-                out = fn(*call_args)
-                if fout != formats.NCHW and isinstance(out, np.ndarray):
-                    out = formats.from_format(out, fout, spec.output[1])
-            except Exception as exc:  # a crashing candidate is a result, not an error
-                timing.reason = f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-                log.debug("candidate %s failed on %s: %s", impl.id, spec.describe(), timing.reason)
-                continue
-            err, why = compare(out, ref)
-            timing.error = err
-            if why or err > tol:
-                timing.reason = why or f"wrong result: relative error {err:.2e} > tolerance {tol:.1e}"
-                log.debug("candidate %s rejected on %s: %s", impl.id, spec.describe(), timing.reason)
-                continue
-            runners[impl.id] = (lambda fn=fn, a=call_args: fn(*a))
-        samples = self._time_round_robin(runners)
-        for impl_id, times in samples.items():
-            t = results[impl_id]
-            arr = np.array(times) * 1e3
-            q1, med, q3 = np.percentile(arr, [25, 50, 75])
-            t.status, t.median_ms, t.repeats = "ok", float(med), len(arr)
-            t.spread = float((q3 - q1) / med) if med > 0 else 0.0
-        return results
+    def _persist(self, spec: OpSpec, t: Timing) -> None:
+        if self.caches is not None:
+            self.caches.timings.set(self._key(spec, t.impl), t.to_json())
 
-    def _time_round_robin(self, runners: dict[str, Callable[[], np.ndarray]]) -> dict[str, list[float]]:
-        samples: dict[str, list[float]] = {k: [] for k in runners}
-        active = list(runners)
-        start = time.perf_counter()
-        for fn in runners.values():  # warm-up (first calls allocate, JIT, fill caches)
-            fn()
-        for rnd in range(MAX_ROUNDS):
-            for k in active:
-                t0 = time.perf_counter()
-                runners[k]()
-                samples[k].append(time.perf_counter() - t0)
-            elapsed = time.perf_counter() - start
-            if rnd + 1 >= MIN_ROUNDS:
-                best = min(float(np.median(samples[k])) for k in active)
-                active = [k for k in active if float(np.median(samples[k])) <= DROP_FACTOR * best]
-                if elapsed >= MIN_SECONDS and all(_stable(samples[k]) for k in active):
-                    break
-            if elapsed > self.op_limit_s and rnd + 1 >= 3:
-                break
-        return samples
+    def _measure(self, spec: OpSpec, impls: Sequence[Implementation]) -> dict[str, Timing]:
+        """Measure ``impls`` on ``spec``; each result is persisted the moment it is known."""
+        by_id = {impl.id: impl for impl in impls}
+        results: dict[str, Timing] = {}
+
+        def on_result(key: str, value: dict) -> None:
+            try:
+                t = Timing.from_json(value)
+            except (TypeError, ValueError) as exc:
+                t = Timing(impl=key, status="failed", reason=f"the worker sent an invalid result ({exc})")
+            results[key] = t
+            self._persist(spec, t)
+
+        def on_failure(key: str, reason: str) -> None:
+            impl = by_id[key]
+            t = Timing(impl=key, status="failed", reason=reason, in_format=registry.resolve_format(impl.in_format),
+                       out_format=registry.resolve_format(impl.out_format),
+                       limit_s=self.op_timeout if reason.startswith("timed out") else None)
+            results[key] = t
+            self._persist(spec, t)
+            log.warning("candidate %s on %s %s %s", key, spec.op_type, spec.describe(), reason)
+
+        def job(keys: Sequence[str], channel: isolation.Channel) -> None:
+            measure_candidates(spec, [by_id[k] for k in keys], channel, seed=self.seed, op_limit_s=self.op_limit_s)
+
+        if self.isolate:
+            try:
+                outcome = isolation.run_isolated(job, list(by_id), timeout=self.op_timeout,
+                                                 memory_limit=self.memory_limit, on_result=on_result,
+                                                 on_failure=on_failure)
+            except isolation.WorkerStartError as exc:
+                log.warning("%s; profiling in this process, without isolation", exc)
+                self.isolate = False
+                return self._measure(spec, impls)
+            self.stats.workers += outcome.workers
+            self.stats.worker_peak_rss = max(self.stats.worker_peak_rss, outcome.peak_rss)
+        else:
+            outcome = isolation.run_in_process(job, list(by_id), on_result=on_result)
+        if outcome.error:
+            log.warning("could not profile %s %s: %s; its unmeasured candidates are not cached",
+                        spec.op_type, spec.describe(), outcome.error)
+            self.stats.unmeasured.append((spec.describe(), outcome.error))
+            for key in by_id:
+                results.setdefault(key, Timing(impl=key, status="failed", reason=f"not measured: {outcome.error}"))
+        return results
 
 
 def _stable(times: list[float]) -> bool:
@@ -263,8 +549,13 @@ class AuxiliaryTimer:
         full = Caches.timing_key(self.p.fingerprint, key, "ms")
         if caches is not None:
             hit = caches.timings.get(full)
-            if hit is not None and "ms" in hit:
-                return hit["ms"]
+            if hit is not None:
+                ms = hit.get("ms")
+                if _is_number(ms) and math.isfinite(ms) and ms >= 0:
+                    return float(ms)
+                if full not in self.p._reported:
+                    self.p._reported.add(full)
+                    log.warning("ignoring a corrupt timing cache entry %s (ms is %r); measuring again", full, ms)
         if not self.p.budget_left():
             return None
         try:

@@ -6,6 +6,11 @@ whole migration. What happens when no plan is cached for the fed shapes is the p
 * ``heuristic`` (default): run the heuristic choice and log one warning;
 * ``profile``: profile now and persist (like ``cudnn.benchmark``, but it survives the process);
 * ``require``: raise :class:`PlanNotFoundError` (for images that must ship warm).
+
+Plans are looked up per fed shape set, so one session serves every shape that was warmed up
+(``fastrun warmup --shape x:1x3x224x224 --shape x:8x3x224x224``); an unseen one follows the
+policy. Only ``profile`` ever writes to the cache: the others open it read-only, so a read-only
+cache directory (a container layer) serves as is.
 """
 from __future__ import annotations
 
@@ -59,17 +64,19 @@ class InferenceSession:
 
     def __init__(self, path_or_bytes: ModelSource, cache_dir: Optional[str] = None,
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None, policy: Optional[str] = None,
-                 **ort_compat):
+                 op_limit: Optional[float] = None, **ort_compat):
         if ort_compat:
             log.debug("ignoring onnxruntime-only arguments %s", sorted(ort_compat))
         self._policy = policy or os.environ.get(ENV_POLICY) or "heuristic"
         if self._policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self._policy!r}")
         self._model, self._data = graph_mod.read_model(path_or_bytes)
+        self._label = str(path_or_bytes) if isinstance(path_or_bytes, (str, os.PathLike)) else None
+        self._op_limit = op_limit  # per-signature profiling time (policy="profile"); None: the default
         init_names = {t.name for t in self._model.graph.initializer}
         self._inputs = _node_args([vi for vi in self._model.graph.input if vi.name not in init_names])
         self._outputs = _node_args(self._model.graph.output)
-        self._caches = Caches(cache_dir)
+        self._caches = Caches(cache_dir, writable=self._policy == "profile")
         self._fingerprint = fp.fingerprint()
         self._programs: dict[tuple, executor.Program] = {}
         self.plans: dict[tuple, Plan] = {}
@@ -111,25 +118,34 @@ class InferenceSession:
         shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
         graph = graph_mod.from_proto(self._model, self._data, shapes)
         plan = api.find_plan(self._caches, self._fingerprint, graph)
+        program = None
+        if plan is not None:
+            try:
+                program = executor.compile_plan(graph, plan)
+            except Exception as exc:  # a cached plan is foreign data: never fail serving because of it
+                log.warning("ignoring the cached plan for %s: it does not compile (%s)", graph.name, exc)
+                plan = None
         if plan is None:
             plan = self._no_plan(graph, shapes)
+            program = executor.compile_plan(graph, plan)
         key = tuple(sorted(shapes.items()))
-        program = executor.compile_plan(graph, plan)
         self._programs[key], self.plans[key] = program, plan
         return program
 
     def _no_plan(self, graph: graph_mod.Graph, shapes: dict) -> Plan:
         described = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
         if self._policy == "require":
+            model = f"{self._label} (graph {graph.name!r}" if self._label else f"{graph.name} ("
             raise PlanNotFoundError(
-                f"no cached plan for model {graph.name} (sha256 {graph.model_hash[:12]}) with shapes {described} "
+                f"no cached plan for model {model}, sha256 {graph.model_hash[:12]}) with shapes {described} "
                 f"on fingerprint {self._fingerprint} in {self._caches.root}; run `fastrun warmup` or "
                 f"`fastrun profile` first")
         if self._policy == "profile":
             log.info("no cached plan for %s (%s): profiling now", graph.name, described)
             from .profiler import Profiler
 
-            profiler = Profiler(self._caches, self._fingerprint)
+            limit = {"op_limit_s": self._op_limit} if self._op_limit else {}
+            profiler = Profiler(self._caches, self._fingerprint, **limit)
             plan = planner.make_plan(graph, self._fingerprint, profiler)
             api.store_plan(self._caches, plan)
             self.profiled += 1

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Start-up cost: ``fastrun.InferenceSession`` with a cached plan next to ``onnxruntime.InferenceSession``.
+
+For each light model (the architectures shipped in the ``onnx`` wheel) it makes sure a plan is
+cached (``fastrun.warmup.warmup``, small per-op limit and a per-model budget: a partial plan is
+a real plan), then creates both sessions round-robin from the model file and reports medians
+and their ratio. fastrun's time is split into its stages: loading the graph (checks, constant
+folding, shape inference), looking the plan up, compiling it (ORT segments, weight transforms).
+The first round of each is a warm-up (imports, lazy initialisation) and is not counted.
+
+    python scripts/bench_startup.py                       # every light model
+    python scripts/bench_startup.py --models resnet50 squeezenet --rounds 7 --json startup.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+
+import fastrun
+from fastrun import api, executor, fingerprint, graph as G, models
+from fastrun.cache import Caches
+from fastrun.warmup import warmup
+
+log = logging.getLogger("bench_startup")
+
+
+def stages(path: Path, cache_dir: str) -> dict[str, float]:
+    """fastrun's start-up split as ``InferenceSession`` does it (ms)."""
+    t0 = time.perf_counter()
+    model, data = G.read_model(path)
+    graph = G.from_proto(model, data)
+    t1 = time.perf_counter()
+    caches = Caches(cache_dir, writable=False)
+    plan = api.find_plan(caches, fingerprint.fingerprint(), graph)
+    t2 = time.perf_counter()
+    executor.compile_plan(graph, plan)
+    t3 = time.perf_counter()
+    caches.close()
+    return {"graph_ms": (t1 - t0) * 1e3, "lookup_ms": (t2 - t1) * 1e3, "compile_ms": (t3 - t2) * 1e3}
+
+
+def bench_model(name: str, cache_dir: str, rounds: int) -> dict:
+    path = models.example_path(name)
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 3  # onnxruntime's defaults otherwise; only its warnings about unused initializers go
+    creators = {
+        "onnxruntime": lambda: ort.InferenceSession(str(path), quiet, providers=["CPUExecutionProvider"]),
+        "fastrun": lambda: fastrun.InferenceSession(str(path), cache_dir=cache_dir, policy="require"),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in creators}
+    for r in range(rounds + 1):
+        for k in (list(creators) if r % 2 else list(reversed(creators))):
+            t0 = time.perf_counter()
+            sess = creators[k]()
+            elapsed = (time.perf_counter() - t0) * 1e3
+            del sess
+            if r:
+                samples[k].append(elapsed)
+    split = [stages(path, cache_dir) for _ in range(max(2, rounds // 2))]
+    plan = fastrun.load_plan(str(path), cache_dir=cache_dir)
+    row = {"model": name, "onnxruntime_ms": statistics.median(samples["onnxruntime"]),
+           "fastrun_ms": statistics.median(samples["fastrun"]), "plan": plan.policy if plan else None}
+    row["ratio"] = row["fastrun_ms"] / row["onnxruntime_ms"]
+    row.update({k: statistics.median(s[k] for s in split) for k in split[0]})
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(models.EXAMPLES))
+    ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "fastrun-bench-startup"))
+    ap.add_argument("--rounds", type=int, default=5, help="Counted session creations per model and runtime.")
+    ap.add_argument("--op-limit", type=float, default=0.1, help="Per-signature profiling limit when warming.")
+    ap.add_argument("--budget", type=float, default=30.0, help="Profiling budget per model when warming (s).")
+    ap.add_argument("--json", dest="json_path", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    paths = [models.example_path(m) for m in args.models]
+    for r in warmup(paths, cache_dir=args.cache_dir, op_limit=args.op_limit, budget=args.budget):
+        print(f"warm-up {Path(r.model).name}: {r.status}{' (' + r.error + ')' if r.error else ''} in {r.seconds:.1f} s",
+              flush=True)
+
+    header = (f"{'model':<14} {'onnxruntime ms':>14} {'fastrun ms':>11} {'ratio':>6} {'graph ms':>9} {'lookup ms':>9} "
+              f"{'compile ms':>10}  plan")
+    rows = []
+    print(header)
+    for name in args.models:
+        row = bench_model(name, args.cache_dir, args.rounds)
+        rows.append(row)
+        print(f"{name:<14} {row['onnxruntime_ms']:>14.1f} {row['fastrun_ms']:>11.1f} {row['ratio']:>6.2f} "
+              f"{row['graph_ms']:>9.1f} {row['lookup_ms']:>9.2f} {row['compile_ms']:>10.1f}  {row['plan']}", flush=True)
+    ratios = [r["ratio"] for r in rows]
+    print(f"median ratio fastrun / onnxruntime: {statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({"fingerprint": fingerprint.fingerprint(), "rows": rows}, indent=1))
+        print(f"wrote {args.json_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,490 @@
+"""Serving from a warm cache: policies, shape sets, warm-up, cache commands, read-only and shared caches.
+
+Counters and cache contents prove what was (not) profiled; real processes play the container
+build, the serving container and concurrent warm-ups.
+"""
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import diskcache
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+import fastrun
+from fastrun import cachetool, fingerprint as fp, profiler, registry
+from fastrun.cache import Caches, software_tag
+from fastrun.cli import main
+from fastrun.errors import InputError, PlanNotFoundError
+from fastrun.warmup import shape_sets, warmup
+from tests.conftest import tiny_conv_model
+
+OP_LIMIT = 0.05
+X1 = {"x": np.ones((1, 8, 12, 12), np.float32)}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def save(model, path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def reference(path, feed):
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+@pytest.fixture
+def model_n(tmp_path):
+    """The tiny model with a symbolic batch: every batch size is its own shape set."""
+    return save(tiny_conv_model(), tmp_path / "models" / "tiny.onnx")
+
+
+def two_input_model() -> onnx.ModelProto:
+    """x -> Conv 3x3 -> y, z -> Conv 1x1 -> w: varying x's shape leaves z's signature shared."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32), "wx"),
+             numpy_helper.from_array((rng.standard_normal((8, 4, 1, 1)) * 0.2).astype(np.float32), "wz")]
+    nodes = [helper.make_node("Conv", ["x", "wx"], ["y"], pads=[1, 1, 1, 1], name="convx"),
+             helper.make_node("Conv", ["z", "wz"], ["w"], name="convz")]
+    f = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", f, ["N", 8, 12, 12]),
+                                             helper.make_tensor_value_info("z", f, [1, 4, 10, 10])],
+                              [helper.make_tensor_value_info("y", f, ["N", 16, 12, 12]),
+                               helper.make_tensor_value_info("w", f, [1, 8, 10, 10])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def tree_digest(root) -> dict:
+    """Every file under ``root`` with its size, content hash and modification time."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = (p.stat().st_size, p.stat().st_mtime_ns,
+                                             hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+@contextlib.contextmanager
+def read_only(root):
+    """Make ``root`` really unwritable, root user included (immutable flag), then restore it."""
+    root = str(root)
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "-R", "+i", root], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a directory read-only for root here (chattr +i failed)")
+        undo = ["chattr", "-R", "-i", root]
+    else:
+        subprocess.run(["chmod", "-R", "a-w", root], check=True)
+        undo = ["chmod", "-R", "u+w", root]
+    try:
+        with pytest.raises(OSError):
+            Path(root, "probe").write_text("x")
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+# ------------------------------------------------------------------------------------ policies
+
+def test_heuristic_policy_warns_once_across_unseen_shapes(model_n, cache_dir, caplog):
+    sess = fastrun.InferenceSession(model_n, cache_dir=cache_dir)
+    with caplog.at_level(logging.WARNING, logger="fastrun"):
+        for batch in (1, 2, 3):
+            (y,) = sess.run(None, {"x": np.ones((batch, 8, 12, 12), np.float32)})
+            assert y.shape == (batch, 16, 1, 1)
+    assert len([r for r in caplog.records if "heuristic" in r.getMessage()]) == 1
+    assert {p.policy for p in sess.plans.values()} == {"heuristic"} and len(sess.plans) == 3
+    assert not Path(cache_dir).exists()  # serving without a plan writes nothing, not even the directory
+
+
+def test_require_policy_names_model_shapes_and_fingerprint(tiny_model, cache_dir, monkeypatch):
+    monkeypatch.setenv("FASTRUN_FINGERPRINT", "fp-require-test")
+    with pytest.raises(PlanNotFoundError) as err:
+        fastrun.InferenceSession(tiny_model, cache_dir=cache_dir, policy="require")
+    message = str(err.value)
+    for needle in (tiny_model, "x:1x8x12x12", "fp-require-test", "fastrun warmup"):
+        assert needle in message
+
+
+def test_require_policy_serves_a_warm_cache_without_profiling(tiny_model, cache_dir, monkeypatch):
+    fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=OP_LIMIT, measure=False)
+    monkeypatch.setattr(profiler.Profiler, "__init__", lambda *a, **k: pytest.fail("profiled"))
+    sess = fastrun.InferenceSession(tiny_model, cache_dir=cache_dir, policy="require")
+    assert [p.policy for p in sess.plans.values()] == ["profiled"]
+    np.testing.assert_allclose(sess.run(None, X1)[0], reference(tiny_model, X1)[0], rtol=1e-4, atol=1e-5)
+    assert sess.profiled == 0
+
+
+def test_profile_policy_profiles_once_and_persists(model_n, cache_dir):
+    sess = fastrun.InferenceSession(model_n, cache_dir=cache_dir, policy="profile", op_limit=OP_LIMIT)
+    sess.run(None, X1)
+    sess.run(None, X1)
+    assert sess.profiled == 1
+    again = fastrun.InferenceSession(model_n, cache_dir=cache_dir, policy="require")
+    np.testing.assert_allclose(again.run(None, X1)[0], reference(model_n, X1)[0], rtol=1e-4, atol=1e-5)
+    assert again.profiled == 0
+
+
+def test_policy_from_environment(tiny_model, cache_dir, monkeypatch):
+    monkeypatch.setenv("FASTRUN_POLICY", "require")
+    with pytest.raises(PlanNotFoundError):
+        fastrun.InferenceSession(tiny_model, cache_dir=cache_dir)
+    fastrun.InferenceSession(tiny_model, cache_dir=cache_dir, policy="heuristic")  # the argument wins
+    monkeypatch.setenv("FASTRUN_POLICY", "fastest")
+    with pytest.raises(ValueError, match="policy must be one of"):
+        fastrun.InferenceSession(tiny_model, cache_dir=cache_dir)
+
+
+# ---------------------------------------------------------------------------------- shape sets
+
+def test_shape_sets_repeat_names_and_zip_inputs():
+    assert shape_sets(["x:1x3", "x:8x3"]) == [{"x": (1, 3)}, {"x": (8, 3)}]
+    assert shape_sets(["x:1x3", "z:2", "x:8x3", "z:4"]) == [{"x": (1, 3), "z": (2,)}, {"x": (8, 3), "z": (4,)}]
+    assert shape_sets(["x:1x3", "x:1x3"]) == [{"x": (1, 3)}]
+    assert shape_sets([]) == []
+    with pytest.raises(InputError, match="same number of shapes"):
+        shape_sets(["x:1x3", "x:8x3", "z:2"])
+
+
+def test_session_picks_the_plan_of_each_fed_shape(model_n, cache_dir):
+    results = warmup([model_n], shape_sets(["x:1x8x12x12", "x:2x8x12x12"]), cache_dir=cache_dir, op_limit=OP_LIMIT)
+    assert [r.status for r in results] == ["profiled", "profiled"]
+    sess = fastrun.InferenceSession(model_n, cache_dir=cache_dir, policy="require")
+    for batch in (1, 2):
+        feed = {"x": np.random.default_rng(batch).standard_normal((batch, 8, 12, 12)).astype(np.float32)}
+        np.testing.assert_allclose(sess.run(None, feed)[0], reference(model_n, feed)[0], rtol=1e-4, atol=1e-5)
+        assert sess.plan_for({"x": (batch, 8, 12, 12)}).input_shapes == {"x": [batch, 8, 12, 12]}
+    assert {p.policy for p in sess.plans.values()} == {"profiled"}
+    with pytest.raises(PlanNotFoundError, match="x:3x8x12x12"):  # unseen shape: the policy decides
+        sess.run(None, {"x": np.ones((3, 8, 12, 12), np.float32)})
+    lenient = fastrun.InferenceSession(model_n, cache_dir=cache_dir)
+    lenient.run(None, {"x": np.ones((3, 8, 12, 12), np.float32)})
+    lenient.run(None, X1)
+    policies = {k[0][1][0]: p.policy for k, p in lenient.plans.items()}
+    assert policies == {3: "heuristic", 1: "profiled"}
+
+
+def test_timings_shared_across_shape_sets_are_not_remeasured(tmp_path, cache_dir):
+    path = save(two_input_model(), tmp_path / "two.onnx")
+    sets = shape_sets(["x:1x8x12x12", "z:1x4x10x10", "x:2x8x12x12", "z:1x4x10x10"])
+    first, second = warmup([path], sets, cache_dir=cache_dir, op_limit=OP_LIMIT)
+    assert first.status == second.status == "profiled"
+    assert first.reused == 0 and first.measured > 0
+    convz = fastrun.load_plan(path, sets[0], cache_dir=cache_dir).node("convz")
+    assert second.reused == len(convz.candidates) > 0  # convz has the same signature in both sets
+    assert second.measured == first.measured - len(convz.candidates)
+
+
+def test_profile_command_stores_a_plan_per_shape_set(tmp_path, model_n, cache_dir):
+    out = tmp_path / "p.json"
+    res = cli("profile", model_n, "--shape", "x:1x8x12x12", "--shape", "x:2x8x12x12", "--cache-dir", cache_dir,
+              "--op-limit", OP_LIMIT, "--no-measure", "--json", out)
+    assert res.exit_code == 0, res.output
+    assert [d["input_shapes"]["x"][0] for d in json.loads(out.read_text())] == [1, 2]
+    for batch in (1, 2):
+        assert fastrun.load_plan(model_n, {"x": (batch, 8, 12, 12)}, cache_dir=cache_dir).policy == "profiled"
+
+
+# -------------------------------------------------------------------------------------- warmup
+
+def test_warmup_twice_times_nothing_the_second_time(tmp_path, model_n, cache_dir):
+    save(tiny_conv_model(k=24), tmp_path / "models" / "sub" / "other.onnx")
+    args = ["warmup", tmp_path / "models", "--shape", "x:1x8x12x12", "--shape", "x:2x8x12x12",
+            "--cache-dir", cache_dir, "--op-limit", OP_LIMIT, "--json", tmp_path / "w.json"]
+    first = cli(*args)
+    assert first.exit_code == 0, first.output
+    rows = json.loads((tmp_path / "w.json").read_text())
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"profiled"}
+    assert all(r["measured"] > 0 and r["predicted_ms"] > 0 and r["shapes"]["x"][0] in (1, 2) for r in rows)
+    assert "4 profiled now" in first.output and "other.onnx" in first.output
+    second = cli(*args)
+    assert second.exit_code == 0
+    assert "nothing profiled: all 4 plan(s) were already cached, 0 timings measured" in second.output
+    rows = json.loads((tmp_path / "w.json").read_text())
+    assert {r["status"] for r in rows} == {"cached"} and sum(r["measured"] for r in rows) == 0
+
+
+def test_warmup_reports_failures_after_finishing_the_others(tmp_path, model_n, cache_dir):
+    (tmp_path / "models" / "broken.onnx").write_text("not a model")
+    res = cli("warmup", tmp_path / "models", tmp_path / "missing.onnx", tmp_path / "empty_dir_missing",
+              "--cache-dir", cache_dir, "--op-limit", OP_LIMIT, "--shape", "x:1x8x12x12")
+    assert res.exit_code == 1
+    assert "Traceback" not in res.output
+    assert "not an ONNX model" in res.output and "model file not found" in res.output
+    assert "1 profiled now" in res.output and "3 failed" in res.output
+    assert fastrun.load_plan(model_n, {"x": (1, 8, 12, 12)}, cache_dir=cache_dir) is not None
+    res = cli("warmup", tmp_path / "models", "--cache-dir", cache_dir, "--shape", "x:1x8", "--shape", "x:2x8",
+              "--shape", "z:1")
+    assert res.exit_code == 1 and "error: --shape" in res.output  # unequal counts are not paired
+
+
+def test_container_flow_warm_copy_read_only_serve(tmp_path):
+    """Build stage: warm a cache; the image: a read-only copy; serving: policy="require", no profiling."""
+    models = tmp_path / "models"
+    model = save(tiny_conv_model(), models / "tiny.onnx")
+    build = subprocess.run([sys.executable, "-m", "fastrun.cli", "warmup", str(models), "--cache-dir",
+                            str(tmp_path / "build-cache"), "--shape", "x:1x8x12x12", "--shape", "x:4x8x12x12",
+                            "--op-limit", str(OP_LIMIT)], capture_output=True, text=True, cwd=REPO)
+    assert build.returncode == 0, build.stderr
+    image = tmp_path / "opt-fastrun"
+    shutil.copytree(tmp_path / "build-cache", image)
+    serve = """
+import json, sys
+import numpy as np
+import fastrun
+from fastrun import profiler
+def boom(*a, **k):
+    raise SystemExit("profiling while serving")
+profiler.Profiler.__init__ = boom
+sess = fastrun.InferenceSession(sys.argv[1], cache_dir=sys.argv[2], policy="require")
+outs = {}
+for batch in (1, 4):
+    x = np.random.default_rng(batch).standard_normal((batch, 8, 12, 12)).astype(np.float32)
+    outs[batch] = sess.run(None, {"x": x})[0].tolist()
+print(json.dumps({"profiled": sess.profiled, "policies": sorted(p.policy for p in sess.plans.values()),
+                  "outs": outs}))
+"""
+    before = tree_digest(image)
+    with read_only(image):
+        run = subprocess.run([sys.executable, "-c", serve, model, str(image)], capture_output=True, text=True,
+                             cwd=REPO, env={**os.environ, "FASTRUN_POLICY": "heuristic"})
+    assert run.returncode == 0, run.stderr
+    assert tree_digest(image) == before
+    result = json.loads(run.stdout)
+    assert result["profiled"] == 0 and result["policies"] == ["profiled", "profiled"]
+    for batch in (1, 4):
+        x = np.random.default_rng(batch).standard_normal((batch, 8, 12, 12)).astype(np.float32)
+        np.testing.assert_allclose(np.array(result["outs"][str(batch)], np.float32), reference(model, {"x": x})[0],
+                                   rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ read-only caches
+
+def test_read_only_cache_never_raises_and_never_writes(tiny_model, tmp_path, caplog):
+    cache = tmp_path / "ro"
+    fastrun.profile(tiny_model, cache_dir=str(cache), op_limit=OP_LIMIT, measure=False)
+    other = save(tiny_conv_model(batch=1, k=24), tmp_path / "other.onnx")  # no plan for this one
+    before = tree_digest(cache)
+    with read_only(cache), caplog.at_level(logging.DEBUG, logger="fastrun"):
+        for policy in ("heuristic", "require", "profile"):
+            sess = fastrun.InferenceSession(tiny_model, cache_dir=str(cache), policy=policy, op_limit=OP_LIMIT)
+            assert [p.policy for p in sess.plans.values()] == ["profiled"]
+        sess = fastrun.InferenceSession(other, cache_dir=str(cache), policy="profile", op_limit=OP_LIMIT)
+        assert sess.profiled == 1  # profiled, could not persist, served anyway
+        assert fastrun.load_plan(tiny_model, cache_dir=str(cache)) is not None
+        assert cli("cache", "ls", "--cache-dir", cache).exit_code == 0
+        res = cli("cache", "clear", "--cache-dir", cache)
+        assert res.exit_code == 1 and "read-only" in res.output and "Traceback" not in res.output
+    assert tree_digest(cache) == before
+    assert any("not persisted" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("keep_shm", [True, False])
+def test_rows_left_in_the_write_ahead_log_are_served_read_only(tiny_model, tmp_path, keep_shm):
+    """A writer that exits without closing leaves plans in cache.db-wal: a read-only copy still has them."""
+    cache = tmp_path / "c"
+    script = ("import os, sys, fastrun\n"
+              "from fastrun import api\n"
+              "from fastrun.cache import Caches\n"
+              "r = fastrun.profile(sys.argv[1], cache_dir=sys.argv[2], op_limit=0.05, measure=False)\n"
+              "c = Caches(sys.argv[2] + '-unclean')\n"
+              "api.store_plan(c, r.plan)\n"
+              "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", script, tiny_model, str(cache)], check=True, cwd=REPO)
+    unclean = Path(str(cache) + "-unclean")
+    assert (unclean / "plans" / "cache.db-wal").stat().st_size > 0
+    if not keep_shm:  # copied without SQLite's shared-memory index: read from a private copy
+        (unclean / "plans" / "cache.db-shm").unlink()
+    with read_only(unclean):
+        sess = fastrun.InferenceSession(tiny_model, cache_dir=str(unclean), policy="require")
+        assert [p.policy for p in sess.plans.values()] == ["profiled"]
+
+
+# ------------------------------------------------------------------------------- cache commands
+
+def test_cache_ls_and_show(tmp_path, model_n, cache_dir):
+    warmup([model_n], shape_sets(["x:1x8x12x12", "x:2x8x12x12"]), cache_dir=cache_dir, op_limit=OP_LIMIT)
+    res = cli("cache", "ls", "--cache-dir", cache_dir)
+    assert res.exit_code == 0
+    assert "(this machine): 2 plan(s)" in res.output and "x:2x8x12x12" in res.output
+    data = json.loads(cli("cache", "ls", "--cache-dir", cache_dir, "--json").output)
+    (fp_info,) = data["fingerprints"]
+    assert fp_info["this_machine"] and fp_info["timings"] > 0 and len(fp_info["plans"]) == 2
+    for command in (["show"], ["cache", "show"]):
+        res = cli(*command, model_n, "--cache-dir", cache_dir, "--shape", "x:2x8x12x12")
+        assert res.exit_code == 0, res.output
+        lines = res.output.splitlines()
+        assert all(len(line) <= 100 for line in lines)
+        assert "shapes: x:2x8x12x12" in res.output and "x:1x8x12x12" not in res.output
+        assert "conv1" in res.output and "conv2" in res.output and "predicted:" in res.output
+    plans = json.loads(cli("show", model_n, "--cache-dir", cache_dir, "--format", "json").output)
+    assert [p["input_shapes"]["x"][0] for p in plans] == [1, 2]
+    res = cli("show", model_n, "--cache-dir", cache_dir, "--shape", "x:5x8x12x12")
+    assert res.exit_code == 1 and "cached: x:1x8x12x12; x:2x8x12x12" in res.output
+    res = cli("show", model_n, "--cache-dir", str(tmp_path / "empty"))
+    assert res.exit_code == 1 and "fastrun warmup" in res.output and "Traceback" not in res.output
+
+
+def test_bundle_moves_a_warm_cache_to_a_machine_of_the_same_kind(tmp_path, tiny_model, cache_dir):
+    fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=OP_LIMIT, measure=False)
+    bundle = tmp_path / "bundle.json"
+    res = cli("cache", "export", bundle, "--cache-dir", cache_dir)
+    assert res.exit_code == 0 and "1 plan(s)" in res.output
+    data = json.loads(bundle.read_text())
+    assert data["fingerprint"] == fp.fingerprint() and data["fingerprint_fields"]["cpu"]
+    fresh = str(tmp_path / "fresh")
+    res = cli("cache", "import", bundle, "--cache-dir", fresh)
+    assert res.exit_code == 0 and "imported 1 plan(s)" in res.output
+    sess = fastrun.InferenceSession(tiny_model, cache_dir=fresh, policy="require")
+    assert [p.policy for p in sess.plans.values()] == ["profiled"]
+    report = fastrun.profile(tiny_model, cache_dir=fresh, op_limit=OP_LIMIT, measure=False)
+    assert report.stats.measured == 0  # the timings came along
+
+
+def test_bundle_from_another_machine_is_refused_unless_forced(tmp_path, tiny_model, cache_dir, monkeypatch):
+    monkeypatch.setenv("FASTRUN_FINGERPRINT", "machine-a")
+    fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=OP_LIMIT, measure=False)
+    bundle = tmp_path / "a.json"
+    assert cli("cache", "export", bundle, "--cache-dir", cache_dir).exit_code == 0
+    monkeypatch.setenv("FASTRUN_FINGERPRINT", "machine-b")
+    target = str(tmp_path / "b-cache")
+    res = cli("cache", "import", bundle, "--cache-dir", target)
+    assert res.exit_code == 1 and "machine-a" in res.output and "--force" in res.output
+    assert "Traceback" not in res.output
+    res = cli("cache", "import", bundle, "--cache-dir", target, "--force")
+    assert res.exit_code == 0 and "imported 1 plan(s)" in res.output
+    with pytest.raises(PlanNotFoundError, match="machine-b"):  # kept under machine-a: not served on b
+        fastrun.InferenceSession(tiny_model, cache_dir=target, policy="require")
+    listing = json.loads(cli("cache", "ls", "--cache-dir", target, "--json").output)
+    assert [(f["fingerprint"], f["this_machine"], len(f["plans"])) for f in listing["fingerprints"]] == \
+        [("machine-a", False, 1)]
+    monkeypatch.setenv("FASTRUN_FINGERPRINT", "machine-a")
+    fastrun.InferenceSession(tiny_model, cache_dir=target, policy="require")
+    res = cli("cache", "clear", "--fingerprint", "machine-a", "--cache-dir", target)
+    assert res.exit_code == 0 and "removed 1 plan(s)" in res.output
+    assert json.loads(cli("cache", "ls", "--cache-dir", target, "--json").output)["fingerprints"] == []
+
+
+@pytest.mark.parametrize("content,needle", [("{", "not JSON"), ('{"format": "x"}', "not a fastrun cache bundle"),
+                                            (None, "cannot read")])
+def test_bad_bundles_are_one_line_errors(tmp_path, content, needle):
+    path = tmp_path / "b.json"
+    if content is not None:
+        path.write_text(content)
+    res = cli("cache", "import", path, "--cache-dir", tmp_path / "c")
+    assert res.exit_code == 1 and needle in res.output and "Traceback" not in res.output
+
+
+def test_verify_reports_corrupt_and_stale_entries_and_fix_removes_them(tmp_path, cache_dir):
+    path = Path(save(tiny_conv_model(batch=1), tmp_path / "m.onnx"))
+    keep = save(tiny_conv_model(batch=1, k=24), tmp_path / "keep.onnx")
+    for model in (str(path), keep):
+        fastrun.profile(model, cache_dir=cache_dir, op_limit=OP_LIMIT, measure=False)
+    res = cli("cache", "verify", "--cache-dir", cache_dir)
+    assert res.exit_code == 0 and "0 problem(s)" in res.output
+    save(tiny_conv_model(batch=1, k=20), path)  # edit the model: its plan is stale
+    caches = Caches(cache_dir)
+    caches.plans._cache.set("fp/deadbeef/x:1", "{truncated")
+    caches.timings.set(f"{fp.fingerprint()}/oldspec/ort@1", {"status": "ok"})  # pre-version key
+    caches.timings.set(Caches.timing_key("fp", "spec", "no_such_impl@1"), {"status": "ok"})
+    caches.close()
+    raw = diskcache.Cache(os.path.join(cache_dir, "plans"))  # pickling: a value and a key
+    raw.set("fp/pickled/x:1", {"evil": True})
+    raw.set(("tuple", "key"), "x")
+    raw.close()
+    res = cli("cache", "verify", path.parent, "--cache-dir", cache_dir)
+    assert res.exit_code == 1
+    out = res.output
+    assert "6 problem(s)" in out, out
+    assert "not among the given files" in out and "not JSON" in out and "pickled" in out
+    assert "older fastrun" in out and "no_such_impl is not registered" in out
+    assert cli("cache", "verify", path.parent, "--cache-dir", cache_dir, "--fix").exit_code == 0
+    res = cli("cache", "verify", path.parent, "--cache-dir", cache_dir)
+    assert res.exit_code == 0 and "0 problem(s)" in res.output
+    assert fastrun.load_plan(keep, cache_dir=cache_dir) is not None
+
+
+# --------------------------------------------------------------------------------- invalidation
+
+def test_model_edit_never_reuses_the_stale_plan(tmp_path, cache_dir):
+    path = save(tiny_conv_model(batch=1), tmp_path / "m.onnx")
+    fastrun.profile(path, cache_dir=cache_dir, op_limit=OP_LIMIT, measure=False)
+    fastrun.InferenceSession(path, cache_dir=cache_dir, policy="require")
+    save(tiny_conv_model(batch=1, k=24), tmp_path / "m.onnx")
+    with pytest.raises(PlanNotFoundError):
+        fastrun.InferenceSession(path, cache_dir=cache_dir, policy="require")
+    report = fastrun.profile(path, cache_dir=cache_dir, op_limit=OP_LIMIT, measure=False)
+    assert report.stats.specs_measured == 2  # both convolutions changed signature
+
+
+def test_implementation_version_change_invalidates_plans_and_timings(tiny_model, cache_dir, monkeypatch):
+    first = fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=OP_LIMIT, measure=False)
+    chosen = next(n for n in first.plan.nodes if n.spec and n.impl != "onnxruntime")
+    impl = registry.get(chosen.op_type, chosen.impl.split("@")[0])
+    monkeypatch.setitem(registry._REGISTRY, f"{impl.op_type}/{impl.name}",
+                        dataclasses.replace(impl, version=impl.version + 1))
+    assert fastrun.load_plan(tiny_model, cache_dir=cache_dir) is None
+    again = fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=OP_LIMIT, measure=False)
+    assert again.stats.measured >= 1  # the new version is timed, the others are reused
+    assert again.stats.from_cache == first.stats.measured - again.stats.measured
+
+
+@pytest.mark.parametrize("which", ["onnxruntime", "fastrun"])
+def test_software_upgrade_never_reuses_plans_or_timings(tiny_model, cache_dir, monkeypatch, which):
+    monkeypatch.setenv("FASTRUN_FINGERPRINT", "fleet-x")  # even a fixed fleet id does not carry them over
+    first = fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=OP_LIMIT, measure=False)
+    tag = software_tag()
+    if which == "onnxruntime":
+        monkeypatch.setattr(ort, "__version__", ort.__version__ + ".post1")
+    else:
+        for module in (fastrun, fastrun.plan, fastrun.fingerprint):
+            monkeypatch.setattr(module, "__version__", fastrun.__version__ + ".post1")
+    assert software_tag() != tag
+    assert fastrun.load_plan(tiny_model, cache_dir=cache_dir) is None
+    again = fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=OP_LIMIT, measure=False)
+    assert again.stats.from_cache == 0 and again.stats.measured == first.stats.measured
+    problems = cachetool.verify(Caches(cache_dir, writable=False)).problems
+    assert {p.kind for p in problems} == {"stale"} and len(problems) > first.stats.measured
+
+
+# --------------------------------------------------------------------------------- concurrency
+
+def test_two_warmup_processes_on_one_cache(tmp_path):
+    models = tmp_path / "models"
+    for k in (16, 24, 32):
+        save(tiny_conv_model(k=k), models / f"m{k}.onnx")
+    cache = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "-m", "fastrun.cli", "warmup", str(models), "--cache-dir", str(cache),
+                               "--shape", "x:1x8x12x12", "--shape", "x:2x8x12x12", "--op-limit", str(OP_LIMIT),
+                               "--json", str(tmp_path / f"w{i}.json")], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    rows = [r for i in range(2) for r in json.loads((tmp_path / f"w{i}.json").read_text())]
+    assert all(r["ok"] for r in rows)
+    assert sum(r["status"] == "profiled" for r in rows) == 6  # each plan made once, by one of them
+    report = cachetool.verify(Caches(cache, writable=False), [models])
+    assert report.plans == 6 and report.problems == []
+    for k in (16, 24, 32):
+        for b in (1, 2):
+            assert fastrun.load_plan(str(models / f"m{k}.onnx"), {"x": (b, 8, 12, 12)}, cache_dir=str(cache))
