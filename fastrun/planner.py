@@ -155,8 +155,10 @@ def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], allowed: set[str],
         c = _heavy_choice(impl, h.spec, cost)
         if c.out_format in allowed and all(f in allowed for f in c.in_formats):
             choices.append(c)
-    if not choices:  # unprofiled (heuristic or out of budget): estimated costs
+    if not choices:  # unprofiled (heuristic or out of budget): estimated costs, never a known failure
         for impl in h.impls:
+            if impl.id in timings and not timings[impl.id].ok:
+                continue
             c = _heavy_choice(impl, h.spec, costmodel.impl_ms(impl, h.spec))
             if c.out_format in allowed and all(f in allowed for f in c.in_formats):
                 choices.append(c)
