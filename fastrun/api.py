@@ -117,11 +117,9 @@ def implementation_change(plan: Plan) -> Optional[str]:
         if n.impl == "onnxruntime":
             continue
         try:
-            impl = registry.get(n.op_type, n.impl.split("@")[0])
-        except KeyError:
-            return f"implementation {n.impl} is not registered"
-        if impl.id != n.impl:
-            return f"implementation {n.impl} changed version (now {impl.id})"
+            registry.by_id(n.op_type, n.impl)
+        except KeyError as exc:
+            return str(exc).strip("'\"")
     return None
 
 

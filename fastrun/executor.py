@@ -121,9 +121,7 @@ def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str]) -> St
         for n in fragment.nodes:
             n.input[:] = [rename.get(x, x) for x in n.input]
         return Step(node.name, in_names, list(node.outputs), fragment=fragment)
-    impl = registry.get(node.op_type, choice.impl.split("@")[0])
-    if impl.id != choice.impl:
-        raise ValueError(f"plan wants {choice.impl} but {impl.id} is registered")
+    impl = registry.by_id(node.op_type, choice.impl)
     spec = spec_for_node(node, graph)
     built = impl.build(spec, const_inputs(node, graph))
     if impl.kind == "host":

@@ -94,11 +94,9 @@ def _problem(graph: Graph, plan: Plan) -> Optional[str]:
         if node.op_type not in heavy_types or node.domain or not isinstance(c.impl, str):
             return f"node {node.name!r} ({node.op_type}) has no implementation {c.impl!r}"
         try:
-            impl = registry.get(node.op_type, c.impl.split("@")[0])
-        except KeyError:
-            return f"implementation {c.impl} is not registered"
-        if impl.id != c.impl:
-            return f"implementation {c.impl} changed version (now {impl.id})"
+            impl = registry.by_id(node.op_type, c.impl)
+        except KeyError as exc:
+            return str(exc).strip("'\"")
         spec = spec_for_node(node, graph)
         if not impl.accepts(spec):
             return f"implementation {c.impl} does not apply to node {node.name!r} ({spec.describe()})"

@@ -273,7 +273,15 @@ def get(op_type: str, name: str) -> Implementation:
     try:
         return _REGISTRY[f"{op_type}/{name}"]
     except KeyError:
-        raise KeyError(f"no implementation {name!r} of {op_type} is registered") from None
+        raise KeyError(f"implementation {name} of {op_type} is not registered") from None
+
+
+def by_id(op_type: str, impl_id: str) -> Implementation:
+    """The implementation a plan names (``"name@version"``); KeyError saying why if it is gone."""
+    impl = get(op_type, impl_id.split("@")[0])
+    if impl.id != impl_id:
+        raise KeyError(f"implementation {impl_id} changed version (now {impl.id})")
+    return impl
 
 
 def candidates(spec: OpSpec) -> list[Implementation]:
