@@ -174,16 +174,21 @@ def _print_profile(d: dict) -> None:
         gain = f"{n['ort_ms'] / n['time_ms']:.2f}x" if n["ort_ms"] and n["time_ms"] else "-"
         fmt = n["in_formats"][0] if n["in_formats"] else "-"
         fmt = fmt if fmt == n["out_format"] else f"{fmt}>{n['out_format']}"
-        click.echo(f"{n['name'][-22:]:<22} {n['op_type'][:5]:<5} {n['spec'][:30]:<30} {n['impl'][:18]:<18} "
+        winner = n["impl"][:17] + ("*" if n["source"] == "heuristic" else "")
+        click.echo(f"{n['name'][-22:]:<22} {n['op_type'][:5]:<5} {n['spec'][:30]:<30} {winner:<18} "
                    f"{_ms(n['time_ms']):>8} {(n['runner_up'] or '-')[:18]:<18} {_ms(n['runner_up_ms']):>8} {gain:>7} {fmt}")
     click.echo("")
     click.echo(f"signatures: {d['specs_measured']} profiled now, {d['specs_cached']} from cache "
                f"({d['profiled_now']} candidate timings measured, {d['from_cache']} reused)")
     if d["skipped_budget"]:
-        click.echo(f"budget ran out: {d['skipped_budget']} signatures unprofiled, their nodes use the heuristic choice")
+        click.echo(f"budget ran out: {d['skipped_budget']} signatures unprofiled, their nodes (marked *) use the heuristic choice")
     for spec, impl, why in d["failed"]:
         click.echo(f"rejected: {impl} on {spec}: {why}")
     solver = d["solver"]
+    verified = (solver or {}).get("verified") or {}
+    if verified.get("kept") == "heuristic":
+        click.echo(f"end-to-end check: the heuristic assignment ran faster ({verified['heuristic_ms']:.2f} vs "
+                   f"{verified['optimal_ms']:.2f} ms for the predicted optimum): kept it")
     if solver:
         click.echo(f"format search: {solver['method']} {solver['status']} (gap {solver['gap']:.1e}) in {solver['seconds'] * 1e3:.0f} ms; "
                    f"reorders {d['reorders']} (greedy: {solver.get('greedy_reorders', '-')})")
