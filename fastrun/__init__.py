@@ -13,6 +13,7 @@ from .api import load_plan, profile  # noqa: E402
 from .errors import FastrunError, InputError, ModelError, PlanNotFoundError  # noqa: E402
 from .registry import OnnxFragment, OpSpec, implementation  # noqa: E402
 from .session import InferenceSession  # noqa: E402
+from .warmup import warmup  # noqa: E402
 
-__all__ = ["InferenceSession", "profile", "load_plan", "implementation", "OpSpec", "OnnxFragment",
+__all__ = ["InferenceSession", "profile", "load_plan", "warmup", "implementation", "OpSpec", "OnnxFragment",
            "FastrunError", "InputError", "ModelError", "PlanNotFoundError", "__version__"]

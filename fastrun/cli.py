@@ -36,12 +36,6 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _parse_shapes(shapes: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    from .graph import parse_shape
-
-    return dict(parse_shape(s) for s in shapes)
-
-
 def _resolve_model(model: Optional[str], example: Optional[str]) -> str:
     from .errors import ModelError
     from .models import example_path

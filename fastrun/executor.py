@@ -11,14 +11,14 @@ A tensor keeps its original name in the format its producer writes; a reorder of
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from . import formats, ortutil, registry
+from . import formats, layout_ops, ortutil, registry
 from .graph import Graph, Node, const_inputs, spec_for_node, to_proto
 from .plan import LIGHT_IMPL, Plan
 from .registry import OnnxFragment
@@ -114,8 +114,6 @@ def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str]) -> St
         if fmt == formats.NCHW:
             fragment = OnnxFragment([to_proto(node)])
         else:
-            from . import layout_ops
-
             fragment = layout_ops.emit_light(node, graph, fmt)
         rename = dict(zip(runtime, in_names))
         for n in fragment.nodes:
@@ -152,16 +150,8 @@ def _rename(fragment: OnnxFragment, mapping: dict[str, str], prefix: str) -> Onn
 def _reorder_step(tensor: str, src: str, dst: str, shape: Sequence[int], produced: dict[str, str]) -> Step:
     out = tensor_name(tensor, dst, produced)
     src_name = tensor_name(tensor, src, produced)
-    try:
-        from . import layout_ops
-    except ImportError:
-        layout_ops = None
-    if layout_ops is not None:
-        fragment = layout_ops.reorder_fragment(src_name, out, src, dst, tuple(shape))
-        return Step(f"reorder:{out}", [src_name], [out], fragment=fragment, is_reorder=True)
-    channels = shape[1]
-    return Step(f"reorder:{out}", [src_name], [out], is_reorder=True,
-                kernel=lambda x: formats.reorder(x, src, dst, channels))
+    fragment = layout_ops.reorder_fragment(src_name, out, src, dst, tuple(shape))
+    return Step(f"reorder:{out}", [src_name], [out], fragment=fragment, is_reorder=True)
 
 
 def _schedule(steps: list[Step], graph: Graph, plan: Plan, available: set[str], wanted: set[str],

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -734,8 +734,3 @@ def _plain(v: Any) -> Any:
 
 def const_inputs(node: Node, graph: Graph) -> dict[int, np.ndarray]:
     return {i: graph.constants[t] for i, t in enumerate(node.inputs) if t and t in graph.constants}
-
-
-def summary(graph: Graph) -> str:
-    counts = Counter(n.op_type for n in graph.nodes)
-    return ", ".join(f"{k} {v}" for k, v in counts.most_common())

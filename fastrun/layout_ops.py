@@ -452,7 +452,6 @@ def reorder_fragment(src_name: str, dst_name: str, src_fmt: str, dst_fmt: str,
 
     nodes: list = []
     inits: dict[str, np.ndarray] = {}
-    opsets: dict[str, int] = {}
 
     # Foreign block sizes (not MLAS's): plain Transpose/Reshape, block must divide C.
     if (bs and bs != native) or (bd and bd != native) or native < 4:

@@ -26,12 +26,11 @@ constant inputs, never the graph: that is what makes timings reusable across mod
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 
