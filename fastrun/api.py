@@ -78,6 +78,7 @@ class ProfileReport:
             "specs_measured": self.stats.specs_measured,
             "specs_cached": self.stats.specs_cached,
             "skipped_budget": self.stats.skipped_budget,
+            "unmeasured": [list(u) for u in self.stats.unmeasured],
             "failed": [list(f) for f in self.stats.failed],
             "seconds": self.seconds,
         }
@@ -169,8 +170,10 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
             cache_dir: Optional[str] = None, budget: Optional[float] = None,
             op_limit: float = DEFAULT_OP_LIMIT, progress: Optional[Callable[[str], None]] = None,
             measure: bool = True, repeats: int = 10, verify: bool = True,
-            op_timeout: Optional[float] = None, isolate: bool = True) -> ProfileReport:
+            op_timeout: Optional[float] = None, isolate: bool = True, refresh: bool = False) -> ProfileReport:
     """Profile every heavy node (cached signatures are reused), solve, store and measure the plan.
+
+    ``refresh`` measures everything again, ignoring (and then overwriting) cached timings.
 
     Candidates run in a killable worker process (``isolate``); one that crashes, or whose build
     or single call takes longer than ``op_timeout`` seconds (default
@@ -186,7 +189,7 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     caches = Caches(cache_dir)
     fingerprint = fp.fingerprint()
     profiler = Profiler(caches, fingerprint, budget_s=budget, op_limit_s=op_limit, op_timeout=op_timeout,
-                        isolate=isolate)
+                        isolate=isolate, refresh=refresh)
     plan = planner.make_plan(graph, fingerprint, profiler, progress=progress)
     if verify and plan.policy == "profiled":
         if progress:

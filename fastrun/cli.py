@@ -106,8 +106,11 @@ _shape_option = click.option("--shape", "shapes", multiple=True, metavar="NAME:D
               help="Also write a self-contained HTML report (charts of every candidate, formats, reorders).")
 @click.option("--no-measure", is_flag=True, help="Skip the end-to-end comparison with onnxruntime.")
 @click.option("--repeats", type=int, default=10, show_default=True, help="Rounds of the end-to-end comparison.")
+@click.option("--refresh", is_flag=True, help="Measure every signature again, ignoring cached timings "
+              "(e.g. after profiling on a busy machine).")
 @_fail_cleanly
-def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, json_path, report_path, no_measure, repeats) -> None:
+def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, json_path, report_path, no_measure, repeats,
+            refresh) -> None:
     """Profile MODEL, store its plan, print what was chosen and what it gains."""
     from . import api
 
@@ -116,7 +119,8 @@ def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, jso
     results = []
     for shape_set in _shape_sets(shapes) or [None]:  # one plan per shape set
         report = api.profile(path, shape_set, cache_dir=cache_dir, budget=budget, op_limit=op_limit,
-                             op_timeout=op_timeout, progress=show, measure=not no_measure, repeats=repeats)
+                             op_timeout=op_timeout, progress=show, measure=not no_measure, repeats=repeats,
+                             refresh=refresh)
         done()
         results.append(report.to_json())
         _print_profile(results[-1])

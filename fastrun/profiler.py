@@ -388,8 +388,13 @@ class Profiler:
 
     def __init__(self, caches: Optional[Caches], fingerprint: str, budget_s: Optional[float] = None,
                  op_limit_s: float = DEFAULT_OP_LIMIT, seed: int = 0, isolate: bool = True,
-                 op_timeout: Optional[float] = None, memory_limit: Optional[int] = None):
+                 op_timeout: Optional[float] = None, memory_limit: Optional[int] = None,
+                 refresh: bool = False):
         self.caches = caches
+        # refresh: ignore timings cached before this run (re-profile a machine whose earlier
+        # measurements were disturbed); what this run measures is reused within it.
+        self.refresh = refresh
+        self._fresh: set[str] = set()
         self.fingerprint = fingerprint
         self.deadline = time.monotonic() + budget_s if budget_s else None
         self.op_limit_s = op_limit_s
@@ -415,6 +420,8 @@ class Profiler:
             return found
         for impl in impls:
             key = self._key(spec, impl.id)
+            if self.refresh and key not in self._fresh:
+                continue
             value = self.caches.timings.get(key)
             if value is None:
                 continue
@@ -455,6 +462,7 @@ class Profiler:
     def _persist(self, spec: OpSpec, t: Timing) -> None:
         if self.caches is not None:
             self.caches.timings.set(self._key(spec, t.impl), t.to_json())
+            self._fresh.add(self._key(spec, t.impl))
 
     def _measure(self, spec: OpSpec, impls: Sequence[Implementation]) -> dict[str, Timing]:
         """Measure ``impls`` on ``spec``; each result is persisted the moment it is known."""
@@ -551,7 +559,7 @@ class AuxiliaryTimer:
     def _cached_or(self, key: str, measure: Callable[[], float]) -> Optional[float]:
         caches = self.p.caches
         full = Caches.timing_key(self.p.fingerprint, key, "ms")
-        if caches is not None:
+        if caches is not None and not (self.p.refresh and full not in self.p._fresh):
             hit = caches.timings.get(full)
             if hit is not None:
                 ms = hit.get("ms")
@@ -569,6 +577,7 @@ class AuxiliaryTimer:
             ms = None
         if caches is not None and ms is not None:
             caches.timings.set(full, {"ms": ms})
+            self.p._fresh.add(full)
         return ms
 
     def dispatch(self) -> float:

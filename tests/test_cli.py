@@ -26,6 +26,8 @@ def test_profile_prints_table_and_writes_json(tmp_path, tiny_model):
     assert all("in_formats" in n and "out_format" in n for n in data["nodes"])
     again = run("profile", tiny_model, "--cache-dir", str(tmp_path / "c"), "--no-measure")
     assert "0 profiled now, 2 from cache" in again.output
+    fresh = run("profile", tiny_model, "--cache-dir", str(tmp_path / "c"), "--no-measure", "--op-limit", "0.05", "--refresh")
+    assert "2 profiled now, 0 from cache" in fresh.output  # and verification re-used this run's timings
 
 
 @pytest.mark.parametrize("args,needle", [
