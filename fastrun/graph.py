@@ -161,6 +161,8 @@ def from_proto(model: onnx.ModelProto, data: bytes,
     graph.tensors = _infer_shapes(graph, shapes, dtypes)
     _remove_identities(graph)
     _fold_batchnorm(graph)
+    _fold_channel_affine(graph)
+    _drop_unused_constants(graph)
     _fuse_residual_adds(graph)
     _fuse_activations(graph)
     for node in graph.nodes:
@@ -492,12 +494,32 @@ def _single_consumer(graph: Graph, tensor: str, users: dict[str, list[Node]]) ->
     return users[tensor][0]
 
 
+def _foldable_conv(node: Node, graph: Graph) -> bool:
+    """A plain Conv whose weights are constant: its output's scale and bias can fold into them."""
+    return node.op_type == "Conv" and not node.domain and len(node.inputs) >= 2 and node.inputs[1] in graph.constants
+
+
+def _conv_params(conv: Node, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
+    """(weights, bias) of a foldable Conv; a zero bias when it has none."""
+    w = graph.constants[conv.inputs[1]]
+    has_bias = len(conv.inputs) > 2 and conv.inputs[2]
+    return w, graph.constants[conv.inputs[2]] if has_bias else np.zeros(w.shape[0], w.dtype)
+
+
+def _absorb(graph: Graph, conv: Node, follower: Node, w: np.ndarray, b: np.ndarray) -> None:
+    """Give ``conv`` new float32 weights and bias and make it produce ``follower``'s output."""
+    w_name, b_name = f"{conv.name}/{follower.name}/W", f"{conv.name}/{follower.name}/B"
+    graph.constants[w_name], graph.constants[b_name] = w.astype(np.float32), b.astype(np.float32)
+    conv.inputs = [conv.inputs[0], w_name, b_name]
+    conv.outputs = [o for o in follower.outputs if o][:1]
+
+
 def _fold_batchnorm(graph: Graph) -> None:
     """Conv -> BatchNormalization (inference) becomes one Conv with scaled weights and a bias."""
     users = graph.consumers()
     removed = set()
     for conv in graph.nodes:
-        if conv.op_type != "Conv" or conv.domain or len(conv.inputs) < 2 or conv.inputs[1] not in graph.constants:
+        if not _foldable_conv(conv, graph):
             continue
         bn = _single_consumer(graph, conv.outputs[0], users)
         if bn is None or bn.op_type != "BatchNormalization" or len([o for o in bn.outputs if o]) != 1:
@@ -505,20 +527,11 @@ def _fold_batchnorm(graph: Graph) -> None:
         if bn.attrs.get("training_mode", 0) or not all(t in graph.constants for t in bn.inputs[1:5]):
             continue
         scale, bias, mean, var = (graph.constants[t].astype(np.float64) for t in bn.inputs[1:5])
-        eps = bn.attrs.get("epsilon", 1e-5)
-        w = graph.constants[conv.inputs[1]].astype(np.float64)
-        b = graph.constants[conv.inputs[2]].astype(np.float64) if len(conv.inputs) > 2 and conv.inputs[2] else np.zeros(w.shape[0])
-        factor = scale / np.sqrt(var + eps)
-        new_w = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
-        new_b = ((b - mean) * factor + bias).astype(np.float32)
-        w_name, b_name = f"{conv.name}/folded_W", f"{conv.name}/folded_B"
-        graph.constants[w_name], graph.constants[b_name] = new_w, new_b
-        conv.inputs = [conv.inputs[0], w_name, b_name]
-        conv.outputs = list(bn.outputs[:1])
+        w, b = (a.astype(np.float64) for a in _conv_params(conv, graph))
+        factor = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+        _absorb(graph, conv, bn, w * factor.reshape(-1, *([1] * (w.ndim - 1))), (b - mean) * factor + bias)
         removed.add(id(bn))
     graph.nodes = [n for n in graph.nodes if id(n) not in removed]
-    _fold_channel_affine(graph)
-    _drop_unused_constants(graph)
 
 
 def _fold_channel_affine(graph: Graph) -> None:
@@ -526,28 +539,22 @@ def _fold_channel_affine(graph: Graph) -> None:
     users = graph.consumers()
     removed = set()
     for conv in graph.nodes:
-        if conv.op_type != "Conv" or conv.domain or len(conv.inputs) < 2 or conv.inputs[1] not in graph.constants:
+        if not _foldable_conv(conv, graph):
             continue
         while True:
             nxt = _single_consumer(graph, conv.outputs[0], users)
             if nxt is None or nxt.op_type not in ("Mul", "Add") or nxt.domain or len(nxt.inputs) != 2:
                 break
             other = nxt.inputs[1] if nxt.inputs[0] == conv.outputs[0] else nxt.inputs[0]
-            k = graph.constants[conv.inputs[1]].shape[0]
-            per_channel = _per_channel(graph.constants.get(other), k, len(graph.tensors[conv.outputs[0]].shape))
+            w, b = _conv_params(conv, graph)
+            per_channel = _per_channel(graph.constants.get(other), w.shape[0], len(graph.tensors[conv.outputs[0]].shape))
             if per_channel is None or other == conv.outputs[0]:
                 break
-            w = graph.constants[conv.inputs[1]]
-            b = graph.constants[conv.inputs[2]] if len(conv.inputs) > 2 and conv.inputs[2] else np.zeros(k, np.float32)
             if nxt.op_type == "Mul":
-                w = w * per_channel.reshape(-1, *([1] * (w.ndim - 1)))
-                b = b * per_channel
+                w, b = w * per_channel.reshape(-1, *([1] * (w.ndim - 1))), b * per_channel
             else:
                 b = b + per_channel
-            w_name, b_name = f"{conv.name}/{nxt.name}/W", f"{conv.name}/{nxt.name}/B"
-            graph.constants[w_name], graph.constants[b_name] = w.astype(np.float32), b.astype(np.float32)
-            conv.inputs = [conv.inputs[0], w_name, b_name]
-            conv.outputs = list(nxt.outputs)
+            _absorb(graph, conv, nxt, w, b)
             removed.add(id(nxt))
     graph.nodes = [n for n in graph.nodes if id(n) not in removed]
 
@@ -580,8 +587,8 @@ def _fuse_residual_adds(graph: Graph) -> None:
         best = None
         for k, conv in enumerate(convs):
             other = add.inputs[1 - k]
-            if conv is None or conv.op_type != "Conv" or conv.domain or conv.activation or len(conv.inputs) > 3 \
-                    or conv.inputs[1] not in graph.constants or other in graph.constants or other not in graph.tensors \
+            if conv is None or not _foldable_conv(conv, graph) or conv.activation or len(conv.inputs) > 3 \
+                    or other in graph.constants or other not in graph.tensors \
                     or _single_consumer(graph, conv.outputs[0], users) is not add \
                     or graph.tensors[other].shape != graph.tensors[conv.outputs[0]].shape:
                 continue
