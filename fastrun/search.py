@@ -395,12 +395,8 @@ class _Pruned:
                                for t in node.outputs if t in prob.output_formats):
                         continue
                     keep.append(k)
-                if len(keep) != len(self.usable[i]):
-                    changed = True
-                    self.usable[i] = keep
-                if not keep:
-                    raise InfeasibleError(f"node {node.name!r} has no usable choice "
-                                          "(all infinite, or their formats cannot be reached)")
+                changed |= self._narrow(i, keep, "has no usable choice (all infinite, or their formats "
+                                                 "cannot be reached)")
                 outs = {node.choices[k].out_format for k in keep}
                 for t in node.outputs:
                     poss[t] = outs
@@ -421,12 +417,15 @@ class _Pruned:
                             break
                     if ok:
                         keep.append(k)
-                if len(keep) != len(self.usable[i]):
-                    changed = True
-                    self.usable[i] = keep
-                if not keep:
-                    raise InfeasibleError(f"node {node.name!r} has no choice whose output format "
-                                          "its consumers can read")
+                changed |= self._narrow(i, keep, "has no choice whose output format its consumers can read")
+
+    def _narrow(self, i: int, keep: list[int], why: str) -> bool:
+        """Keep only ``keep`` of node ``i``'s usable choices; whether that removed any."""
+        if not keep:
+            raise InfeasibleError(f"node {self.problem.nodes[i].name!r} {why}")
+        removed = len(keep) != len(self.usable[i])
+        self.usable[i] = keep
+        return removed
 
 
 # --------------------------------------------------------------------------------------------
