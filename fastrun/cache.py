@@ -78,17 +78,22 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastrun"
 
 
-def software_tag() -> str:
-    """fastrun and onnxruntime versions, in every timing key.
+# How the profiler turns samples into a time; bump it when that changes, so that timings taken
+# the old way are never mixed with new ones. 2: lower quartile over >= 0.25 s (1: median).
+TIMING_METHOD = 2
 
-    The fingerprint hashes them too, but ``FASTRUN_FINGERPRINT`` (a fleet's shared id) replaces
-    the fingerprint: an upgrade must still never reuse a timing measured by other software.
+
+def software_tag() -> str:
+    """fastrun and onnxruntime versions and the timing method, in every timing key.
+
+    The fingerprint hashes the versions too, but ``FASTRUN_FINGERPRINT`` (a fleet's shared id)
+    replaces the fingerprint: an upgrade must still never reuse a timing measured by other software.
     """
     import onnxruntime
 
     from . import __version__
 
-    return f"fastrun-{__version__}+ort-{onnxruntime.__version__}"
+    return f"fastrun-{__version__}+ort-{onnxruntime.__version__}+t{TIMING_METHOD}"
 
 
 @dataclass

@@ -151,7 +151,7 @@ def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], allowed: set[str],
         impl = by_id.get(impl_id)
         if impl is None or not t.ok:
             continue
-        cost = _in_segment(t.median_ms, dispatch) if impl.kind == "onnx" else t.median_ms + dispatch
+        cost = _in_segment(t.time_ms, dispatch) if impl.kind == "onnx" else t.time_ms + dispatch
         c = _heavy_choice(impl, h.spec, cost)
         if c.out_format in allowed and all(f in allowed for f in c.in_formats):
             choices.append(c)
@@ -212,16 +212,16 @@ def _to_plan(graph: Graph, fingerprint: str, problem: search.SearchProblem, resu
         if h is not None:
             t = timings.get(h.spec.key(), {})
             nc.spec, nc.spec_key = h.spec.describe(), h.spec.key()
-            nc.candidates = {k: (round(v.median_ms, 4) if v.ok else f"failed: {v.reason}") for k, v in t.items()}
-            ok = sorted((v.median_ms, k) for k, v in t.items() if v.ok)
+            nc.candidates = {k: (round(v.time_ms, 4) if v.ok else f"failed: {v.reason}") for k, v in t.items()}
+            ok = sorted((v.time_ms, k) for k, v in t.items() if v.ok)
             if ok:
                 nc.source = "profiled"
                 if c.impl in t:
-                    nc.time_ms = t[c.impl].median_ms  # the standalone measurement, comparable with ort_ms
+                    nc.time_ms = t[c.impl].time_ms  # the standalone measurement, comparable with ort_ms
                 others = [(ms, k) for ms, k in ok if k != c.impl]
                 if others:
                     nc.runner_up_ms, nc.runner_up = others[0]
-                ort = [v.median_ms for k, v in t.items() if v.ok and k.startswith("ort@")]
+                ort = [v.time_ms for k, v in t.items() if v.ok and k.startswith("ort@")]
                 nc.ort_ms = ort[0] if ort else None
             elif profiled:
                 nc.time_ms = None

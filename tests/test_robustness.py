@@ -160,7 +160,7 @@ def test_each_failed_check_is_recorded_with_its_reason():
     assert timings["ort@1"].ok
     for name, (_, why) in builders.items():
         t = timings[f"test_{name}@1"]
-        assert t.status == "failed" and t.median_ms is None and why in t.reason, (name, t.reason)
+        assert t.status == "failed" and t.time_ms is None and why in t.reason, (name, t.reason)
 
 
 # ------------------------------------------------------------------------------ corrupt caches
@@ -178,16 +178,16 @@ def _conv_keys(model_bytes):
 
 CORRUPT_TIMINGS = {
     "truncated JSON": '{"schema": 1, "impl": "ort@1", "stat',
-    "wrong schema": json.dumps({"schema": 99, "impl": "ort@1", "status": "ok", "median_ms": 0.001}),
+    "wrong schema": json.dumps({"schema": 99, "impl": "ort@1", "status": "ok", "time_ms": 0.001}),
     "not JSON": "\x00\x01 not json at all",
     "not an object": "[1, 2, 3]",
-    "time is text": json.dumps({"schema": 1, "impl": "ort@1", "status": "ok", "median_ms": "fast"}),
-    "negative time": json.dumps({"schema": 1, "impl": "ort@1", "status": "ok", "median_ms": -5.0}),
-    "infinite time": '{"schema": 1, "impl": "ort@1", "status": "ok", "median_ms": Infinity}',
-    "unknown status": json.dumps({"schema": 1, "impl": "ort@1", "status": "great", "median_ms": 0.001}),
+    "time is text": json.dumps({"schema": 1, "impl": "ort@1", "status": "ok", "time_ms": "fast"}),
+    "negative time": json.dumps({"schema": 1, "impl": "ort@1", "status": "ok", "time_ms": -5.0}),
+    "infinite time": '{"schema": 1, "impl": "ort@1", "status": "ok", "time_ms": Infinity}',
+    "unknown status": json.dumps({"schema": 1, "impl": "ort@1", "status": "great", "time_ms": 0.001}),
     "ok without time": json.dumps({"schema": 1, "impl": "ort@1", "status": "ok"}),
-    "another impl's timing": json.dumps({"schema": 1, "impl": "im2col_gemm@1", "status": "ok", "median_ms": 1e-6}),
-    "bogus format": json.dumps({"schema": 1, "impl": "ort@1", "status": "ok", "median_ms": 0.001,
+    "another impl's timing": json.dumps({"schema": 1, "impl": "im2col_gemm@1", "status": "ok", "time_ms": 1e-6}),
+    "bogus format": json.dumps({"schema": 1, "impl": "ort@1", "status": "ok", "time_ms": 0.001,
                                 "in_format": "NCHW7x"}),
 }
 
@@ -209,7 +209,7 @@ def test_corrupt_timing_entries_are_reported_once_and_measured_again(cache_dir, 
         assert len(warned) == 1, (label, [r.getMessage() for r in caplog.records])
         assert report.plan.node("conv1").candidates["ort@1"] != 1e-6
         rebuilt = caches.timings.get(keys["ort@1"])
-        assert rebuilt["status"] == "ok" and rebuilt["median_ms"] > 0, label  # rebuilt
+        assert rebuilt["status"] == "ok" and rebuilt["time_ms"] > 0, label  # rebuilt
     caches.close()
 
 
