@@ -195,6 +195,7 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
         if progress:
             progress("verifying the plan end to end against the heuristic assignment")
         plan = verify_plan(graph, plan, profiler, fingerprint, repeats)
+        plan = choose_threads(graph, plan, repeats)
     if not store_plan(caches, plan):
         log.warning("the plan could not be stored in %s (read-only?)", caches.root)
     report = ProfileReport(model=_model_label(model, graph), plan=plan, stats=profiler.stats,
@@ -233,6 +234,40 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
         log.info("the heuristic assignment measured faster end to end (%.2f vs %.2f ms): keeping it",
                  times["heuristic"], times["optimal"])
     return chosen
+
+
+THREADS_MARGIN = 0.03  # fewer threads must be this much faster to replace all of them
+
+
+def thread_counts(available: int) -> list[int]:
+    """Intra-op thread counts worth timing on a machine with ``available`` cores (all first)."""
+    return sorted({available, max(1, available // 2), 1}, reverse=True)
+
+
+def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
+    """The plan with the intra-op thread count of its onnxruntime segments measured, not assumed.
+
+    A deployment knob like the assignment: small models can lose more to waking and joining
+    threads than they gain from them. Every count of :func:`thread_counts` runs the whole plan,
+    interleaved; fewer threads than all must win by ``THREADS_MARGIN``. The times are kept in
+    ``plan.solver["threads"]``.
+    """
+    counts = thread_counts(ortutil.default_threads())
+    if len(counts) == 1:
+        return plan
+    feed = random_feed(graph)
+    programs = {n: executor.compile_plan(graph, plan, threads=n) for n in counts}
+    times = benchmark.interleaved({str(n): (lambda p=p: p.run(feed)) for n, p in programs.items()},
+                                  repeats=max(5, repeats), max_seconds=60)
+    best = min(counts, key=lambda n: times[str(n)])
+    if times[str(best)] > (1 - THREADS_MARGIN) * times[str(counts[0])]:
+        best = counts[0]
+    plan.threads = best
+    plan.solver = dict(plan.solver, threads={"chosen": best, "ms": times})
+    if best != counts[0]:
+        log.info("%d intra-op thread(s) ran faster end to end than %d (%.2f vs %.2f ms): keeping %d",
+                 best, counts[0], times[str(best)], times[str(counts[0])], best)
+    return plan
 
 
 def _measure(report: ProfileReport, graph: Graph, plan: Plan, data: bytes, repeats: int) -> None:

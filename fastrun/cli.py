@@ -187,6 +187,10 @@ def _print_profile(d: dict) -> None:
     if verified.get("kept") == "heuristic":
         click.echo(f"end-to-end check: the heuristic assignment ran faster ({verified['heuristic_ms']:.2f} vs "
                    f"{verified['optimal_ms']:.2f} ms for the predicted optimum): kept it")
+    threads = (solver or {}).get("threads")
+    if threads:
+        timed = ", ".join(f"{n}: {ms:.2f} ms" for n, ms in threads["ms"].items())
+        click.echo(f"intra-op threads: {threads['chosen']} (measured end to end: {timed})")
     if solver:
         click.echo(f"format search: {solver['method']} {solver['status']} (gap {solver['gap']:.1e}) in {solver['seconds'] * 1e3:.0f} ms; "
                    f"reorders {d['reorders']} (greedy: {solver.get('greedy_reorders', '-')})")

@@ -60,7 +60,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import formats, isolation, kernels, registry
+from . import benchmark, formats, isolation, kernels, registry
 from .cache import Caches
 from .registry import Implementation, OpSpec
 
@@ -68,13 +68,11 @@ log = logging.getLogger(__name__)
 
 MIN_ROUNDS = 5
 MAX_ROUNDS = 200
-# Noise on a shared VM comes in episodes: for 0.1-0.5 s, ~15% of the time, a core is taken and
-# every op runs ~1.6x slower. A candidate's time is therefore the lower quartile of samples that
-# span at least MIN_SECONDS (an episode rarely covers a quarter of them), not the median of a
-# short window that may sit inside one. Measured: predicted/measured end to end on squeezenet went
-# from 1.45 to 0.99, shufflenet 1.19 -> 0.96, zfnet512 0.78 -> 1.00 (see issue 3's note).
+# A candidate's time is benchmark.TIME_PERCENTILE (the lower quartile) of samples spanning at
+# least MIN_SECONDS: noise comes in 0.1-0.5 s episodes, and the median of a short window could sit
+# inside one. Measured: predicted/measured end to end on squeezenet went from 1.45 to 0.99,
+# shufflenet 1.19 -> 0.96, zfnet512 0.78 -> 1.00 (issue 3's note).
 MIN_SECONDS = 0.25
-TIME_PERCENTILE = 25
 STABLE_SPREAD = 0.05
 DROP_FACTOR = 4.0
 EARLY_DROP_FACTOR = 16.0  # after one round: this much slower than the best cannot win
@@ -95,7 +93,7 @@ class Timing:
 
     impl: str
     status: str  # "ok" | "failed"
-    time_ms: Optional[float] = None  # the TIME_PERCENTILE of the samples
+    time_ms: Optional[float] = None  # benchmark.typical_ms of the samples
     spread: float = 0.0  # interquartile range / median
     repeats: int = 0
     error: float = 0.0  # max |candidate - reference| / max |reference|
@@ -285,7 +283,7 @@ def measure_candidates(spec: OpSpec, impls: Sequence[Implementation], channel: i
         t = timings[impl_id]
         arr = np.array(times) * 1e3
         q1, med, q3 = np.percentile(arr, [25, 50, 75])
-        t.status, t.time_ms, t.repeats = "ok", float(np.percentile(arr, TIME_PERCENTILE)), len(arr)
+        t.status, t.time_ms, t.repeats = "ok", benchmark.typical_ms(times), len(arr)
         t.spread = float((q3 - q1) / med) if med > 0 else 0.0
         channel.send(impl_id, t.to_json())
 
@@ -525,7 +523,7 @@ def _stable(times: list[float]) -> bool:
 
 def time_callable(fn: Callable[[], object], limit_s: float = 0.5, min_rounds: int = MIN_ROUNDS) -> float:
     """Milliseconds of ``fn()`` as candidates are timed (one warm-up call, then samples over
-    ``MIN_SECONDS`` or ``limit_s``, whichever is shorter; their ``TIME_PERCENTILE``)."""
+    ``MIN_SECONDS`` or ``limit_s``, whichever is shorter; :func:`benchmark.typical_ms` of them)."""
     fn()
     times = []
     start = time.perf_counter()
@@ -535,7 +533,7 @@ def time_callable(fn: Callable[[], object], limit_s: float = 0.5, min_rounds: in
         times.append(time.perf_counter() - t0)
         if time.perf_counter() - start > limit_s and len(times) >= 3:
             break
-    return float(np.percentile(times, TIME_PERCENTILE)) * 1e3
+    return benchmark.typical_ms(times)
 
 
 # ------------------------------------------------------------------ light ops and reorders
@@ -602,7 +600,7 @@ class AuxiliaryTimer:
         sleep) that a node inside a merged segment does not."""
         from onnx import helper
 
-        from . import benchmark, ortutil
+        from . import ortutil
 
         chain, shape = 16, [1, 64, 28, 28]
 

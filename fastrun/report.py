@@ -433,7 +433,7 @@ def render_html(d: dict) -> str:
              '<div class="meta">' + " \u00b7 ".join(m for m in meta if m) + "</div>", _cards(d)]
     e2e = end_to_end(d)
     if e2e:
-        parts.append("<section><h2>End to end: measured (median of round-robin runs) and predicted</h2>"
+        parts.append("<section><h2>End to end: measured (lower quartile of round-robin runs) and predicted</h2>"
                      + hbar_chart([("", e2e)], label_w=260, right_w=120, title="end to end") + "</section>")
     parts.append('<div class="two">'
                  f'<section><h2>Where the time goes: by op type</h2>{hbar_chart([("", by_op)], width=590, label_w=170, right_w=110, title="time by op type")}</section>'

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end benchmark: onnxruntime vs fastrun, interleaved in one process, medians.
+"""End-to-end benchmark: onnxruntime vs fastrun, interleaved in one process (lower quartiles of interleaved samples: fastrun.benchmark).
 
 For each model and batch size it runs, round-robin so machine noise hits all alike:
   ort_all       onnxruntime ORT_ENABLE_ALL        (the baseline ratios are quoted against)

@@ -173,3 +173,35 @@ def test_budget_zero_profiles_nothing_and_falls_back(cache_dir, tiny_model):
     assert report.stats.measured == 0 and report.stats.skipped_budget == 2
     assert report.plan.policy == "partial"
     assert all(n.source == "heuristic" for n in report.plan.nodes if n.spec)
+
+
+def test_thread_counts_worth_timing():
+    assert api.thread_counts(4) == [4, 2, 1]
+    assert api.thread_counts(2) == [2, 1]
+    assert api.thread_counts(1) == [1]
+
+
+def test_profile_measures_the_thread_count_and_the_plan_keeps_it(cache_dir, tiny_model, monkeypatch):
+    monkeypatch.setenv("FASTRUN_THREADS", "2")
+    real = api.benchmark.interleaved
+
+    def one_thread_wins(runners, **kw):
+        times = real(runners, **kw)
+        return {k: (0.5 if k == "1" else 1.0) * v for k, v in times.items()} if set(runners) == {"1", "2"} else times
+
+    monkeypatch.setattr(api.benchmark, "interleaved", one_thread_wins)
+    report = fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=0.05, repeats=2)
+    assert report.plan.threads == 1
+    assert set(report.plan.solver["threads"]["ms"]) == {"1", "2"}
+    session = fastrun.InferenceSession(tiny_model, cache_dir=cache_dir, policy="require")
+    plan = next(iter(session.plans.values()))
+    assert plan.threads == 1
+    segments = [p for p in next(iter(session._programs.values())).program if isinstance(p, api.executor.Segment)]
+    assert segments and all(s.session.get_session_options().intra_op_num_threads == 1 for s in segments)
+
+
+def test_all_threads_are_kept_unless_fewer_win_clearly(cache_dir, tiny_model, monkeypatch):
+    monkeypatch.setenv("FASTRUN_THREADS", "2")
+    monkeypatch.setattr(api.benchmark, "interleaved", lambda runners, **kw: {k: 1.0 for k in runners})
+    report = fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=0.05, repeats=2, measure=False)
+    assert report.plan.threads == 2 and report.plan.solver["threads"]["chosen"] == 2
