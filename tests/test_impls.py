@@ -357,3 +357,13 @@ def test_residual_sum_implementations(act, shape):
         out = build_callable(impl, spec, consts)(*[formats.to_format(a, f) for a, f in zip(args, fmts)])
         out = formats.from_format(out, registry.resolve_format(impl.out_format), k)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=impl.id)
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (300, 4000), (4000, 300), (1100, 1100)])
+def test_tiled_transpose_matches_numpy(shape):
+    from fastrun.impls.common import transposed
+
+    x = np.random.default_rng(0).standard_normal(shape)
+    y = transposed(x)
+    assert y.flags.c_contiguous and y.dtype == np.float32
+    assert np.array_equal(y, x.T.astype(np.float32))

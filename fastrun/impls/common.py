@@ -45,3 +45,39 @@ def activation(spec: OpSpec) -> Callable[[np.ndarray], np.ndarray]:
     if act == "Tanh":
         return lambda y: np.tanh(y, out=y)
     raise ValueError(f"unsupported fused activation {act}")
+
+
+TRANSPOSE_BLOCK = 256  # square tiles: one source tile and one destination tile stay in L2
+
+
+def transposed(x: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """``x.T`` of a 2-D array as a new contiguous array, built tile by tile on every core.
+
+    Build-time packing of large weights: numpy's own strided copy of VGG-19's 4096x25088 fc6
+    took 0.6-1.5 s here, this 0.16 s (a plain copy of it takes 0.15 s). numpy releases the GIL
+    while it copies, so the threads run in parallel.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..ortutil import default_threads
+
+    rows, cols = x.shape
+    out = np.empty((cols, rows), dtype)
+    bs = TRANSPOSE_BLOCK
+
+    def band(start: int) -> None:  # bands along the longer side, so that every core gets some
+        if rows >= cols:
+            for j0 in range(0, cols, bs):
+                out[j0:j0 + bs, start:start + bs] = x[start:start + bs, j0:j0 + bs].T
+        else:
+            for i0 in range(0, rows, bs):
+                out[start:start + bs, i0:i0 + bs] = x[i0:i0 + bs, start:start + bs].T
+
+    starts = range(0, max(rows, cols), bs)
+    if x.size < bs * bs * 16:
+        for start in starts:
+            band(start)
+    else:
+        with ThreadPoolExecutor(default_threads()) as pool:
+            list(pool.map(band, starts))
+    return out
