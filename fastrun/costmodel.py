@@ -3,8 +3,15 @@
 Without measurements fastrun still solves the same global search, on estimated costs: an
 implementation's time is its direct-convolution FLOPs at a nominal rate, scaled by its
 ``heuristic_rank`` (lower rank = trusted faster); light ops and reorders cost their memory
-traffic. This reproduces what onnxruntime's own layout transformer does (blocked kernels with
-few reorders) without timing anything.
+traffic; depthwise convolutions cost their traffic times a per-kernel factor. The constants are
+rules read off profiles (below). This reproduces what onnxruntime's own layout transformer does
+(blocked kernels with few reorders) without timing anything.
+
+A fitted table (time = fixed + a*GFLOP + b*MB per implementation, per light op and format, for
+reorders; non-negative least squares on the profiles of all light models at batch 1 and 8) was
+tried and measured worse end to end (heuristic/ORT 0.78-0.90 instead of 0.98-1.01 on SqueezeNet,
+Inception v2, ResNet-50): its light-op fits were poor (median relative error 0.45-0.78) and it
+moved layouts away from the ones onnxruntime's kernels are tuned for. Hence these few rules.
 """
 from __future__ import annotations
 
@@ -13,7 +20,16 @@ import numpy as np
 from .registry import Implementation, OpSpec
 
 NOMINAL_GFLOPS = 100.0   # per implementation, before the rank factor
-NOMINAL_GBPS = 10.0      # memory traffic of light ops and reorders
+NOMINAL_GBPS = 10.0      # memory traffic of light ops
+# Rules read off profiles of the light models (2-core AVX-512 VM; scripts/bench.py caches):
+# - reorders between activations that fit in cache ran at ~50 GB/s (fitted 0.0195 ms/MB);
+# - depthwise convolutions are bound by traffic, not FLOPs: time / (input + output bytes at
+#   NOMINAL_GBPS) was ~2.8 for onnxruntime's NCHW kernel, ~1.15 for its blocked depthwise
+#   kernel (ShuffleNet's 272@14x14 layers: 0.120 vs 0.049 ms) and ~7 for the numpy taps kernel;
+#   an implementation not listed is assumed as slow as the slowest. Without this rule the
+#   heuristic kept ShuffleNet all-NCHW and ran 0.70-0.85x onnxruntime.
+REORDER_GBPS = 50.0
+DEPTHWISE_TRAFFIC_FACTOR = {"ort": 2.8, "ort_nchwc_depthwise": 1.15, "depthwise_taps": 7.0}
 
 
 def direct_flops(spec: OpSpec) -> float:
@@ -28,10 +44,26 @@ def direct_flops(spec: OpSpec) -> float:
     return 0.0
 
 
+def is_depthwise(spec: OpSpec) -> bool:
+    if spec.op_type != "Conv" or len(spec.inputs) < 2 or len(spec.inputs[0]) != 4:
+        return False
+    c, group = spec.inputs[0][1], spec.attr("group", 1)
+    return group > 1 and group == c and spec.inputs[1][1] == 1
+
+
 def impl_ms(impl: Implementation, spec: OpSpec) -> float:
-    return direct_flops(spec) / (NOMINAL_GFLOPS * 1e6) * (1.0 + impl.heuristic_rank / 100.0)
+    ms = direct_flops(spec) / (NOMINAL_GFLOPS * 1e6) * (1.0 + impl.heuristic_rank / 100.0)
+    if is_depthwise(spec):
+        factor = DEPTHWISE_TRAFFIC_FACTOR.get(impl.name, max(DEPTHWISE_TRAFFIC_FACTOR.values()))
+        elements = float(np.prod(spec.inputs[0])) + float(np.prod(spec.output))
+        ms = max(ms, elements * 4.0 / (NOMINAL_GBPS * 1e6) * factor)
+    return ms
 
 
-def traffic_ms(elements: int, passes: float = 2.0) -> float:
+def traffic_ms(elements: int, passes: float = 2.0, gbps: float = NOMINAL_GBPS) -> float:
     """Time to read and write ``elements`` floats ``passes`` times in total."""
-    return elements * 4.0 * passes / (NOMINAL_GBPS * 1e6)
+    return elements * 4.0 * passes / (gbps * 1e6)
+
+
+def reorder_ms(elements: int) -> float:
+    return traffic_ms(elements, gbps=REORDER_GBPS)

@@ -696,8 +696,22 @@ def _shape_of(graph: Graph, tensor: str) -> tuple[int, ...]:
     return graph.tensors[tensor].shape
 
 
+def _dtype_of(graph: Graph, tensor: str) -> str:
+    if tensor in graph.constants:
+        return str(graph.constants[tensor].dtype)
+    return graph.tensors[tensor].dtype
+
+
+HEAVY_OPS = ("Conv", "MatMul", "Gemm")
+
+
 def _check_heavy_nodes(graph: Graph) -> None:
     for node in graph.nodes:
+        if node.op_type in HEAVY_OPS and not node.domain:
+            dtypes = {t: _dtype_of(graph, t) for t in node.inputs if t}
+            if len(set(dtypes.values())) > 1:
+                listed = ", ".join(f"{t} is {d}" for t, d in dtypes.items())
+                raise ModelError(f"{node.op_type} {node.name!r}: its inputs must share one element type ({listed})")
         if node.op_type == "Conv" and not node.domain and len(node.inputs) > 1:
             x, w = _shape_of(graph, node.inputs[0]), _shape_of(graph, node.inputs[1])
             g = node.attrs["group"]

@@ -191,7 +191,7 @@ def _reorder_costs(graph: Graph, nodes: list[search.SearchNode], aux: Optional[A
                 if src == dst or not (formats.applicable(shape, src) and formats.applicable(shape, dst)):
                     continue
                 ms = aux.reorder(shape, src, dst, graph.tensors[t].dtype) if aux \
-                    else costmodel.traffic_ms(int(np.prod(shape)))
+                    else costmodel.reorder_ms(int(np.prod(shape)))
                 if ms is not None:
                     costs[t][f"{src}>{dst}"] = _in_segment(ms, dispatch)
     return costs

@@ -32,6 +32,21 @@ def test_heuristic_plan_matches_onnxruntime(name):
     _check(executor.compile_plan(graph, plan), data, graph)
 
 
+def test_heuristic_runs_depthwise_convolutions_blocked():
+    """The traffic rule for depthwise convs: ShuffleNet's go to the blocked kernel, reorders and all."""
+    from fastrun import costmodel, formats
+
+    graph = G.load(_model("shufflenet"))
+    plan = planner.make_plan(graph, fingerprint.fingerprint())
+    depthwise = [n for n in planner.heavy_nodes(graph) if costmodel.is_depthwise(n.spec)]
+    assert depthwise
+    if not formats.native_block_size():
+        pytest.skip("no blocked kernels on this CPU")
+    chosen = {n.name: n.impl for n in plan.nodes}
+    assert all(chosen[h.node.name] == "ort_nchwc_depthwise@1" for h in depthwise), chosen
+    assert plan.reorders  # paid for: the grouped 1x1 convs around them stay NCHW
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", models.EXAMPLES)
 def test_profiled_plan_matches_onnxruntime(name, tmp_path):
