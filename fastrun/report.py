@@ -446,7 +446,7 @@ def render_html(d: dict) -> str:
     parts.append("<section><h2>Every candidate per op signature</h2>"
                  + _legend([("chosen", WINNER), ("onnxruntime's kernel", ORT), ("other candidate", OTHER),
                             ("failed (reason on hover)", FAILED)])
-                 + '<p class="muted">Median standalone time of each implementation on the signature\'s real shapes, '
+                 + '<p class="muted">Standalone time (lower quartile of samples over >= 0.25 s) of each implementation on the signature\'s real shapes, '
                    "log scale. The chosen one is not always the fastest alone: the format search also prices the "
                    "reorders around it.</p>"
                  + (hbar_chart(groups, log=True, title="candidates per signature") if groups else "<p>No Conv/MatMul/Gemm nodes.</p>")
