@@ -10,6 +10,7 @@ The first round of each is a warm-up (imports, lazy initialisation) and is not c
 
     python scripts/bench_startup.py                       # every light model
     python scripts/bench_startup.py --models resnet50 squeezenet --rounds 7 --json startup.json
+    python scripts/bench_startup.py --real-weights        # weights as initializers, as real models ship
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 
 import fastrun
@@ -46,8 +48,7 @@ def stages(path: Path, cache_dir: str) -> dict[str, float]:
     return {"graph_ms": (t1 - t0) * 1e3, "lookup_ms": (t2 - t1) * 1e3, "compile_ms": (t3 - t2) * 1e3}
 
 
-def bench_model(name: str, cache_dir: str, rounds: int) -> dict:
-    path = models.example_path(name)
+def bench_model(name: str, path: Path, cache_dir: str, rounds: int) -> dict:
     quiet = ort.SessionOptions()
     quiet.log_severity_level = 3  # onnxruntime's defaults otherwise; only its warnings about unused initializers go
     creators = {
@@ -79,11 +80,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="Counted session creations per model and runtime.")
     ap.add_argument("--op-limit", type=float, default=0.1, help="Per-signature profiling limit when warming.")
     ap.add_argument("--budget", type=float, default=30.0, help="Profiling budget per model when warming (s).")
+    ap.add_argument("--real-weights", action="store_true",
+                    help="Use the models with random weights stored as initializers, as real models ship them "
+                         "(the light models build theirs with ConstantOfShape at load).")
     ap.add_argument("--json", dest="json_path", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    paths = [models.example_path(m) for m in args.models]
+    if args.real_weights:  # the light models store weights as ConstantOfShape; real ones ship initializers
+        real_dir = Path(tempfile.mkdtemp(prefix="fastrun-startup-"))
+        paths = []
+        for m in args.models:
+            paths.append(real_dir / f"{m}.onnx")
+            onnx.save(models.randomized(models.example_path(m), seed=0), str(paths[-1]))
+    else:
+        paths = [models.example_path(m) for m in args.models]
     for r in warmup(paths, cache_dir=args.cache_dir, op_limit=args.op_limit, budget=args.budget):
         print(f"warm-up {Path(r.model).name}: {r.status}{' (' + r.error + ')' if r.error else ''} in {r.seconds:.1f} s",
               flush=True)
@@ -92,8 +103,8 @@ def main() -> None:
               f"{'compile ms':>10}  plan")
     rows = []
     print(header)
-    for name in args.models:
-        row = bench_model(name, args.cache_dir, args.rounds)
+    for name, path in zip(args.models, paths):
+        row = bench_model(name, path, args.cache_dir, args.rounds)
         rows.append(row)
         print(f"{name:<14} {row['onnxruntime_ms']:>14.1f} {row['fastrun_ms']:>11.1f} {row['ratio']:>6.2f} "
               f"{row['graph_ms']:>9.1f} {row['lookup_ms']:>9.2f} {row['compile_ms']:>10.1f}  {row['plan']}", flush=True)
