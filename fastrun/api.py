@@ -209,6 +209,13 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     return report
 
 
+def _race(graph: Graph, programs: dict[str, executor.Program], repeats: int) -> dict[str, float]:
+    """End-to-end ms of alternative programs of one graph, interleaved on the same random feed."""
+    feed = random_feed(graph)
+    return benchmark.interleaved({k: (lambda p=p: p.run(feed)) for k, p in programs.items()},
+                                 repeats=max(5, repeats), max_seconds=60)
+
+
 VERIFY_MARGIN = 0.03  # the heuristic assignment must be this much faster to replace the optimum
 
 
@@ -222,10 +229,8 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
     if same:
         plan.solver["verified"] = {"kept": "optimal", "note": "the heuristic assignment is the same"}
         return plan
-    feed = random_feed(graph)
-    programs = {"optimal": executor.compile_plan(graph, plan), "heuristic": executor.compile_plan(graph, alternative)}
-    times = benchmark.interleaved({k: (lambda p=p: p.run(feed)) for k, p in programs.items()},
-                                  repeats=max(5, repeats), max_seconds=60)
+    times = _race(graph, {"optimal": executor.compile_plan(graph, plan),
+                          "heuristic": executor.compile_plan(graph, alternative)}, repeats)
     kept = "heuristic" if times["heuristic"] < (1 - VERIFY_MARGIN) * times["optimal"] else "optimal"
     chosen = alternative if kept == "heuristic" else plan
     chosen.solver = dict(plan.solver, verified={"kept": kept, "optimal_ms": times["optimal"],
@@ -255,10 +260,7 @@ def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
     counts = thread_counts(ortutil.default_threads())
     if len(counts) == 1:
         return plan
-    feed = random_feed(graph)
-    programs = {n: executor.compile_plan(graph, plan, threads=n) for n in counts}
-    times = benchmark.interleaved({str(n): (lambda p=p: p.run(feed)) for n, p in programs.items()},
-                                  repeats=max(5, repeats), max_seconds=60)
+    times = _race(graph, {str(n): executor.compile_plan(graph, plan, threads=n) for n in counts}, repeats)
     best = min(counts, key=lambda n: times[str(n)])
     if times[str(best)] > (1 - THREADS_MARGIN) * times[str(counts[0])]:
         best = counts[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .impls.common import is_depthwise
 from .registry import Implementation, OpSpec
 
 NOMINAL_GFLOPS = 100.0   # per implementation, before the rank factor
@@ -44,19 +45,12 @@ def direct_flops(spec: OpSpec) -> float:
     return 0.0
 
 
-def is_depthwise(spec: OpSpec) -> bool:
-    if spec.op_type != "Conv" or len(spec.inputs) < 2 or len(spec.inputs[0]) != 4:
-        return False
-    c, group = spec.inputs[0][1], spec.attr("group", 1)
-    return group > 1 and group == c and spec.inputs[1][1] == 1
-
-
 def impl_ms(impl: Implementation, spec: OpSpec) -> float:
     ms = direct_flops(spec) / (NOMINAL_GFLOPS * 1e6) * (1.0 + impl.heuristic_rank / 100.0)
     if is_depthwise(spec):
         factor = DEPTHWISE_TRAFFIC_FACTOR.get(impl.name, max(DEPTHWISE_TRAFFIC_FACTOR.values()))
         elements = float(np.prod(spec.inputs[0])) + float(np.prod(spec.output))
-        ms = max(ms, elements * 4.0 / (NOMINAL_GBPS * 1e6) * factor)
+        ms = max(ms, traffic_ms(elements, passes=1.0) * factor)
     return ms
 
 

@@ -715,12 +715,12 @@ def _dtype_of(graph: Graph, tensor: str) -> str:
     return graph.tensors[tensor].dtype
 
 
-HEAVY_OPS = ("Conv", "MatMul", "Gemm")
-
-
 def _check_heavy_nodes(graph: Graph) -> None:
+    from .registry import heavy_op_types
+
+    heavy = heavy_op_types()
     for node in graph.nodes:
-        if node.op_type in HEAVY_OPS and not node.domain:
+        if node.op_type in heavy and not node.domain:
             dtypes = {t: _dtype_of(graph, t) for t in node.inputs if t}
             if len(set(dtypes.values())) > 1:
                 listed = ", ".join(f"{t} is {d}" for t, d in dtypes.items())

@@ -1,6 +1,3 @@
-import logging
-import os
-
 import numpy as np
 import onnx
 import pytest

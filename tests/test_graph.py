@@ -1,6 +1,5 @@
 """Loading: checks, folding, shapes, and clear errors for bad models and shapes."""
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper

@@ -3,7 +3,6 @@
 The heuristic plan runs on every model in the default suite; profiled plans on all nine are
 marked slow (CI runs them in a separate step).
 """
-import numpy as np
 import onnxruntime as ort
 import pytest
 
@@ -34,11 +33,12 @@ def test_heuristic_plan_matches_onnxruntime(name):
 
 def test_heuristic_runs_depthwise_convolutions_blocked():
     """The traffic rule for depthwise convs: ShuffleNet's go to the blocked kernel, reorders and all."""
-    from fastrun import costmodel, formats
+    from fastrun import formats
+    from fastrun.impls.common import is_depthwise
 
     graph = G.load(_model("shufflenet"))
     plan = planner.make_plan(graph, fingerprint.fingerprint())
-    depthwise = [n for n in planner.heavy_nodes(graph) if costmodel.is_depthwise(n.spec)]
+    depthwise = [n for n in planner.heavy_nodes(graph) if is_depthwise(n.spec)]
     assert depthwise
     if not formats.native_block_size():
         pytest.skip("no blocked kernels on this CPU")

@@ -2,7 +2,6 @@
 import json
 import logging
 import os
-import sqlite3
 
 import numpy as np
 import onnx
@@ -10,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 import fastrun
-from fastrun import api, graph as G, profiler
+from fastrun import api, profiler
 from fastrun.cache import Caches
 from fastrun.errors import InputError
 from tests.conftest import tiny_conv_model
@@ -122,7 +121,6 @@ def test_pickled_cache_values_are_never_unpickled(cache_dir, tiny_model, tmp_pat
     """A cache copied from elsewhere must not execute code: pickled rows are refused."""
     fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=0.1, measure=False)
     import diskcache
-    import pickle
 
     marker = tmp_path / "pwned"
 

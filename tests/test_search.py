@@ -175,7 +175,6 @@ def test_squeezed_nhwc_node():
 def sharing_problem() -> SearchProblem:
     """Tensor a is read by three consumers. Each saves 0.1 in NHWC, but a reorder costs 0.25:
     not worth it for one consumer, worth it when the three share one reorder."""
-    fm = ["NCHW", "NHWC", "NCHWc8"]
     nodes = [SearchNode("P", ["x"], ["a"], [C("plain", ["NCHW"], "NCHW", 1.0),
                                             C("blocked", ["NCHW"], "NCHWc8", 0.8)])]
     for i in range(3):

@@ -23,6 +23,14 @@ def conv_geometry(spec: OpSpec) -> dict:
     }
 
 
+def is_depthwise(spec: OpSpec) -> bool:
+    """A 2-D conv with one group per input channel (any channel multiplier)."""
+    if spec.op_type != "Conv" or len(spec.inputs) < 2 or len(spec.inputs[0]) != 4:
+        return False
+    group = spec.attr("group", 1)
+    return group > 1 and group == spec.inputs[0][1] and spec.inputs[1][1] == 1
+
+
 def is_conv2d(spec: OpSpec) -> bool:
     return spec.op_type == "Conv" and len(spec.inputs[0]) == 4 and spec.const[1] and spec.dtype == "float32"
 

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..registry import OpSpec, implementation
-from .common import activation, conv_geometry, is_conv2d
+from .common import activation, conv_geometry, is_conv2d, is_depthwise
 
 HOST_ACTIVATIONS = (None, "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh")
 
@@ -226,10 +226,7 @@ def build_conv1x1_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
 # ------------------------------------------------------------------------------- depthwise
 
 def _depthwise_applies(spec: OpSpec) -> bool:
-    if not host_conv_ok(spec):
-        return False
-    g = conv_geometry(spec)
-    return g["group"] == g["C"] and g["Cg"] == 1 and g["group"] > 1
+    return host_conv_ok(spec) and is_depthwise(spec)
 
 
 @implementation("Conv", "depthwise_taps", heuristic_rank=50, applies=_depthwise_applies)
