@@ -86,19 +86,33 @@ class ProfileReport:
 
 def find_plan(caches: Caches, fingerprint: str, graph: Graph) -> Optional[Plan]:
     """The cached plan for this graph's model and input shapes, if one exists and is valid."""
-    value = caches.plans.get(Caches.plan_key(fingerprint, graph.model_hash, graph.input_shapes()))
+    plan = stored_plan(caches, fingerprint, graph.model_hash, graph.input_shapes(), graph.name)
+    if plan is None:
+        return None
+    from .plancheck import plan_problem
+
+    why = plan_problem(graph, plan) or _mismatch(plan, graph)
+    if why:
+        log.warning("ignoring the cached plan for %s: %s", graph.name, why)
+        return None
+    return plan
+
+
+def stored_plan(caches: Caches, fingerprint: str, model_hash: str, shapes: Mapping[str, Sequence[int]],
+                label: str = "the model") -> Optional[Plan]:
+    """The cached plan for a model hash and input shapes, checked against everything but the graph
+    (versions, machine, registered implementations); :func:`find_plan` checks the graph too."""
+    value = caches.plans.get(Caches.plan_key(fingerprint, model_hash, {k: tuple(v) for k, v in shapes.items()}))
     if value is None:
         return None
     try:
         plan = Plan.from_json(value)
     except (TypeError, ValueError, KeyError) as exc:
-        log.warning("ignoring a corrupt cached plan for %s: %s", graph.name, exc)
+        log.warning("ignoring a corrupt cached plan for %s: %s", label, exc)
         return None
-    from .plancheck import plan_problem
-
-    why = plan.stale_reason(graph.model_hash, fingerprint) or plan_problem(graph, plan) or _mismatch(plan, graph)
+    why = plan.stale_reason(model_hash, fingerprint) or implementation_change(plan)
     if why:
-        log.warning("ignoring the cached plan for %s: %s", graph.name, why)
+        log.warning("ignoring the cached plan for %s: %s", label, why)
         return None
     return plan
 
@@ -107,7 +121,7 @@ def _mismatch(plan: Plan, graph: Graph) -> Optional[str]:
     names = {n.name for n in graph.nodes}
     if {n.name for n in plan.nodes} != names:
         return "its nodes do not match the model's"
-    return implementation_change(plan)
+    return None
 
 
 def implementation_change(plan: Plan) -> Optional[str]:
@@ -121,6 +135,8 @@ def implementation_change(plan: Plan) -> Optional[str]:
             registry.by_id(n.op_type, n.impl)
         except KeyError as exc:
             return str(exc).strip("'\"")
+        except (AttributeError, TypeError):  # a damaged plan
+            return f"node {n.name!r} names implementation {n.impl!r}"
     return None
 
 
@@ -198,12 +214,14 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
         plan = choose_threads(graph, plan, repeats)
     if not store_plan(caches, plan):
         log.warning("the plan could not be stored in %s (read-only?)", caches.root)
+    recipe = executor.build_recipe(graph, plan)
+    caches.programs.save(plan, recipe, graph_mod.declared_interface(model_proto))
     report = ProfileReport(model=_model_label(model, graph), plan=plan, stats=profiler.stats,
                            seconds=0.0, edges=_edges(graph))
     if measure:
         if progress:
             progress("measuring the plan end to end against onnxruntime")
-        _measure(report, graph, plan, data, repeats)
+        _measure(report, graph, executor.instantiate(recipe), data, repeats)
     report.seconds = time.perf_counter() - start
     caches.close()
     return report
@@ -272,8 +290,7 @@ def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
     return plan
 
 
-def _measure(report: ProfileReport, graph: Graph, plan: Plan, data: bytes, repeats: int) -> None:
-    program = executor.compile_plan(graph, plan)
+def _measure(report: ProfileReport, graph: Graph, program: executor.Program, data: bytes, repeats: int) -> None:
     baseline = onnxruntime_baseline(graph, data)
     feed = random_feed(graph)
     names = list(program.outputs)

@@ -7,6 +7,9 @@ A value that does not parse, or carries another schema version, is reported and 
 
 Serving opens the stores read-only (``writable=False``): plain read-only SQLite, no diskcache,
 so nothing is ever written and a read-only directory (a container image layer) works as is.
+
+Compiled programs (binary: segment models and transformed weights) live beside them in plain
+files, see :mod:`fastrun.programs`.
 """
 from __future__ import annotations
 
@@ -317,12 +320,15 @@ class Store:
 
 
 class Caches:
-    """The two stores fastrun keeps under one cache root."""
+    """The stores fastrun keeps under one cache root: timings, plans (JSON) and compiled programs."""
 
     def __init__(self, root: Optional[os.PathLike] = None, writable: bool = True):
+        from .programs import ProgramStore  # it stores executor recipes, which import this module
+
         self.root = Path(root) if root is not None else default_cache_dir()
         self.timings = Store(self.root / "timings", writable)
         self.plans = Store(self.root / "plans", writable)
+        self.programs = ProgramStore(self.root / "programs", writable)
 
     @property
     def read_only(self) -> bool:

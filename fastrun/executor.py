@@ -5,6 +5,12 @@ callable. Steps that are ONNX are merged into as few onnxruntime sessions as the
 allows - all ONNX steps that are ready together form one segment - so that per-node Python
 dispatch does not eat the gains. Weights are pre-transformed once, here, by the builders.
 
+Compiling has two halves: :func:`build_recipe` turns graph + plan into a :class:`Recipe`, plain
+data (segment model bytes with their weights, host kernels as implementation + spec + constants),
+and :func:`instantiate` turns a recipe into a runnable :class:`Program`. A recipe is what the
+program store (:mod:`fastrun.programs`) keeps, so that serving a cached plan needs neither the
+graph nor the builders of its onnxruntime segments.
+
 A tensor keeps its original name in the format its producer writes; a reorder of ``t`` to format
 ``f`` is the tensor ``t@f``.
 """
@@ -22,11 +28,46 @@ from onnx import helper
 from . import formats, layout_ops, ortutil, registry
 from .graph import Graph, Node, const_inputs, spec_for_node, to_proto
 from .plan import LIGHT_IMPL, Plan
-from .registry import OnnxFragment
+from .registry import OnnxFragment, OpSpec
 
 log = logging.getLogger(__name__)
 
 SEGMENT_LEVEL = "extended"  # the plan makes the layout decisions; ORT must not redo them
+
+
+@dataclass
+class SegmentRecipe:
+    """One onnxruntime session to create: a model whose large constants travel beside it."""
+
+    inputs: list[str]
+    outputs: list[str]
+    model: bytes                     # ONNX model; constants >= ortutil.EXTERNAL_MIN_BYTES are stubs
+    weights: dict[str, np.ndarray]   # the stubs' values
+    steps: int
+    label: str = ""                  # first .. last step, for error messages
+    threads: int = 0                 # intra-op threads; 0: all cores
+
+
+@dataclass
+class HostRecipe:
+    """One host kernel to build: the implementation, the spec it was chosen for, its constants."""
+
+    name: str
+    impl: str                        # registry id, e.g. "winograd_f4@1"
+    spec: OpSpec
+    consts: dict[int, np.ndarray]
+    inputs: list[str]
+    output: str
+
+
+@dataclass
+class Recipe:
+    """A compiled plan as data: everything :func:`instantiate` needs, no graph, no live sessions."""
+
+    parts: list                      # SegmentRecipe | HostRecipe, in execution order
+    constants: dict[str, np.ndarray]  # graph outputs that are constants
+    outputs: dict[str, str]          # graph output -> name of the NCHW tensor holding it
+    reorders: int = 0
 
 
 @dataclass(eq=False)  # steps are compared by identity: field equality made scheduling quadratic
@@ -35,7 +76,7 @@ class Step:
     inputs: list[str]
     outputs: list[str]
     fragment: Optional[OnnxFragment] = None   # ONNX step (names already final)
-    kernel: Optional[Callable[..., np.ndarray]] = None  # host step
+    host: Optional[HostRecipe] = None         # host step
     is_reorder: bool = False
 
 
@@ -55,10 +96,12 @@ class Segment:
 
 @dataclass
 class HostCall:
-    step: Step
+    inputs: list[str]
+    output: str
+    kernel: Callable[..., np.ndarray]
 
     def __call__(self, values: dict[str, np.ndarray]) -> None:
-        values[self.step.outputs[0]] = self.step.kernel(*[values[t] for t in self.step.inputs])
+        values[self.output] = self.kernel(*[values[t] for t in self.inputs])
 
 
 @dataclass
@@ -85,7 +128,35 @@ def tensor_name(tensor: str, fmt: str, produced: dict[str, str]) -> str:
 
 
 def compile_plan(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Program:
-    """Build every step (weights transformed once) and merge ONNX steps into sessions."""
+    """The runnable program of a plan (``threads`` overrides the plan's intra-op thread count)."""
+    return instantiate(build_recipe(graph, plan, threads))
+
+
+def instantiate(recipe: Recipe) -> Program:
+    """Create the recipe's onnxruntime sessions and build its host kernels."""
+    def make(part):
+        if isinstance(part, HostRecipe):
+            kernel = registry.by_id(part.spec.op_type, part.impl).build(part.spec, part.consts)
+            return HostCall(part.inputs, part.output, kernel)
+        try:
+            sess = ortutil.session(part.model, level=SEGMENT_LEVEL, threads=part.threads or None,
+                                   external=part.weights)
+        except Exception as exc:
+            raise RuntimeError(f"onnxruntime rejected a segment of {part.steps} steps ({part.label}): "
+                               f"{str(exc).strip().splitlines()[-1]}") from None
+        return Segment(part.inputs, part.outputs, sess, part.steps)
+
+    # Host builders transform weights with numpy and onnxruntime builds sessions in C++: both
+    # release the GIL, so the parts are made on every core.
+    with ThreadPoolExecutor(ortutil.default_threads()) as pool:
+        program = list(pool.map(make, recipe.parts))
+    return Program(program=program, constants=recipe.constants, outputs=recipe.outputs,
+                   reorders=recipe.reorders, host_steps=sum(isinstance(p, HostCall) for p in program),
+                   segments=sum(isinstance(p, Segment) for p in program))
+
+
+def build_recipe(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Recipe:
+    """Build every ONNX step (weights transformed once) and merge them into segments."""
     produced = {t: formats.NCHW for t in graph.inputs}
     produced.update({t: f for t, f in plan.tensor_formats.items()})
     choices = {c.name: c for c in plan.nodes}
@@ -96,17 +167,10 @@ def compile_plan(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Pro
     # compile 150 -> 134 ms on ResNet-50, 69 -> 57 ms on Inception v1. Builders are pure functions of (spec, constants).
     with ThreadPoolExecutor(ortutil.default_threads()) as pool:
         steps.extend(pool.map(lambda node: _node_step(node, graph, choices[node.name], produced), graph.nodes))
-    outputs = {}
-    for t in graph.outputs:
-        if t in graph.constants:
-            outputs[t] = t
-            continue
-        outputs[t] = tensor_name(t, formats.NCHW, produced)
-    program = _schedule(steps, graph, plan, set(graph.inputs), set(outputs.values()), produced, threads)
-    return Program(program=program, constants=graph.constants, outputs=outputs,
-                   reorders=sum(s.is_reorder for s in steps),
-                   host_steps=sum(isinstance(p, HostCall) for p in program),
-                   segments=sum(isinstance(p, Segment) for p in program))
+    outputs = {t: t if t in graph.constants else tensor_name(t, formats.NCHW, produced) for t in graph.outputs}
+    parts = _schedule(steps, graph, plan, set(graph.inputs), set(outputs.values()), produced, threads)
+    constants = {t: graph.constants[t] for t in graph.outputs if t in graph.constants}
+    return Recipe(parts=parts, constants=constants, outputs=outputs, reorders=sum(s.is_reorder for s in steps))
 
 
 def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str]) -> Step:
@@ -124,9 +188,10 @@ def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str]) -> St
         return Step(node.name, in_names, list(node.outputs), fragment=fragment)
     impl = registry.by_id(node.op_type, choice.impl)
     spec = spec_for_node(node, graph)
+    if impl.kind == "host":  # built when the program is instantiated
+        host = HostRecipe(node.name, impl.id, spec, const_inputs(node, graph), in_names, node.outputs[0])
+        return Step(node.name, in_names, [node.outputs[0]], host=host)
     built = impl.build(spec, const_inputs(node, graph))
-    if impl.kind == "host":
-        return Step(node.name, in_names, [node.outputs[0]], kernel=built)
     runtime_idx = [i for i, t in enumerate(node.inputs) if t and t not in graph.constants]
     mapping = {f"in{i}": name for i, name in zip(runtime_idx, in_names)}
     mapping["out"] = node.outputs[0]
@@ -159,7 +224,7 @@ def _reorder_step(tensor: str, src: str, dst: str, shape: Sequence[int], produce
 
 def _schedule(steps: list[Step], graph: Graph, plan: Plan, available: set[str], wanted: set[str],
               produced: dict[str, str], threads: Optional[int]) -> list:
-    """Order steps; every maximal set of ONNX steps ready together becomes one segment."""
+    """Order steps into recipe parts; every maximal set of ONNX steps ready together becomes one segment."""
     available = set(available) | set(graph.constants)
     pending = list(steps)
     program = []
@@ -179,9 +244,9 @@ def _schedule(steps: list[Step], graph: Graph, plan: Plan, available: set[str], 
             outside_needs = {t for s in pending for t in s.inputs} | wanted
             program.append(_segment(batch, graph, plan, available, outside_needs, produced, threads))
             available |= inside
-        ready_host = [s for s in pending if s.kernel is not None and all(t in available for t in s.inputs)]
+        ready_host = [s for s in pending if s.host is not None and all(t in available for t in s.inputs)]
         for s in ready_host:
-            program.append(HostCall(s))
+            program.append(s.host)
             available.update(s.outputs)
         hosted = {id(s) for s in ready_host}
         pending = [s for s in pending if id(s) not in hosted]
@@ -192,7 +257,7 @@ def _schedule(steps: list[Step], graph: Graph, plan: Plan, available: set[str], 
 
 
 def _segment(batch: list[Step], graph: Graph, plan: Plan, available: set[str], needed: set[str],
-             produced: dict[str, str], threads: Optional[int]) -> Segment:
+             produced: dict[str, str], threads: Optional[int]) -> SegmentRecipe:
     nodes, inits = [], {}
     opsets = dict(graph.opsets)
     inside = {t for s in batch for t in s.outputs}
@@ -214,13 +279,9 @@ def _segment(batch: list[Step], graph: Graph, plan: Plan, available: set[str], n
     seg_outputs = [t for t in dict.fromkeys(t for s in batch for t in s.outputs) if t in needed]
     in_vis = [ortutil.value_info(x, _physical(x, graph, produced), _dtype(x, graph)) for x in seg_inputs]
     out_vis = [helper.make_empty_tensor_value_info(t) for t in seg_outputs]
-    try:
-        sess = ortutil.build_session(nodes, in_vis, out_vis, inits, opsets, level=SEGMENT_LEVEL,
-                                     threads=threads or plan.threads or None)
-    except Exception as exc:
-        raise RuntimeError(f"onnxruntime rejected a segment of {len(batch)} steps "
-                           f"({batch[0].name} .. {batch[-1].name}): {str(exc).strip().splitlines()[-1]}") from None
-    return Segment(seg_inputs, seg_outputs, sess, len(batch))
+    model, weights = ortutil.segment_model(nodes, in_vis, out_vis, inits, opsets)
+    return SegmentRecipe(seg_inputs, seg_outputs, model, weights, len(batch),
+                         f"{batch[0].name} .. {batch[-1].name}", threads or plan.threads or 0)
 
 
 def _base(name: str) -> tuple[str, Optional[str]]:

@@ -83,13 +83,12 @@ class Graph:
 
 # ----------------------------------------------------------------------------------------- loading
 
-def read_model(source: ModelSource) -> tuple[onnx.ModelProto, bytes]:
-    """Parse a model from a path, bytes or ModelProto; return it with its serialized bytes."""
+def read_bytes(source: ModelSource) -> bytes:
+    """A model's serialized bytes from a path, bytes or ModelProto (not parsed: see read_model)."""
     if isinstance(source, onnx.ModelProto):
-        return source, source.SerializeToString()
+        return source.SerializeToString()
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
-        where = "the given bytes"
     else:
         path = os.fspath(source)
         if not os.path.exists(path):
@@ -101,9 +100,20 @@ def read_model(source: ModelSource) -> tuple[onnx.ModelProto, bytes]:
                 data = f.read()
         except OSError as exc:
             raise ModelError(f"cannot read {path}: {exc.strerror}") from None
-        where = path
     if not data:
-        raise ModelError(f"{where}: empty file, not an ONNX model")
+        raise ModelError(f"{_where(source)}: empty file, not an ONNX model")
+    return data
+
+
+def read_model(source: ModelSource) -> tuple[onnx.ModelProto, bytes]:
+    """Parse a model from a path, bytes or ModelProto; return it with its serialized bytes."""
+    if isinstance(source, onnx.ModelProto):
+        return source, source.SerializeToString()
+    data = read_bytes(source)
+    return parse_model(data, _where(source)), data
+
+
+def parse_model(data: bytes, where: str = "the given bytes") -> onnx.ModelProto:
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
@@ -111,7 +121,30 @@ def read_model(source: ModelSource) -> tuple[onnx.ModelProto, bytes]:
         raise ModelError(f"{where}: not an ONNX model (protobuf parse failed)") from None
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{where}: not an ONNX model (no graph)")
-    return model, data
+    return model
+
+
+def _where(source: ModelSource) -> str:
+    return "the given bytes" if isinstance(source, (bytes, bytearray, onnx.ModelProto)) else os.fspath(source)
+
+
+def declared_interface(model: onnx.ModelProto) -> dict[str, list]:
+    """The model's runtime inputs and its outputs as ``[name, dims, dtype]`` (a dim: int, name or None).
+
+    Plain data, so that serving a stored program can answer ``get_inputs()`` without parsing the model.
+    """
+    init_names = {t.name for t in model.graph.initializer}
+
+    def describe(values) -> list:
+        out = []
+        for vi in values:
+            tt = vi.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+            out.append([vi.name, dims, _dtype(tt.elem_type)])
+        return out
+
+    return {"inputs": describe(vi for vi in model.graph.input if vi.name not in init_names),
+            "outputs": describe(model.graph.output)}
 
 
 def model_hash(data: bytes) -> str:

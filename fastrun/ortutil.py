@@ -94,11 +94,13 @@ def _external_stub(name: str, array: np.ndarray) -> onnx.TensorProto:
     return t
 
 
-def build_session(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
+def segment_model(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
                   outputs: Sequence[onnx.ValueInfoProto], initializers: dict[str, np.ndarray],
-                  opsets: Optional[dict[str, int]] = None, level: str = "all",
-                  threads: Optional[int] = None) -> ort.InferenceSession:
-    """Model + session in one step, large constants handed over without serialization."""
+                  opsets: Optional[dict[str, int]] = None) -> tuple[bytes, dict[str, np.ndarray]]:
+    """A model's bytes with its large constants split off as in-memory external data.
+
+    The pair is what :func:`session` takes; it is also what a compiled program stores on disk.
+    """
     inits, external = [], {}
     for name, value in initializers.items():
         arr = np.asarray(value)
@@ -107,7 +109,15 @@ def build_session(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueIn
             inits.append(_external_stub(name, arr))
         else:
             inits.append(numpy_helper.from_array(arr, name))
-    model = make_model(nodes, inputs, outputs, inits, opsets)
+    return make_model(nodes, inputs, outputs, inits, opsets).SerializeToString(), external
+
+
+def build_session(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
+                  outputs: Sequence[onnx.ValueInfoProto], initializers: dict[str, np.ndarray],
+                  opsets: Optional[dict[str, int]] = None, level: str = "all",
+                  threads: Optional[int] = None) -> ort.InferenceSession:
+    """Model + session in one step, large constants handed over without serialization."""
+    model, external = segment_model(nodes, inputs, outputs, initializers, opsets)
     return session(model, level=level, threads=threads, external=external)
 
 

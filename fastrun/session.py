@@ -49,14 +49,10 @@ class NodeArg:
     type: str
 
 
-def _node_args(values: Sequence[onnx.ValueInfoProto]) -> list[NodeArg]:
-    out = []
-    for vi in values:
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-        dtype = graph_mod._dtype(tt.elem_type)
-        out.append(NodeArg(vi.name, shape, _ONNX_TYPE_NAMES.get(dtype, f"tensor({dtype})")))
-    return out
+def _node_args(described: Sequence[list]) -> list[NodeArg]:
+    """NodeArgs of :func:`fastrun.graph.declared_interface`'s ``[name, dims, dtype]`` entries."""
+    return [NodeArg(str(name), list(dims), _ONNX_TYPE_NAMES.get(dtype, f"tensor({dtype})"))
+            for name, dims, dtype in described]
 
 
 class InferenceSession:
@@ -70,14 +66,16 @@ class InferenceSession:
         self._policy = policy or os.environ.get(ENV_POLICY) or "heuristic"
         if self._policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self._policy!r}")
-        self._model, self._data = graph_mod.read_model(path_or_bytes)
+        # The model is parsed only when a plan must be compiled: a stored program (fastrun.programs)
+        # needs its hash alone, and its declared inputs and outputs are stored with it.
+        self._data = graph_mod.read_bytes(path_or_bytes)
+        self._model_proto = path_or_bytes if isinstance(path_or_bytes, onnx.ModelProto) else None
+        self._hash = graph_mod.model_hash(self._data)
         self._label = str(path_or_bytes) if isinstance(path_or_bytes, (str, os.PathLike)) else None
         self._op_limit = op_limit  # per-signature profiling time (policy="profile"); None: the default
-        init_names = {t.name for t in self._model.graph.initializer}
-        self._inputs = _node_args([vi for vi in self._model.graph.input if vi.name not in init_names])
-        self._outputs = _node_args(self._model.graph.output)
         self._caches = Caches(cache_dir, writable=self._policy == "profile")
         self._fingerprint = fp.fingerprint()
+        self._inputs, self._outputs = self._interface()
         self._programs: dict[tuple, executor.Program] = {}
         self.plans: dict[tuple, Plan] = {}
         self.profiled = 0  # how many times this session had to profile (policy="profile" only)
@@ -114,23 +112,59 @@ class InferenceSession:
             self._prepare(dict(input_shapes))
         return self.plans[key]
 
+    def _model(self) -> onnx.ModelProto:
+        if self._model_proto is None:
+            self._model_proto = graph_mod.parse_model(self._data, self._label or "the given bytes")
+        return self._model_proto
+
+    def _interface(self) -> tuple[list[NodeArg], list[NodeArg]]:
+        stored = self._caches.programs.interface(self._fingerprint, self._hash)
+        if stored is not None:
+            try:
+                return _node_args(stored["inputs"]), _node_args(stored["outputs"])
+            except (TypeError, ValueError) as exc:
+                log.warning("ignoring the stored interface of %s: %s", self._label or "the model", exc)
+        declared = graph_mod.declared_interface(self._model())
+        return _node_args(declared["inputs"]), _node_args(declared["outputs"])
+
     def _prepare(self, shapes: Mapping[str, Sequence[int]]) -> executor.Program:
         shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
-        graph = graph_mod.from_proto(self._model, self._data, shapes)
+        program, plan = self._stored_program(shapes)
+        if program is None:
+            program, plan = self._compiled_program(shapes)
+        key = tuple(sorted(shapes.items()))
+        self._programs[key], self.plans[key] = program, plan
+        return program
+
+    def _stored_program(self, shapes: dict) -> tuple[Optional[executor.Program], Optional[Plan]]:
+        """The cached plan's stored program: no model parsing, no compiling."""
+        plan = api.stored_plan(self._caches, self._fingerprint, self._hash, shapes, self._label or "the model")
+        recipe = self._caches.programs.load(plan) if plan is not None else None
+        if recipe is None:
+            return None, None
+        try:
+            return executor.instantiate(recipe), plan
+        except Exception as exc:  # stored data is foreign data: compile from the model instead
+            log.warning("ignoring the stored program of %s: %s", self._label or plan.model_name, exc)
+            return None, None
+
+    def _compiled_program(self, shapes: dict) -> tuple[executor.Program, Plan]:
+        graph = graph_mod.from_proto(self._model(), self._data, shapes)
         plan = api.find_plan(self._caches, self._fingerprint, graph)
-        program = None
         if plan is not None:
             try:
-                program = executor.compile_plan(graph, plan)
+                recipe = executor.build_recipe(graph, plan)
+                program = executor.instantiate(recipe)
             except Exception as exc:  # a cached plan is foreign data: never fail serving because of it
                 log.warning("ignoring the cached plan for %s: it does not compile (%s)", graph.name, exc)
                 plan = None
         if plan is None:
             plan = self._no_plan(graph, shapes)
-            program = executor.compile_plan(graph, plan)
-        key = tuple(sorted(shapes.items()))
-        self._programs[key], self.plans[key] = program, plan
-        return program
+            recipe = executor.build_recipe(graph, plan)
+            program = executor.instantiate(recipe)
+        if plan.policy != "heuristic":  # only policy="profile" opens the cache writable
+            self._caches.programs.save(plan, recipe, graph_mod.declared_interface(self._model()))
+        return program, plan
 
     def _no_plan(self, graph: graph_mod.Graph, shapes: dict) -> Plan:
         described = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
