@@ -2,7 +2,8 @@
 
 A bundle is one JSON file holding every plan and timing of one fingerprint, keyed relative to
 it: it moves a warm cache between machines of the same kind (or into a container image) without
-copying diskcache's SQLite files. Importing it where the fingerprint differs is refused unless
+copying diskcache's SQLite files. Compiled programs are not in it (binary, and derived from the
+plans and models): ``fastrun warmup`` on the receiving side compiles and stores them. Importing it where the fingerprint differs is refused unless
 forced, and then its entries keep their own fingerprint, so they serve only where it matches.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ class PlanInfo:
     shapes: str = ""
     policy: str = ""
     predicted_ms: Optional[float] = None
+    program: bool = False           # its compiled program is stored (serving skips compiling)
     problem: str = ""               # why it would not be served ("" if it would)
 
 
@@ -48,6 +50,8 @@ class FingerprintInfo:
     this_machine: bool
     plans: list[PlanInfo] = field(default_factory=list)
     timings: int = 0
+    programs: int = 0
+    program_bytes: int = 0
 
 
 @dataclass
@@ -65,7 +69,7 @@ class BundleSummary:
 class Problem:
     """A cache entry ``fastrun cache verify`` objects to."""
 
-    store: str                      # "plans" | "timings"
+    store: str                      # "plans" | "timings" | "programs"
     key: str                        # its key, or "row N" when the key itself is unreadable
     kind: str                       # "corrupt" | "stale"
     reason: str
@@ -76,6 +80,7 @@ class Problem:
 class VerifyReport:
     plans: int = 0
     timings: int = 0
+    programs: int = 0
     problems: list[Problem] = field(default_factory=list)
 
 
@@ -104,6 +109,9 @@ def listing(caches: Caches) -> list[FingerprintInfo]:
 
     for key in caches.timings.keys():
         info(Caches.fingerprint_of(key)).timings += 1
+    for program in caches.programs.entries():
+        info(program.fingerprint).programs += 1
+        info(program.fingerprint).program_bytes += program.bytes
     for e in caches.plans.entries():
         if e.key is None:
             continue
@@ -113,6 +121,7 @@ def listing(caches: Caches) -> list[FingerprintInfo]:
         if plan is not None:
             item.model_name, item.policy, item.predicted_ms = plan.model_name, plan.policy, plan.predicted_ms
             item.problem = plan_problem(plan)
+            item.program = caches.programs.has(plan)
         elif not item.problem:
             item.problem = "not a plan"
         info(f).plans.append(item)
@@ -257,7 +266,27 @@ def verify(caches: Caches, models: Sequence[os.PathLike] = (), fix: bool = False
                 if fix:
                     problem.fixed = store.delete_entry(e)
                 report.problems.append(problem)
+    _verify_programs(caches, hashes, fix, report)
     return report
+
+
+def _verify_programs(caches: Caches, hashes: Optional[set[str]], fix: bool, report: VerifyReport) -> None:
+    """Programs: readable with intact data, and made for the plan now cached under their key."""
+    for entry in caches.programs.entries(check_data=True):
+        report.programs += 1
+        kind, reason = ("corrupt", entry.problem) if entry.problem else ("", "")
+        if not kind:
+            key = f"{entry.fingerprint}/{entry.model_hash}/{entry.shapes}"
+            plan = _parse_plan(caches.plans.get(key))
+            reason = caches.programs.stale_reason(entry, plan) or (plan_problem(plan) if plan else "")
+            if not reason and hashes is not None and entry.model_hash not in hashes:
+                reason = "its model is not among the given files (edited or removed)"
+            kind = "stale" if reason else ""
+        if kind:
+            problem = Problem("programs", str(entry.path.relative_to(caches.programs.directory)), kind, reason)
+            if fix:
+                problem.fixed = caches.programs.remove(entry.path)
+            report.problems.append(problem)
 
 
 def _model_hashes(models: Sequence[os.PathLike]) -> set[str]:
@@ -309,4 +338,6 @@ def clear(caches: Caches, fingerprint: Optional[str] = None) -> dict[str, int]:
     """Delete everything, or every entry of one fingerprint; how many entries went, per store."""
     _require_writable(caches)
     prefix = f"{fingerprint}/" if fingerprint else ""
-    return {name: store.clear(prefix) for name, store in _stores(caches).items()}
+    counts = {name: store.clear(prefix) for name, store in _stores(caches).items()}
+    counts["programs"] = caches.programs.clear(fingerprint or "")
+    return counts

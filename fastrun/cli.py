@@ -290,18 +290,21 @@ def warmup(paths, shapes, cache_dir, budget, op_limit, json_path) -> None:
 
 
 def _print_warmup(results) -> None:
-    click.echo(f"{'model':<34} {'shapes':<24} {'plan':<9} {'timed':>6} {'reused':>6} {'pred. ms':>9} {'x ort':>6}")
+    click.echo(f"{'model':<34} {'shapes':<24} {'plan':<9} {'timed':>6} {'reused':>6} {'pred. ms':>9} {'x ort':>6} "
+               f"{'program':<8}")
     for r in results:
         plan = r.status if r.status != "profiled" or r.plan_policy != "partial" else "partial"
         gain = f"{r.speedup:.2f}x" if r.speedup else "-"
         click.echo(f"{_cut(r.model, 34):<34} {_cut(_shapes_text(r.shapes), 24):<24} {plan:<9} {r.measured:>6} "
-                   f"{r.reused:>6} {_ms(r.predicted_ms):>9} {gain:>6}")
+                   f"{r.reused:>6} {_ms(r.predicted_ms):>9} {gain:>6} {r.program or '-':<8}")
     profiled = [r for r in results if r.status == "profiled"]
     cached = sum(r.status == "cached" for r in results)
     failed = [r for r in results if not r.ok]
     measured = sum(r.measured for r in results)
+    compiled = sum(r.program == "compiled" for r in results)
     if not profiled and not failed:
-        click.echo(f"nothing profiled: all {cached} plan(s) were already cached, 0 timings measured")
+        click.echo(f"nothing profiled: all {cached} plan(s) were already cached, 0 timings measured"
+                   + (f"; {compiled} program(s) compiled and stored" if compiled else ""))
     else:
         click.echo(f"{len(results)} plan(s): {len(profiled)} profiled now ({measured} timings measured, "
                    f"{sum(r.reused for r in results)} reused), {cached} already cached, {len(failed)} failed")
@@ -427,9 +430,10 @@ def cache_ls(cache_dir, as_json) -> None:
     click.echo(f"cache {caches.root}")
     for info in infos:
         here = " (this machine)" if info.this_machine else ""
-        click.echo(f"fingerprint {info.fingerprint}{here}: {len(info.plans)} plan(s), {info.timings} timing(s)")
+        click.echo(f"fingerprint {info.fingerprint}{here}: {len(info.plans)} plan(s), {info.timings} timing(s), "
+                   f"{info.programs} compiled program(s) ({info.program_bytes / 1e6:.1f} MB)")
         for p in info.plans:
-            note = f"  not served: {p.problem}" if p.problem else ""
+            note = f"  not served: {p.problem}" if p.problem else ("" if p.program else "  (no compiled program)")
             click.echo(f"  {_cut(p.model_name, 20):<20} {p.model_hash[:12]:<12} {_cut(p.shapes, 28):<28} "
                        f"{p.policy:<9} {_ms(p.predicted_ms):>8} ms{note}"[:100])
 
@@ -447,7 +451,9 @@ def cache_show(model, example, shapes, fmt, cache_dir) -> None:
 @_cache_option
 @_fail_cleanly
 def cache_export(file, fingerprint_id, cache_dir) -> None:
-    """Write the plans and timings of one fingerprint to a portable JSON bundle."""
+    """Write the plans and timings of one fingerprint to a portable JSON bundle.
+
+    Compiled programs stay out (binary, derived): run `fastrun warmup` where it is imported."""
     from . import cachetool
     from .cache import Caches
 
@@ -500,7 +506,8 @@ def cache_verify(models, fix, cache_dir) -> None:
     for p in report.problems:
         click.echo(f"{p.kind:<7} {p.store:<7} {_cut(p.key, 48):<48} {p.reason}{'  (removed)' if p.fixed else ''}")
     remaining = [p for p in report.problems if not p.fixed]
-    click.echo(f"checked {report.plans} plan(s) and {report.timings} timing(s): {len(report.problems)} problem(s)"
+    click.echo(f"checked {report.plans} plan(s), {report.timings} timing(s) and {report.programs} program(s): "
+               f"{len(report.problems)} problem(s)"
                + (f", {len(report.problems) - len(remaining)} removed" if fix else ""))
     if remaining:
         sys.exit(1)
@@ -511,7 +518,7 @@ def cache_verify(models, fix, cache_dir) -> None:
 @_cache_option
 @_fail_cleanly
 def cache_clear(fingerprint_id, cache_dir) -> None:
-    """Delete cached plans and timings (all of them, or one fingerprint's)."""
+    """Delete cached plans, timings and compiled programs (all of them, or one fingerprint's)."""
     from . import cachetool
     from .cache import Caches
 
@@ -520,7 +527,7 @@ def cache_clear(fingerprint_id, cache_dir) -> None:
         counts = cachetool.clear(caches, fingerprint_id)
     finally:
         caches.close()
-    click.echo(f"removed {counts['plans']} plan(s) and {counts['timings']} timing(s)"
+    click.echo(f"removed {counts['plans']} plan(s), {counts['timings']} timing(s) and {counts['programs']} program(s)"
                + (f" of fingerprint {fingerprint_id}" if fingerprint_id else "") + f" from {caches.root}")
 
 

@@ -161,6 +161,9 @@ class ProgramStore:
                 shutil.rmtree(other, ignore_errors=True)
 
     # -- read
+    def has(self, plan: Plan) -> bool:
+        return (self.path_for(plan) / MANIFEST).exists()
+
     def load(self, plan: Plan) -> Optional[Recipe]:
         """The stored program of ``plan``, or None (not stored, stale or damaged: then logged)."""
         path = self.path_for(plan)
@@ -202,11 +205,11 @@ class ProgramStore:
             yield entry
 
     def stale_reason(self, entry: StoredProgram, plan: Optional[Plan]) -> str:
-        """Why a readable program would never be served ("" if it would be)."""
+        """Why a readable program would never be served, given the cached plan of its key ("" if it would be)."""
         if plan is None:
             return "no cached plan for it"
         if self.path_for(plan) != entry.path:
-            return "made for another plan or by other software (fastrun, onnxruntime or its code changed)"
+            return "made for an earlier plan or by other software (fastrun, onnxruntime or fastrun's code changed)"
         return ""
 
     def remove(self, path: Path) -> bool:

@@ -2,7 +2,9 @@
 
 This is the offline half of "profile once, serve many times" (a container build step, a fleet's
 provisioning): ``fastrun warmup models/ --shape ...`` makes every missing plan, and a second run
-over the same inputs finds them all and times nothing. A model that fails is reported and the
+over the same inputs finds them all and times nothing. Each plan's compiled program is stored too
+(:mod:`fastrun.programs`; compiled now if the plan came from elsewhere, e.g. an imported bundle),
+so that serving starts without compiling. A model that fails is reported and the
 others still run. Processes sharing a cache profile one at a time (:meth:`Caches.profiling_lock`).
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from . import api, fingerprint as fp, graph as graph_mod
+from . import api, executor, fingerprint as fp, graph as graph_mod
 from .cache import Caches
 from .errors import FastrunError, InputError
 from .plan import Plan
@@ -63,6 +65,7 @@ class WarmupResult:
     plan_policy: str = ""              # the plan's policy: "profiled" | "partial"
     predicted_ms: Optional[float] = None
     speedup: Optional[float] = None    # :func:`predicted_speedup`
+    program: str = ""                  # stored program: "cached" | "compiled" (now) | "missing" (not stored)
     error: str = ""
     seconds: float = 0.0
 
@@ -136,6 +139,7 @@ def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches:
                     if plan is None:
                         raise FastrunError(f"the plan could not be stored in {caches.root} (read-only?)")
         result.plan_policy, result.predicted_ms, result.speedup = plan.policy, plan.predicted_ms, predicted_speedup(plan)
+        result.program = _ensure_program(caches, plan, graph, model, fresh=result.status == "profiled")
     except FastrunError as exc:
         result.status, result.error = "failed", str(exc)
     except Exception as exc:  # a bug on one model must not stop the others
@@ -143,6 +147,14 @@ def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches:
         result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _ensure_program(caches: Caches, plan: Plan, graph: graph_mod.Graph, model, fresh: bool) -> str:
+    """Store the plan's compiled program unless it is there (``fresh``: profiling just stored it)."""
+    if caches.programs.has(plan):
+        return "compiled" if fresh else "cached"
+    recipe = executor.build_recipe(graph, plan)
+    return "compiled" if caches.programs.save(plan, recipe, graph_mod.declared_interface(model)) else "missing"
 
 
 def _complete_plan(caches: Caches, fingerprint: str, graph: graph_mod.Graph) -> Optional[Plan]:

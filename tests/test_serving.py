@@ -250,10 +250,13 @@ def test_container_flow_warm_copy_read_only_serve(tmp_path):
 import json, sys
 import numpy as np
 import fastrun
-from fastrun import profiler
+from fastrun import graph, profiler
 def boom(*a, **k):
     raise SystemExit("profiling while serving")
+def compiling(*a, **k):
+    raise SystemExit("compiling while serving: warmup stores every plan's program")
 profiler.Profiler.__init__ = boom
+graph.from_proto = compiling
 sess = fastrun.InferenceSession(sys.argv[1], cache_dir=sys.argv[2], policy="require")
 outs = {}
 for batch in (1, 4):
@@ -414,12 +417,13 @@ def test_verify_reports_corrupt_and_stale_entries_and_fix_removes_them(tmp_path,
     res = cli("cache", "verify", path.parent, "--cache-dir", cache_dir)
     assert res.exit_code == 1
     out = res.output
-    assert "6 problem(s)" in out, out
+    assert "7 problem(s)" in out, out  # the edited model's plan and its compiled program are both stale
     assert "not among the given files" in out and "not JSON" in out and "pickled" in out
+    assert "stale   programs" in out
     assert "older fastrun" in out and "no_such_impl is not registered" in out
     assert cli("cache", "verify", path.parent, "--cache-dir", cache_dir, "--fix").exit_code == 0
     res = cli("cache", "verify", path.parent, "--cache-dir", cache_dir)
-    assert res.exit_code == 0 and "0 problem(s)" in res.output
+    assert res.exit_code == 0 and "0 problem(s)" in res.output and "and 1 program(s)" in res.output
     assert fastrun.load_plan(keep, cache_dir=cache_dir) is not None
 
 
