@@ -87,10 +87,10 @@ class ProgramStore:
     def _model_dir(self, fingerprint: str, model_hash: str) -> Path:
         return self.directory / fingerprint / model_hash
 
-    def path_for(self, plan: Plan) -> Path:
+    def path_for(self, plan: Plan, digest: Optional[str] = None) -> Path:
         shapes = Caches.shapes_text({k: tuple(v) for k, v in plan.input_shapes.items()})
         shapes_id = hashlib.sha256(shapes.encode()).hexdigest()[:12]
-        return self._model_dir(plan.fingerprint, plan.model_hash) / f"{shapes_id}.{plan_digest(plan)}"
+        return self._model_dir(plan.fingerprint, plan.model_hash) / f"{shapes_id}.{digest or plan_digest(plan)}"
 
     # -- interface
     def interface(self, fingerprint: str, model_hash: str) -> Optional[dict]:
@@ -166,7 +166,8 @@ class ProgramStore:
 
     def load(self, plan: Plan) -> Optional[Recipe]:
         """The stored program of ``plan``, or None (not stored, stale or damaged: then logged)."""
-        path = self.path_for(plan)
+        digest = plan_digest(plan)
+        path = self.path_for(plan, digest)
         try:
             manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -175,7 +176,7 @@ class ProgramStore:
             log.warning("ignoring the stored program %s: unreadable manifest (%s)", path, exc)
             return None
         try:
-            why = _identity_problem(manifest, plan)
+            why = _identity_problem(manifest, plan, digest)
             if why:
                 log.warning("ignoring the stored program %s: %s", path, why)
                 return None
@@ -239,10 +240,10 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def _identity_problem(manifest: dict, plan: Plan) -> str:
+def _identity_problem(manifest: dict, plan: Plan, digest: str) -> str:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         return f"not a version-{VERSION} fastrun program"
-    if manifest.get("digest") != plan_digest(plan) or manifest.get("model_hash") != plan.model_hash:
+    if manifest.get("digest") != digest or manifest.get("model_hash") != plan.model_hash:
         return "it was made for another plan"
     return ""
 
