@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from fastrun import api, benchmark, costmodel, executor, fingerprint, graph as G, models, ortutil, planner
