@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -70,6 +70,8 @@ class ProfileReport:
             "reorders": len(plan.reorders),
             "reorder_list": plan.reorders,
             "solver": plan.solver,
+            "threads": plan.threads,
+            "segment_threads": plan.segment_threads,
             "max_error": self.max_error,
             "segments": self.segments,
             "host_steps": self.host_steps,
@@ -270,24 +272,48 @@ def thread_counts(available: int) -> list[int]:
 def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
     """The plan with the intra-op thread count of its onnxruntime segments measured, not assumed.
 
-    A deployment knob like the assignment: small models can lose more to waking and joining
-    threads than they gain from them. Every count of :func:`thread_counts` runs the whole plan,
-    interleaved; fewer threads than all must win by ``THREADS_MARGIN``. The times are kept in
-    ``plan.solver["threads"]``.
+    A deployment knob like the assignment: small models, and small segments of big ones, can lose
+    more to waking and joining threads than they gain from them. Every count of
+    :func:`thread_counts` runs the whole plan, interleaved, timing each segment as well; fewer
+    threads than all must win by ``THREADS_MARGIN``, for the plan (``plan.threads``) and for each
+    segment (``plan.segment_threads``, kept only if the mix then wins end to end by the margin).
+    The times are kept in ``plan.solver["threads"]``.
     """
     counts = thread_counts(ortutil.default_threads())
     if len(counts) == 1:
         return plan
-    times = _race(graph, {str(n): executor.compile_plan(graph, plan, threads=n) for n in counts}, repeats)
-    best = min(counts, key=lambda n: times[str(n)])
-    if times[str(best)] > (1 - THREADS_MARGIN) * times[str(counts[0])]:
-        best = counts[0]
+    programs = {n: executor.compile_plan(graph, plan, threads=n) for n in counts}
+    feed = random_feed(graph)
+    part_seconds: dict[int, list[list[float]]] = {n: [[] for _ in programs[n].program] for n in counts}
+    times = benchmark.interleaved({str(n): (lambda n=n: programs[n].run(feed, part_seconds[n])) for n in counts},
+                                  repeats=max(5, repeats), max_seconds=60)
+    best = _faster_by_margin(counts, {n: times[str(n)] for n in counts})
     plan.threads = best
-    plan.solver = dict(plan.solver, threads={"chosen": best, "ms": times})
+    record: dict[str, Any] = {"chosen": best, "ms": times}
+    segments = [i for i, p in enumerate(programs[best].program) if isinstance(p, executor.Segment)]
+    timed = all(part_seconds[n][i] for n in counts for i in segments)
+    per_segment = [_faster_by_margin(counts, {n: benchmark.typical_ms(part_seconds[n][i]) for n in counts}, best)
+                   for i in segments] if timed else []
+    if len(set(per_segment)) > 1:
+        mixed = copy.copy(plan)
+        mixed.segment_threads = per_segment
+        raced = _race(graph, {"mixed": executor.compile_plan(graph, mixed),
+                              "uniform": executor.compile_plan(graph, plan)}, repeats)
+        record.update(segments=per_segment, mixed_ms=raced["mixed"], uniform_ms=raced["uniform"])
+        if raced["mixed"] < (1 - THREADS_MARGIN) * raced["uniform"]:
+            plan.segment_threads = per_segment
+    plan.solver = dict(plan.solver, threads=record)
     if best != counts[0]:
         log.info("%d intra-op thread(s) ran faster end to end than %d (%.2f vs %.2f ms): keeping %d",
                  best, counts[0], times[str(best)], times[str(counts[0])], best)
     return plan
+
+
+def _faster_by_margin(counts: list[int], ms: dict[int, float], default: Optional[int] = None) -> int:
+    """The fastest count, unless it beats ``default`` (all cores) by less than THREADS_MARGIN."""
+    default = default or counts[0]
+    fastest = min(counts, key=lambda n: ms[n])
+    return fastest if ms[fastest] < (1 - THREADS_MARGIN) * ms[default] else default
 
 
 def _measure(report: ProfileReport, graph: Graph, program: executor.Program, data: bytes, repeats: int) -> None:

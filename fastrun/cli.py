@@ -191,6 +191,9 @@ def _print_profile(d: dict) -> None:
     if threads:
         timed = ", ".join(f"{n}: {ms:.2f} ms" for n, ms in threads["ms"].items())
         click.echo(f"intra-op threads: {threads['chosen']} (measured end to end: {timed})")
+        if d.get("segment_threads"):
+            click.echo(f"  per segment: {','.join(map(str, d['segment_threads']))} "
+                       f"({threads['mixed_ms']:.2f} ms vs {threads['uniform_ms']:.2f} ms all alike)")
     if solver:
         click.echo(f"format search: {solver['method']} {solver['status']} (gap {solver['gap']:.1e}) in {solver['seconds'] * 1e3:.0f} ms; "
                    f"reorders {d['reorders']} (greedy: {solver.get('greedy_reorders', '-')})")

@@ -17,6 +17,7 @@ A tensor keeps its original name in the format its producer writes; a reorder of
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -113,10 +114,16 @@ class Program:
     host_steps: int = 0
     segments: int = 0
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feed: dict[str, np.ndarray], part_seconds: Optional[list[list[float]]] = None) -> dict[str, np.ndarray]:
+        """The graph outputs; ``part_seconds`` (one list per part) collects each part's time."""
         values = dict(feed)
-        for part in self.program:
-            part(values)
+        for i, part in enumerate(self.program):
+            if part_seconds is None:
+                part(values)
+            else:
+                t0 = time.perf_counter()
+                part(values)
+                part_seconds[i].append(time.perf_counter() - t0)
         out = {}
         for name, source in self.outputs.items():
             out[name] = values[source] if source in values else self.constants[source]
@@ -228,6 +235,7 @@ def _schedule(steps: list[Step], graph: Graph, plan: Plan, available: set[str], 
     available = set(available) | set(graph.constants)
     pending = list(steps)
     program = []
+    segments = 0
     while pending:
         batch, inside, taken = [], set(), set()  # taken: ids of the batch's steps (set lookups, not list scans)
         progress = True
@@ -242,7 +250,9 @@ def _schedule(steps: list[Step], graph: Graph, plan: Plan, available: set[str], 
         if batch:
             pending = [s for s in pending if id(s) not in taken]
             outside_needs = {t for s in pending for t in s.inputs} | wanted
-            program.append(_segment(batch, graph, plan, available, outside_needs, produced, threads))
+            seg_threads = threads or plan.segment_thread_count(segments)
+            program.append(_segment(batch, graph, available, outside_needs, produced, seg_threads))
+            segments += 1
             available |= inside
         ready_host = [s for s in pending if s.host is not None and all(t in available for t in s.inputs)]
         for s in ready_host:
@@ -256,8 +266,8 @@ def _schedule(steps: list[Step], graph: Graph, plan: Plan, available: set[str], 
     return program
 
 
-def _segment(batch: list[Step], graph: Graph, plan: Plan, available: set[str], needed: set[str],
-             produced: dict[str, str], threads: Optional[int]) -> SegmentRecipe:
+def _segment(batch: list[Step], graph: Graph, available: set[str], needed: set[str],
+             produced: dict[str, str], threads: int) -> SegmentRecipe:
     nodes, inits = [], {}
     opsets = dict(graph.opsets)
     inside = {t for s in batch for t in s.outputs}
@@ -281,7 +291,7 @@ def _segment(batch: list[Step], graph: Graph, plan: Plan, available: set[str], n
     out_vis = [helper.make_empty_tensor_value_info(t) for t in seg_outputs]
     model, weights = ortutil.segment_model(nodes, in_vis, out_vis, inits, opsets)
     return SegmentRecipe(seg_inputs, seg_outputs, model, weights, len(batch),
-                         f"{batch[0].name} .. {batch[-1].name}", threads or plan.threads or 0)
+                         f"{batch[0].name} .. {batch[-1].name}", threads)
 
 
 def _base(name: str) -> tuple[str, Optional[str]]:

@@ -49,11 +49,16 @@ class Plan:
     greedy_ms: Optional[float] = None
     nchw_only_ms: Optional[float] = None
     solver: dict[str, Any] = field(default_factory=dict)
-    threads: int = 0
+    threads: int = 0                # onnxruntime intra-op threads (0: all cores)
+    segment_threads: list[int] = field(default_factory=list)  # per segment in program order ([]: ``threads``)
     policy: str = "profiled"        # "profiled" | "heuristic" | "partial" (budget ran out)
     fastrun_version: str = __version__
     onnxruntime_version: str = onnxruntime.__version__
     schema: int = SCHEMA
+
+    def segment_thread_count(self, index: int) -> int:
+        """Intra-op threads of the ``index``-th onnxruntime segment of the compiled plan (0: all cores)."""
+        return self.segment_threads[index] if index < len(self.segment_threads) else self.threads
 
     def node(self, name: str) -> NodeChoice:
         for n in self.nodes:

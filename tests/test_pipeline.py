@@ -203,3 +203,41 @@ def test_all_threads_are_kept_unless_fewer_win_clearly(cache_dir, tiny_model, mo
     monkeypatch.setattr(api.benchmark, "interleaved", lambda runners, **kw: {k: 1.0 for k in runners})
     report = fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=0.05, repeats=2, measure=False)
     assert report.plan.threads == 2 and report.plan.solver["threads"]["chosen"] == 2
+
+
+def test_segments_get_their_own_thread_count_when_the_mix_wins(monkeypatch):
+    """Per-segment counts come from per-part times; the mix is kept only if it wins end to end."""
+    from fastrun import fingerprint, graph as graph_mod, planner, registry
+    from tests.conftest import tiny_conv_model
+
+    monkeypatch.setenv("FASTRUN_THREADS", "2")
+    graph = graph_mod.load(tiny_conv_model(batch=1))
+    plan = planner.make_plan(graph, fingerprint.fingerprint(), None, allowed_formats={"NCHW"})
+    plan.node("conv2").impl = registry.get("Conv", "conv1x1_gemm").id  # segment, host step, segment
+    real_run = api.executor.Program.run
+
+    def first_segment_prefers_one_thread(self, feed, part_seconds=None):
+        out = real_run(self, feed, part_seconds)
+        if part_seconds is not None:
+            threads = self.program[0].session.get_session_options().intra_op_num_threads
+            part_seconds[0][-1] = 0.001 if threads == 1 else 0.002   # the first segment likes 1 thread
+            part_seconds[-1][-1] = 0.002 if threads == 1 else 0.001  # the last one 2
+        return out
+
+    monkeypatch.setattr(api.executor.Program, "run", first_segment_prefers_one_thread)
+    real_interleaved = api.benchmark.interleaved
+    monkeypatch.setattr(api.benchmark, "interleaved",  # all threads win end to end
+                        lambda runners, **kw: {k: float(3 - int(k)) for k in real_interleaved(runners, **kw)})
+    raced = {"mixed": 1.0, "uniform": 2.0}
+    real_race = api._race
+    monkeypatch.setattr(api, "_race", lambda graph, programs, repeats: (
+        dict(raced) if set(programs) == set(raced) else real_race(graph, programs, repeats)))
+    chosen = api.choose_threads(graph, plan, repeats=2)
+    assert chosen.threads == 2
+    assert chosen.segment_threads == [1, 2] and chosen.solver["threads"]["segments"] == [1, 2]
+    program = api.executor.compile_plan(graph, chosen)
+    segments = [p for p in program.program if isinstance(p, api.executor.Segment)]
+    assert [s.session.get_session_options().intra_op_num_threads for s in segments] == [1, 2]
+    raced.update(mixed=1.99)  # within the margin: all segments alike
+    plan.segment_threads = []
+    assert api.choose_threads(graph, plan, repeats=2).segment_threads == []
