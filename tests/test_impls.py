@@ -198,14 +198,20 @@ def test_host_impls_declare_docstrings_and_ranks():
 WINO_SPECS = [s for s in SPECS if registry.get("Conv", "winograd_f2").accepts(SPECS[s])]
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30], ids=["chunk1", "nochunk"])
+# (CHUNK_BYTES, MIN_TILE_COLUMNS): one channel per input chunk, and product chunks of 1 to 4 rows of
+# tiles (some of which end inside an image of the batch); or everything in one chunk.
+WINO_CHUNKINGS = [(1, 1), (1, 5), (1, 7), (1, 13), (1 << 30, 128)]
+
+
+@pytest.mark.parametrize("chunk_bytes,min_columns", WINO_CHUNKINGS, ids=[f"chunk{b}-cols{c}" for b, c in WINO_CHUNKINGS])
 @pytest.mark.parametrize("m", [2, 4, 6])
 @pytest.mark.parametrize("spec_name", ["c3x3_s1_odd_tiles_clip", "c3x3_s1_p1_nobias_c32"])
-def test_winograd_chunking(spec_name, m, chunk_bytes, monkeypatch):
-    """One channel per chunk and everything in one chunk give the same answer."""
+def test_winograd_chunking(spec_name, m, chunk_bytes, min_columns, monkeypatch):
+    """Every chunking of the transforms and of the product gives the same answer."""
     from fastrun.impls import winograd
 
     monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(winograd, "MIN_TILE_COLUMNS", min_columns)
     spec = SPECS[spec_name]
     consts, runtime = kernels.random_inputs(spec, np.random.default_rng(_seed(spec_name)))
     ref = kernels.reference_callable(spec, consts)(*runtime)

@@ -93,62 +93,65 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int):
     T = tp_n * tq_n
     hp, wp = tp_n * m + 2, tq_n * m + 2
     at, bt = at64.astype(np.float32), bt64.astype(np.float32)
-    # U[b*A + a, 0, k, c] = (G g G^T)[a, b]: b (the column transform) outer, as the input transform
+    # U[b*A + a, k, c] = (G g G^T)[a, b]: b (the column transform) outer, as the input transform
     # below produces it.
     # As one GEMM [(k, c), (r, s)] @ [(r, s), (b, a)] and a tiled transpose: the 4-operand einsum
     # took ~0.1 s per VGG layer at session start.
     kron = np.einsum("ar,bs->rsba", g64, g64).reshape(9, A * A)
     u_kc = np.asarray(consts[1], np.float64).reshape(K * C, 9) @ kron
-    u = transposed(u_kc).reshape(A * A, 1, K, C)
+    u = transposed(u_kc).reshape(A * A, K, C)
     bias = bias_of(spec, consts)
     act = activation(spec)
     extra_h, extra_w = hp - (H + pads[0] + pads[2]), wp - (W + pads[1] + pads[3])
     cs = max(1, CHUNK_BYTES // (4 * N * A * tp_n * wp))  # input channels per chunk
-    rs = max(-(-MIN_TILE_COLUMNS // tq_n), CHUNK_BYTES // (4 * N * A * A * K * tq_n))  # tile rows per chunk
+    # rows of tiles (over images and tile rows, n outer) per chunk of the product
+    rs = max(-(-MIN_TILE_COLUMNS // tq_n), CHUNK_BYTES // (4 * A * A * K * tq_n))
     f = 4
     scratch = SCRATCH
 
     def run(x):
         xp = padded(x, pads, scratch, extra_h, extra_w)
         s0, s1, s2, s3 = xp.strides
-        d = scratch.get("wino_d", (A * A, N, C, T))
+        # d[b*A + a, c, (n, tp, tq)]: the batch joins the tiles as GEMM columns
+        d = scratch.get("wino_d", (A * A, C, N * T))
         for c0 in range(0, C, cs):
             cc = min(C, c0 + cs) - c0
-            # rows: R[a, n, c, tp, w] = sum_i BT[a, i] xp[n, c, tp*m + i, w]   (gather i, one GEMM)
-            v1 = as_strided(xp[:, c0:], (A, N, cc, tp_n, wp), (s2, s0, s1, m * s2, s3), writeable=False)
-            g1 = scratch.get("wino_g1", (A, N * cc * tp_n * wp))
+            # rows: R[a, c, n, tp, w] = sum_i BT[a, i] xp[n, c, tp*m + i, w]   (gather i, one GEMM)
+            v1 = as_strided(xp[:, c0:], (A, cc, N, tp_n, wp), (s2, s1, s0, m * s2, s3), writeable=False)
+            g1 = scratch.get("wino_g1", (A, cc * N * tp_n * wp))
             np.copyto(g1.reshape(v1.shape), v1)
             r = np.dot(bt, g1, out=scratch.get("wino_r", g1.shape))
-            # cols: D[b, a, n, c, tp, tq] = sum_j BT[b, j] R[a, n, c, tp, tq*m + j]
-            v2 = as_strided(r, (A, A, N, cc, tp_n, tq_n),
-                            (f, N * cc * tp_n * wp * f, cc * tp_n * wp * f, tp_n * wp * f, wp * f, m * f),
+            # cols: D[b, a, c, n, tp, tq] = sum_j BT[b, j] R[a, c, n, tp, tq*m + j]
+            v2 = as_strided(r, (A, A, cc, N, tp_n, tq_n),
+                            (f, cc * N * tp_n * wp * f, N * tp_n * wp * f, tp_n * wp * f, wp * f, m * f),
                             writeable=False)
-            g2 = scratch.get("wino_g2", (A, A * N * cc * T))
+            g2 = scratch.get("wino_g2", (A, A * cc * N * T))
             np.copyto(g2.reshape(v2.shape), v2)
             if cc == C:
                 np.dot(bt, g2, out=d.reshape(A, -1))
             else:
                 dd = np.dot(bt, g2, out=scratch.get("wino_dd", g2.shape))
-                d[:, :, c0:c0 + cc] = dd.reshape(A * A, N, cc, T)
+                d[:, c0:c0 + cc] = dd.reshape(A * A, cc, N * T)
         y = np.empty((N, K, P, Q), np.float32)
-        for t0 in range(0, tp_n, rs):
-            tr = min(tp_n, t0 + rs) - t0
-            mm = np.matmul(u, d[:, :, :, t0 * tq_n:(t0 + tr) * tq_n],
-                           out=scratch.get("wino_mm", (A * A, N, K, tr * tq_n)))
-            # cols back, j innermost: Y1[(a, n, k, tp, tq), j] = sum_b M[b, (a, ...)] AT[j, b]
-            rest = A * N * K * tr * tq_n
+        for t0 in range(0, N * tp_n, rs):
+            tr = min(N * tp_n, t0 + rs) - t0
+            mm = np.matmul(u, d[:, :, t0 * tq_n:(t0 + tr) * tq_n], out=scratch.get("wino_mm", (A * A, K, tr * tq_n)))
+            # cols back, j innermost: Y1[(a, k, row, tq), j] = sum_b M[b, (a, ...)] AT[j, b]
+            rest = A * K * tr * tq_n
             y1 = np.dot(mm.reshape(A, rest).T, at.T, out=scratch.get("wino_y1", (rest, m)))
-            # rows: Y2[i, (n, k, tp, tq, j)] = sum_a AT[i, a] Y1[a, ...]: each image row is contiguous
-            y2 = np.dot(at, y1.reshape(A, -1), out=scratch.get("wino_y2", (m, N * K * tr * tq_n * m)))
-            y2 = y2.reshape(m, N, K, tr, tq_n * m)
-            h0, h1 = t0 * m, min(P, (t0 + tr) * m)
-            for i in range(min(m, h1 - h0)):
-                dst = y[:, :, h0 + i:h1:m]
-                src = y2[i, :, :, :dst.shape[2], :Q]
-                if bias is not None:
-                    np.add(src, bias[:, None, None], out=dst)
-                else:
-                    dst[...] = src
+            # rows: Y2[i, (k, row, tq, j)] = sum_a AT[i, a] Y1[a, ...]: each image row is contiguous
+            y2 = np.dot(at, y1.reshape(A, -1), out=scratch.get("wino_y2", (m, K * tr * tq_n * m)))
+            y2 = y2.reshape(m, K, tr, tq_n * m)
+            for n in range(t0 // tp_n, (t0 + tr - 1) // tp_n + 1):  # the images this chunk's rows cover
+                lo, hi = max(t0, n * tp_n), min(t0 + tr, (n + 1) * tp_n)
+                h0, h1 = (lo - n * tp_n) * m, min(P, (hi - n * tp_n) * m)
+                for i in range(min(m, h1 - h0)):
+                    dst = y[n, :, h0 + i:h1:m]
+                    src = y2[i, :, lo - t0:lo - t0 + dst.shape[1], :Q]
+                    if bias is not None:
+                        np.add(src, bias[:, None, None], out=dst)
+                    else:
+                        dst[...] = src
         return act(y)
 
     return run
