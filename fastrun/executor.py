@@ -28,6 +28,7 @@ from onnx import helper
 
 from . import formats, layout_ops, ortutil, registry
 from .graph import Graph, Node, const_inputs, spec_for_node, to_proto
+from .impls.conv_host import HOST_LOCK
 from .plan import LIGHT_IMPL, Plan
 from .registry import OnnxFragment, OpSpec
 
@@ -102,7 +103,8 @@ class HostCall:
     kernel: Callable[..., np.ndarray]
 
     def __call__(self, values: dict[str, np.ndarray]) -> None:
-        values[self.output] = self.kernel(*[values[t] for t in self.inputs])
+        with HOST_LOCK:
+            values[self.output] = self.kernel(*[values[t] for t in self.inputs])
 
 
 @dataclass

@@ -9,10 +9,16 @@ memory-bound: they decide whether Winograd wins (see DESIGN.md).
 
 Both transforms are separable and run as GEMMs with the small transform matrices over gathered
 strided views (rows first, then columns), channel chunk by channel chunk so that intermediates
-stay in L2; the output transform, crop and bias run per output-channel chunk right after that
-chunk's batched product. The filter transform is done once, in float64. (Fused numba transform
-kernels were tried and lost to this on the target machine - 30-50 ms vs 10-15 ms at C=64@224 -
-so the module needs nothing beyond numpy.)
+stay in L2; the output transform, crop and bias run per chunk of tile rows right after that
+chunk's batched product. The filter transform is done once, in float64.
+
+With numba installed (``pip install fastrun[numba]``) the ``winograd_f*_jit`` variants run both
+transforms as compiled multi-threaded kernels instead (``winograd_transforms.py``), which skip
+B^T's and A^T's zeros and vectorize along a row of tiles. Neither engine wins everywhere
+(``scripts/bench_kernels.py --only 3x3``, 2-core VM, batch 1): the compiled transforms halve
+64->64@224 (F(4,3) 64 -> 35 ms), the numpy ones, whose small-matrix GEMMs run on every core, stay
+ahead where rows of tiles are short and channels many (512->512@28 13 vs 15 ms, 256->256@56
+F(6,3) 14 vs 24 ms). So both are candidates and profiling picks per shape.
 
 Accuracy (fp32, He-scaled random weights, relative to max|y|): F(2,3) ~1e-6, F(4,3) ~1e-5,
 F(6,3) ~1e-4 -- the transform matrices' dynamic range grows with m.
@@ -27,6 +33,11 @@ from numpy.lib.stride_tricks import as_strided
 from ..registry import OpSpec, implementation
 from .common import activation, conv_geometry, transposed
 from .conv_host import SCRATCH, bias_of, host_conv_ok, padded
+
+try:
+    from . import winograd_transforms as compiled
+except ImportError:  # numba is optional: without it only the numpy-transform variants exist
+    compiled = None
 
 # Interpolation points (plus the point at infinity) of the Toom-Cook construction.
 POINTS = {
@@ -77,13 +88,17 @@ def winograd_applies(spec: OpSpec) -> bool:
     return (g["R"], g["S"]) == (3, 3) and g["strides"] == (1, 1) and g["dilations"] == (1, 1) and g["group"] == 1
 
 
+def winograd_jit_applies(spec: OpSpec) -> bool:
+    return compiled is not None and winograd_applies(spec)
+
+
 # Working-set target of one chunk: the transforms run chunk by chunk (input: channels, output:
 # rows of tiles) so that their intermediates stay in cache instead of streaming through memory.
 CHUNK_BYTES = 1 << 20
 MIN_TILE_COLUMNS = 128  # keep the batched product's GEMMs wide enough to run at speed
 
 
-def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int):
+def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, jit: bool = False):
     g = conv_geometry(spec)
     N, C, K, H, W, P, Q = g["N"], g["C"], g["K"], g["H"], g["W"], g["P"], g["Q"]
     pads = g["pads"]
@@ -108,6 +123,8 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int):
     rs = max(-(-MIN_TILE_COLUMNS // tq_n), CHUNK_BYTES // (4 * A * A * K * tq_n))
     f = 4
     scratch = SCRATCH
+    if jit:
+        return _compiled_run(spec, u, bias, at, bt, m, tp_n, tq_n, extra_h, extra_w)
 
     def run(x):
         xp = padded(x, pads, scratch, extra_h, extra_w)
@@ -157,6 +174,37 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int):
     return run
 
 
+COMPILED_CHUNK_BYTES = 8 << 20  # products per output-transform call: big, it runs on every core
+
+
+def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndarray, m: int, tp_n: int,
+                  tq_n: int, extra_h: int, extra_w: int):
+    """``run`` with the numba transforms (bias and ReLU fused into the output transform)."""
+    g = conv_geometry(spec)
+    N, C, K, P, Q = g["N"], g["C"], g["K"], g["P"], g["Q"]
+    A, T, rows = m + 2, tp_n * tq_n, N * tp_n
+    bias = np.zeros(K, np.float32) if bias is None else bias
+    relu = spec.activation == "Relu"
+    act = (lambda y: y) if relu else activation(spec)
+    compiled.ready()
+    rs = max(-(-MIN_TILE_COLUMNS // tq_n), COMPILED_CHUNK_BYTES // (4 * A * A * K * tq_n))
+    scratch = SCRATCH
+
+    def run(x):
+        xp = np.ascontiguousarray(padded(x, g["pads"], scratch, extra_h, extra_w))
+        d = scratch.get("wino_d", (A * A, C, N * T))
+        parts = compiled.threads()
+        compiled.input_transform(xp, bt, m, tp_n, tq_n, d, parts)
+        y = np.empty((N, K, P, Q), np.float32)
+        for r0 in range(0, rows, rs):
+            rr = min(rows, r0 + rs) - r0
+            mm = np.matmul(u, d[:, :, r0 * tq_n:(r0 + rr) * tq_n], out=scratch.get("wino_mm", (A * A, K, rr * tq_n)))
+            compiled.output_transform(mm, at, m, tp_n, tq_n, r0, bias, relu, y, parts)
+        return act(y)
+
+    return run
+
+
 @implementation("Conv", "winograd_f2", heuristic_rank=45, applies=winograd_applies)
 def build_winograd_f2(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(2x2,3x3): 2.25x fewer multiplies, GEMM-based chunked transforms."""
@@ -173,3 +221,21 @@ def build_winograd_f4(spec: OpSpec, consts: dict[int, np.ndarray]):
 def build_winograd_f6(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3): 5.06x fewer multiplies, least exact (~1e-4 relative)."""
     return build_winograd(spec, consts, 6)
+
+
+@implementation("Conv", "winograd_f2_jit", heuristic_rank=50, applies=winograd_jit_applies)
+def build_winograd_f2_jit(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(2x2,3x3) with compiled multi-threaded transforms (needs numba)."""
+    return build_winograd(spec, consts, 2, jit=True)
+
+
+@implementation("Conv", "winograd_f4_jit", heuristic_rank=50, applies=winograd_jit_applies)
+def build_winograd_f4_jit(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(4x4,3x3) with compiled multi-threaded transforms (needs numba)."""
+    return build_winograd(spec, consts, 4, jit=True)
+
+
+@implementation("Conv", "winograd_f6_jit", heuristic_rank=50, applies=winograd_jit_applies)
+def build_winograd_f6_jit(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(6x6,3x3) with compiled multi-threaded transforms (needs numba)."""
+    return build_winograd(spec, consts, 6, jit=True)
