@@ -29,8 +29,22 @@ NOMINAL_GBPS = 10.0      # memory traffic of light ops
 #   kernel (ShuffleNet's 272@14x14 layers: 0.120 vs 0.049 ms) and ~7 for the numpy taps kernel;
 #   an implementation not listed is assumed as slow as the slowest. Without this rule the
 #   heuristic kept ShuffleNet all-NCHW and ran 0.70-0.85x onnxruntime.
+# - Winograd F(m x m, 3 x 3) (fitted on scripts/bench_kernels.py --only 3x3 on a 2-core AVX2 VM, batch
+#   1 and 8): its batched product runs at ~WINOGRAD_GEMM_GFLOPS, every transformed element
+#   (alpha^2 (C + K) per tile, alpha = m + 2) costs ~WINOGRAD_NS_PER_ELEMENT and the transformed
+#   weights (alpha^2 K C) stream from memory once per call, where onnxruntime's direct kernels run
+#   at ~ORT_GFLOPS. That called win or loss against onnxruntime's blocked kernel right on 11 of
+#   the 12 measured shapes (F(4,3); 64..512 channels, 14..224 pixels; the miss, 512@14 at batch
+#   8, by 2%): Winograd pays where channels are many (>= 256) and the image not tiny, i.e. VGG's
+#   deep layers, never at 64 channels. Before this rule the heuristic never chose Winograd and
+#   ran VGG-19 1.21x slower than the profiled plan.
 REORDER_GBPS = 50.0
 DEPTHWISE_TRAFFIC_FACTOR = {"ort": 2.8, "ort_nchwc_depthwise": 1.15, "depthwise_taps": 7.0}
+WINOGRAD_TILE = {"winograd_f2": 2, "winograd_f4": 4, "winograd_f6": 6,
+                 "winograd_f2_jit": 2, "winograd_f4_jit": 4, "winograd_f6_jit": 6}
+WINOGRAD_GEMM_GFLOPS = 100.0
+WINOGRAD_NS_PER_ELEMENT = 2.5
+ORT_GFLOPS = 180.0
 
 
 def direct_flops(spec: OpSpec) -> float:
@@ -46,12 +60,25 @@ def direct_flops(spec: OpSpec) -> float:
 
 
 def impl_ms(impl: Implementation, spec: OpSpec) -> float:
-    ms = direct_flops(spec) / (NOMINAL_GFLOPS * 1e6) * (1.0 + impl.heuristic_rank / 100.0)
+    rank_factor = 1.0 + impl.heuristic_rank / 100.0
+    if impl.name in WINOGRAD_TILE:  # on the nominal scale: as if onnxruntime ran at NOMINAL_GFLOPS
+        return winograd_ms(spec, WINOGRAD_TILE[impl.name]) * ORT_GFLOPS / NOMINAL_GFLOPS * rank_factor
+    ms = direct_flops(spec) / (NOMINAL_GFLOPS * 1e6) * rank_factor
     if is_depthwise(spec):
         factor = DEPTHWISE_TRAFFIC_FACTOR.get(impl.name, max(DEPTHWISE_TRAFFIC_FACTOR.values()))
         elements = float(np.prod(spec.inputs[0])) + float(np.prod(spec.output))
         ms = max(ms, traffic_ms(elements, passes=1.0) * factor)
     return ms
+
+
+def winograd_ms(spec: OpSpec, m: int) -> float:
+    """Estimated time of F(m x m, 3 x 3) on a 3x3 stride-1 Conv, in milliseconds."""
+    (n, c, _, _), k, (p, q) = spec.inputs[0], spec.inputs[1][0], spec.output[2:]
+    alpha = m + 2
+    tiles = n * -(-p // m) * -(-q // m)
+    gemm = 2.0 * alpha * alpha * k * c * tiles / (WINOGRAD_GEMM_GFLOPS * 1e6)
+    transforms = alpha * alpha * (c + k) * tiles * WINOGRAD_NS_PER_ELEMENT * 1e-6
+    return gemm + transforms + traffic_ms(alpha * alpha * k * c, passes=1.0)
 
 
 def traffic_ms(elements: int, passes: float = 2.0, gbps: float = NOMINAL_GBPS) -> float:

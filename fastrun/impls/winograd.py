@@ -205,37 +205,37 @@ def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndar
     return run
 
 
-@implementation("Conv", "winograd_f2", heuristic_rank=45, applies=winograd_applies)
+@implementation("Conv", "winograd_f2", heuristic_rank=13, applies=winograd_applies)
 def build_winograd_f2(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(2x2,3x3): 2.25x fewer multiplies, GEMM-based chunked transforms."""
     return build_winograd(spec, consts, 2)
 
 
-@implementation("Conv", "winograd_f4", heuristic_rank=35, applies=winograd_applies)
+@implementation("Conv", "winograd_f4", heuristic_rank=11, applies=winograd_applies)
 def build_winograd_f4(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3): 4x fewer multiplies, GEMM-based chunked transforms."""
     return build_winograd(spec, consts, 4)
 
 
-@implementation("Conv", "winograd_f6", heuristic_rank=40, applies=winograd_applies)
+@implementation("Conv", "winograd_f6", heuristic_rank=12, applies=winograd_applies)
 def build_winograd_f6(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3): 5.06x fewer multiplies, least exact (~1e-4 relative)."""
     return build_winograd(spec, consts, 6)
 
 
-@implementation("Conv", "winograd_f2_jit", heuristic_rank=50, applies=winograd_jit_applies)
+@implementation("Conv", "winograd_f2_jit", heuristic_rank=14, applies=winograd_jit_applies)
 def build_winograd_f2_jit(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(2x2,3x3) with compiled multi-threaded transforms (needs numba)."""
     return build_winograd(spec, consts, 2, jit=True)
 
 
-@implementation("Conv", "winograd_f4_jit", heuristic_rank=50, applies=winograd_jit_applies)
+@implementation("Conv", "winograd_f4_jit", heuristic_rank=14, applies=winograd_jit_applies)
 def build_winograd_f4_jit(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) with compiled multi-threaded transforms (needs numba)."""
     return build_winograd(spec, consts, 4, jit=True)
 
 
-@implementation("Conv", "winograd_f6_jit", heuristic_rank=50, applies=winograd_jit_applies)
+@implementation("Conv", "winograd_f6_jit", heuristic_rank=14, applies=winograd_jit_applies)
 def build_winograd_f6_jit(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) with compiled multi-threaded transforms (needs numba)."""
     return build_winograd(spec, consts, 6, jit=True)
