@@ -492,3 +492,41 @@ def test_two_warmup_processes_on_one_cache(tmp_path):
     for k in (16, 24, 32):
         for b in (1, 2):
             assert fastrun.load_plan(str(models / f"m{k}.onnx"), {"x": (b, 8, 12, 12)}, cache_dir=str(cache))
+
+
+@pytest.mark.parametrize("winograd", ["winograd_f4", "winograd_f4_jit"])
+def test_concurrent_runs_of_host_kernels_give_each_caller_its_answer(winograd):
+    """Host kernels share scratch buffers (and the jit Winograd numba's workqueue layer, which
+    aborts the process when entered twice): concurrent runs queue for them, none sees another's data."""
+    import threading
+
+    from fastrun import executor, graph as graph_mod, planner
+
+    impl = registry.get("Conv", winograd)
+    model = tiny_conv_model(c=8, k=16, hw=12)
+    graph = graph_mod.from_proto(model, model.SerializeToString(), {"x": (2, 8, 12, 12)})
+    if not impl.accepts(planner.heavy_nodes(graph)[0].spec):
+        pytest.skip(f"{winograd} does not apply here (numba not installed?)")
+    plan = planner.make_plan(graph, fp.fingerprint(), allowed_formats={"NCHW"})
+    for node in plan.nodes:
+        if node.name == "conv1":
+            node.impl = impl.id
+        elif node.name == "conv2":
+            node.impl = registry.get("Conv", "conv1x1_gemm").id
+    program = executor.compile_plan(graph, plan)
+    assert program.host_steps == 2
+    feeds = [{"x": np.random.default_rng(i).standard_normal((2, 8, 12, 12)).astype(np.float32)} for i in range(4)]
+    expected = [program.run(f)["y"] for f in feeds]
+    wrong = []
+
+    def caller(i: int) -> None:
+        for _ in range(25):
+            if not np.array_equal(program.run(feeds[i])["y"], expected[i]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
