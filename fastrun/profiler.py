@@ -244,6 +244,23 @@ def run_candidate(fn: Callable[..., np.ndarray], impl: Implementation, spec: OpS
     return out
 
 
+_prepared: set[str] = set()
+
+
+def prepare(impl: Implementation) -> None:
+    """Run ``impl.prepare`` once per process (a failure is logged; the candidate then fails its check)."""
+    if impl.prepare is None or impl.id in _prepared:
+        return
+    _prepared.add(impl.id)
+    t0 = time.perf_counter()
+    try:
+        impl.prepare()
+    except Exception as exc:
+        log.warning("preparing %s failed: %s", impl.id, exc)
+    else:
+        log.debug("prepared %s in %.2f s", impl.id, time.perf_counter() - t0)
+
+
 def measure_candidates(spec: OpSpec, impls: Sequence[Implementation], channel: isolation.Channel,
                        seed: int = 0, op_limit_s: float = DEFAULT_OP_LIMIT) -> None:
     """Build, check and time ``impls`` on ``spec``; send each one's :class:`Timing` as JSON.
@@ -470,6 +487,8 @@ class Profiler:
 
     def _measure(self, spec: OpSpec, impls: Sequence[Implementation]) -> dict[str, Timing]:
         """Measure ``impls`` on ``spec``; each result is persisted the moment it is known."""
+        for impl in impls:
+            prepare(impl)
         by_id = {impl.id: impl for impl in impls}
         results: dict[str, Timing] = {}
 

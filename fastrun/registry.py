@@ -164,6 +164,7 @@ class Implementation:
     description: str
     module: str
     sum_input: bool = False
+    prepare: Optional[Callable[[], None]] = None  # one-time process-wide setup (JIT compilation)
 
     def input_formats(self, spec: OpSpec) -> tuple[str, ...]:
         """Format of each runtime input: the first in ``in_format``, a fused residual in
@@ -220,6 +221,7 @@ def implementation(
     applies: Callable[[OpSpec], bool] = lambda spec: True,
     heuristic_rank: int = 100,
     sum_input: bool = False,
+    prepare: Optional[Callable[[], None]] = None,
     replace: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register the decorated builder as an implementation of ``op_type``.
@@ -228,7 +230,9 @@ def implementation(
     (``"NCHWc"`` means the machine's native block). ``heuristic_rank`` orders candidates when no
     profile exists: the lowest-ranked applicable one is the heuristic choice. ``sum_input``
     declares that the builder handles a Conv with a fused residual (``spec.has_sum``: input 3,
-    in the output format, added before the activation).
+    in the output format, added before the activation). ``prepare`` is called once per process
+    before the implementation is profiled, outside any time limit (and before the profiler forks
+    its workers, which inherit its work): for one-time setup such as JIT compilation.
     """
     if kind not in ("host", "onnx"):
         raise ValueError(f"kind must be 'host' or 'onnx', not {kind!r}")
@@ -252,6 +256,7 @@ def implementation(
             description=(builder.__doc__ or "").strip().split("\n")[0],
             module=builder.__module__,
             sum_input=sum_input,
+            prepare=prepare,
         )
         return builder
 

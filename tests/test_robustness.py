@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import numpy as np
 import onnx
@@ -422,3 +423,36 @@ def test_symbolic_model_fed_a_size_its_conv_cannot_take(cache_dir):
         sess.run(None, {"x": np.ones((1, 4, 2, 2), np.float32)})
     with pytest.raises(InputError, match="dim 1 is 3, the model expects 4"):
         sess.run(None, {"x": np.ones((1, 3, 5, 5), np.float32)})
+
+
+# ------------------------------------------------------------------------------ prepare hooks
+
+_PREPARED_IN: list[int] = []
+
+
+def _slow_prepare() -> None:
+    """Stands in for a JIT compilation: longer than the per-call time limit below."""
+    time.sleep(1.5)
+    _PREPARED_IN.append(os.getpid())
+
+
+def _needs_prepare(spec, consts):
+    if not _PREPARED_IN:  # a forked worker sees what the parent prepared
+        raise RuntimeError("built before prepare")
+    return bad_impls._correct(spec, consts)
+
+
+def test_prepare_runs_once_in_the_parent_before_workers_and_outside_the_time_limit(tmp_path):
+    implementation("Conv", "test_needs_prepare", applies=bad_impls.applies, prepare=_slow_prepare,
+                   replace=True)(_needs_prepare)
+    _PREPARED_IN.clear()
+    try:
+        impl = registry.get("Conv", "test_needs_prepare")
+        for c_out in (8, 6):  # two signatures: two isolated measurements, one prepare
+            spec = conv_spec(1, bad_impls.C_IN, 10, 10, c_out, 3, 3, pads=1, bias=False)
+            prof = profiler.Profiler(Caches(str(tmp_path / "cache")), fingerprint(), op_limit_s=0.05, op_timeout=1.0)
+            t = prof.profile(spec, [impl])[impl.id]
+            assert t.ok, t.reason
+    finally:
+        registry.unregister("Conv", "test_needs_prepare")
+    assert _PREPARED_IN == [os.getpid()]

@@ -30,8 +30,9 @@ def threads() -> int:
 def ready() -> None:
     """Compile both kernels now (or load them from numba's on-disk cache: ~0.2 s).
 
-    Builders call this so that the first compilation (~5 s, once per machine and numba version)
-    happens while an implementation is built, not inside its first timed call.
+    The jit implementations' ``prepare`` hook calls it before the profiler forks its workers, so
+    that the first compilation (~5 s, once per machine and numba version) runs outside any time
+    limit and once, not in every worker; builders call it too (a serving process loads the cache).
     """
     bt = np.eye(4, dtype=np.float32)
     d = np.empty((16, 1, 1), np.float32)
