@@ -187,6 +187,10 @@ def _print_profile(d: dict) -> None:
     if verified.get("kept") == "heuristic":
         click.echo(f"end-to-end check: the heuristic assignment ran faster ({verified['heuristic_ms']:.2f} vs "
                    f"{verified['optimal_ms']:.2f} ms for the predicted optimum): kept it")
+    elif verified.get("kept") == "onnxruntime":
+        click.echo(f"end-to-end check: the whole model on onnxruntime (ORT_ENABLE_ALL) ran faster "
+                   f"({verified['onnxruntime_ms']:.2f} vs {verified['optimal_ms']:.2f} ms for the predicted optimum): "
+                   f"the plan runs it that way")
     threads = (solver or {}).get("threads")
     if threads:
         timed = ", ".join(f"{n}: {ms:.2f} ms" for n, ms in threads["ms"].items())
@@ -369,6 +373,8 @@ def _print_plan(plan, problem: str = "") -> None:
                f"onnxruntime {plan.onnxruntime_version}")
     if problem:
         click.echo(f"not served here: {problem}")
+    if plan.whole_model:
+        click.echo("runs as one onnxruntime ORT_ENABLE_ALL session: measured faster end to end than the assignment")
     header = f"{'node':<17} {'op':<5} {'signature':<27} {'implementation':<20} {'ms':>7} {'x ort':>6} formats"
     click.echo(header)
     click.echo("-" * 100)

@@ -35,6 +35,7 @@ from .registry import OnnxFragment, OpSpec
 log = logging.getLogger(__name__)
 
 SEGMENT_LEVEL = "extended"  # the plan makes the layout decisions; ORT must not redo them
+WHOLE_MODEL_LEVEL = "all"   # a whole-model plan leaves them to onnxruntime
 
 
 @dataclass
@@ -48,6 +49,7 @@ class SegmentRecipe:
     steps: int
     label: str = ""                  # first .. last step, for error messages
     threads: int = 0                 # intra-op threads; 0: all cores
+    level: str = SEGMENT_LEVEL       # onnxruntime graph optimization level
 
 
 @dataclass
@@ -148,7 +150,7 @@ def instantiate(recipe: Recipe) -> Program:
             kernel = registry.by_id(part.spec.op_type, part.impl).build(part.spec, part.consts)
             return HostCall(part.inputs, part.output, kernel)
         try:
-            sess = ortutil.session(part.model, level=SEGMENT_LEVEL, threads=part.threads or None,
+            sess = ortutil.session(part.model, level=part.level, threads=part.threads or None,
                                    external=part.weights)
         except Exception as exc:
             raise RuntimeError(f"onnxruntime rejected a segment of {part.steps} steps ({part.label}): "
@@ -178,6 +180,9 @@ def build_recipe(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Rec
         steps.extend(pool.map(lambda node: _node_step(node, graph, choices[node.name], produced), graph.nodes))
     outputs = {t: t if t in graph.constants else tensor_name(t, formats.NCHW, produced) for t in graph.outputs}
     parts = _schedule(steps, graph, plan, set(graph.inputs), set(outputs.values()), produced, threads)
+    if plan.whole_model:  # every step is an NCHW onnxruntime node: one segment, onnxruntime's layouts
+        for part in parts:
+            part.level = WHOLE_MODEL_LEVEL
     constants = {t: graph.constants[t] for t in graph.outputs if t in graph.constants}
     return Recipe(parts=parts, constants=constants, outputs=outputs, reorders=sum(s.is_reorder for s in steps))
 

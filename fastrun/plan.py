@@ -51,6 +51,9 @@ class Plan:
     solver: dict[str, Any] = field(default_factory=dict)
     threads: int = 0                # onnxruntime intra-op threads (0: all cores)
     segment_threads: list[int] = field(default_factory=list)  # per segment in program order ([]: ``threads``)
+    # Run the graph as one onnxruntime ORT_ENABLE_ALL session (every node on onnxruntime, its own
+    # layouts and fusions): chosen when that measured faster end to end than any assignment.
+    whole_model: bool = False
     policy: str = "profiled"        # "profiled" | "heuristic" | "partial" (budget ran out)
     fastrun_version: str = __version__
     onnxruntime_version: str = onnxruntime.__version__

@@ -43,6 +43,10 @@ def _problem(graph: Graph, plan: Plan) -> Optional[str]:
         return "its nodes do not match the model's"
     if not isinstance(plan.tensor_formats, dict) or not isinstance(plan.reorders, list):
         return "its tensor formats or reorders are malformed"
+    if not isinstance(plan.whole_model, bool):
+        return f"whole_model is {plan.whole_model!r}, not true or false"
+    if plan.whole_model and (plan.reorders or any(f != formats.NCHW for f in plan.tensor_formats.values())):
+        return "a whole-model plan must keep every tensor in NCHW"
     produced = {t: formats.NCHW for t in graph.inputs}
     for t, f in plan.tensor_formats.items():
         if not _fmt_ok(f):

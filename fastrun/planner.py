@@ -8,6 +8,7 @@ Without a profiler it builds the heuristic plan: each heavy node's top-ranked im
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -65,6 +66,30 @@ def light_formats(node: Node, graph: Graph, allowed: set[str]) -> list[str]:
         log.debug("light_formats(%s) raised %s", node.name, exc)
         extra = []
     return [formats.NCHW] + [f for f in extra if f in allowed and f != formats.NCHW]
+
+
+def whole_model_plan(graph: Graph, plan: Plan) -> Optional[Plan]:
+    """``plan`` handed back to onnxruntime: every node on its own kernel in NCHW, run as one
+    ORT_ENABLE_ALL session whose layout transformer and fusions decide the rest.
+
+    The one candidate no per-operator choice covers: onnxruntime's graph-wide rewrites (its NCHWc
+    transformer fuses across nodes an assignment keeps apart) can win end to end where every
+    operator measured no faster alone. None if some heavy node has no onnxruntime kernel.
+    """
+    ort_impl = {}
+    for h in heavy_nodes(graph):
+        impl = next((i for i in h.impls if i.name == "ort"), None)
+        if impl is None:
+            return None
+        ort_impl[h.node.name] = impl.id
+    nodes = []
+    for n in plan.nodes:
+        impl = ort_impl.get(n.name, LIGHT_IMPL)
+        ms = n.candidates.get(impl) if impl != LIGHT_IMPL else n.time_ms
+        nodes.append(dataclasses.replace(n, impl=impl, in_formats=[formats.NCHW] * len(n.in_formats),
+                                         out_format=formats.NCHW, time_ms=ms if isinstance(ms, float) else None))
+    return dataclasses.replace(plan, nodes=nodes, tensor_formats={t: formats.NCHW for t in plan.tensor_formats},
+                               reorders=[], segment_threads=[], whole_model=True)
 
 
 def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = None,

@@ -37,6 +37,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from . import ortutil
 from .cache import Caches, software_tag
 from .executor import HostRecipe, Recipe, SegmentRecipe
 from .plan import Plan
@@ -281,7 +282,7 @@ def _write(recipe: Recipe, path: Path) -> dict:
                 parts.append({"kind": "segment", "inputs": p.inputs, "outputs": p.outputs,
                               "model": blob.add(np.frombuffer(p.model, np.uint8)),
                               "weights": {k: blob.add(v) for k, v in p.weights.items()},
-                              "steps": p.steps, "label": p.label, "threads": p.threads})
+                              "steps": p.steps, "label": p.label, "threads": p.threads, "level": p.level})
             else:
                 parts.append({"kind": "host", "name": p.name, "impl": p.impl, "spec": p.spec.to_json(),
                               "consts": {str(i): blob.add(v) for i, v in p.consts.items()},
@@ -307,6 +308,12 @@ def _load_data(path: Path, manifest: dict) -> np.ndarray:
     return np.frombuffer(view, np.uint8)
 
 
+def _level(level) -> str:
+    if level not in ortutil.LEVELS:
+        raise ValueError(f"unknown onnxruntime optimization level {level!r}")
+    return str(level)
+
+
 def _read(manifest: dict, data: np.ndarray) -> Recipe:
     def array(ref: dict) -> np.ndarray:
         dtype = np.dtype(ref["dtype"])
@@ -322,7 +329,7 @@ def _read(manifest: dict, data: np.ndarray) -> Recipe:
         if p["kind"] == "segment":
             parts.append(SegmentRecipe(list(p["inputs"]), list(p["outputs"]), array(p["model"]).tobytes(),
                                        {k: array(v) for k, v in p["weights"].items()}, int(p["steps"]),
-                                       str(p["label"]), int(p["threads"])))
+                                       str(p["label"]), int(p["threads"]), _level(p["level"])))
         elif p["kind"] == "host":
             parts.append(HostRecipe(str(p["name"]), str(p["impl"]), OpSpec.from_json(p["spec"]),
                                     {int(i): array(v) for i, v in p["consts"].items()},

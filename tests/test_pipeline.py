@@ -26,7 +26,7 @@ def test_profile_stores_plan_and_second_run_profiles_nothing(cache_dir, squeezen
     assert first.plan.policy == "profiled" and first.plan.solver["status"] == "optimal"
     heavy = [n for n in first.plan.nodes if n.spec]
     assert all(n.source == "profiled" and n.time_ms > 0 for n in heavy)
-    assert first.plan.solver["verified"]["kept"] in ("optimal", "heuristic")
+    assert first.plan.solver["verified"]["kept"] in ("optimal", "heuristic", "onnxruntime")
     assert first.reorders == len(first.plan.reorders)  # the program realises exactly the planned reorders
     optimum = first.plan.solver["lower_bound"]  # the solver proved it; a kept heuristic may cost more
     assert first.plan.greedy_ms >= optimum - 1e-9
@@ -34,7 +34,8 @@ def test_profile_stores_plan_and_second_run_profiles_nothing(cache_dir, squeezen
     second = fastrun.profile(squeezenet_bytes, cache_dir=cache_dir, op_limit=0.2, repeats=2)
     assert second.stats.measured == 0 and second.stats.specs_measured == 0
     assert second.stats.from_cache == first.stats.measured
-    assert [n.impl for n in second.plan.nodes] == [n.impl for n in first.plan.nodes]
+    # the same timings give the same optimum (which contender then wins end to end is measured anew)
+    assert second.plan.solver["lower_bound"] == first.plan.solver["lower_bound"]
 
 
 def test_shared_signatures_are_not_reprofiled_for_another_model(cache_dir, tmp_path):
@@ -241,3 +242,48 @@ def test_segments_get_their_own_thread_count_when_the_mix_wins(monkeypatch):
     raced.update(mixed=1.99)  # within the margin: all segments alike
     plan.segment_threads = []
     assert api.choose_threads(graph, plan, repeats=2).segment_threads == []
+
+
+def test_whole_model_on_onnxruntime_is_kept_when_it_runs_faster(cache_dir, squeezenet_bytes, monkeypatch):
+    """verify_plan races the assignment against the whole model as one ORT_ENABLE_ALL session;
+    the winner's plan compiles to exactly that, survives the program store and matches onnxruntime."""
+    import copy
+
+    from fastrun import executor, fingerprint, graph as graph_mod, plancheck, planner, profiler as profiler_mod
+
+    graph = graph_mod.load(squeezenet_bytes)
+    caches = Caches(cache_dir)
+    prof = profiler_mod.Profiler(caches, fingerprint.fingerprint(), op_limit_s=0.05)
+    plan = planner.make_plan(graph, fingerprint.fingerprint(), prof)
+    raced = {}
+
+    def race(graph, programs, repeats):
+        raced.update(programs)
+        return {"optimal": 10.0, "heuristic": 9.95, "onnxruntime": 9.5}
+
+    monkeypatch.setattr(api, "_race", race)
+    chosen = api.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2)
+    assert "onnxruntime" in raced and chosen.whole_model and chosen.solver["verified"]["kept"] == "onnxruntime"
+    assert chosen.reorders == [] and {n.out_format for n in chosen.nodes} == {"NCHW"}
+    assert all(n.impl in ("onnxruntime", "ort@1") for n in chosen.nodes)
+    program = executor.compile_plan(graph, chosen)
+    assert program.segments == 1 and program.host_steps == 0
+    assert program.program[0].session.get_session_options().graph_optimization_level == \
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    feed = api.random_feed(graph)
+    ref = ort.InferenceSession(squeezenet_bytes, providers=["CPUExecutionProvider"]).run(None, feed)
+    out = program.run(feed)
+    assert api.relative_error([out[k] for k in program.outputs], ref) < api.MODEL_TOLERANCE
+    # stored and loaded back, the program still runs at ORT_ENABLE_ALL
+    recipe = executor.build_recipe(graph, chosen)
+    caches.programs.save(chosen, recipe, graph_mod.declared_interface(onnx.load_from_string(squeezenet_bytes)))
+    loaded = caches.programs.load(chosen)
+    assert [p.level for p in loaded.parts] == [executor.WHOLE_MODEL_LEVEL]
+    assert plancheck.plan_problem(graph, chosen) is None
+    blocked = copy.deepcopy(chosen)  # a whole-model flag over anything but plain NCHW is refused
+    blocked.reorders = [[graph.nodes[0].outputs[0], "NCHW", "NCHWc8"]]
+    assert "NCHW" in plancheck.plan_problem(graph, blocked)
+    # within the margin the assignment stays
+    monkeypatch.setattr(api, "_race", lambda graph, programs, repeats: {"optimal": 10.0, "heuristic": 10.5,
+                                                                         "onnxruntime": 9.95})
+    assert not api.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2).whole_model

@@ -294,13 +294,15 @@ def _forge(v: dict, how: str) -> None:
         nodes[0]["impl"] = 5
     elif how == "a node missing":
         del nodes[1]
+    elif how == "whole_model is text":
+        v["whole_model"] = "yes"
     else:
         raise AssertionError(how)
 
 
 FORGERIES = ["another model's plan", "unknown format", "formats that never meet", "implementation in the wrong formats",
              "implementation that does not apply", "missing formats", "reorder to nowhere", "light op for a heavy node",
-             "heavy implementation for a light node", "impl is a number", "a node missing"]
+             "heavy implementation for a light node", "impl is a number", "a node missing", "whole_model is text"]
 
 
 def test_forged_or_damaged_plans_are_never_used_and_never_raise(cache_dir, caplog):
