@@ -237,15 +237,17 @@ def _race(graph: Graph, programs: dict[str, executor.Program], repeats: int) -> 
 
 
 VERIFY_MARGIN = 0.03  # the heuristic assignment must be this much faster to replace the optimum
-WHOLE_MODEL_MARGIN = 0.01  # onnxruntime alone must be this much faster to replace both
+WHOLE_MODEL_MARGIN = 0.02  # an assignment must beat onnxruntime alone by this much to be kept
 
 
 def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, repeats: int) -> Plan:
     """The fastest, measured end to end (interleaved), of ``plan``, the heuristic assignment and
     the whole model on onnxruntime (:func:`fastrun.planner.whole_model_plan`).
 
-    The heuristic assignment must win by VERIFY_MARGIN; onnxruntime alone by WHOLE_MODEL_MARGIN
-    over the better of the two, so that a profiled plan is never slower than not using fastrun.
+    The heuristic assignment must win by VERIFY_MARGIN to replace the optimum; the better of the
+    two must then beat onnxruntime alone by WHOLE_MODEL_MARGIN, or the plan runs the whole model on
+    onnxruntime: the default is what a user had without fastrun, and a plan replaces it only on a
+    measured win larger than the noise of one race (~1-3% here).
     """
     saved = copy.deepcopy(profiler.stats)  # re-planning reads the cache; don't count it twice
     alternative = planner.make_plan(graph, fingerprint, profiler, assignment="heuristic")
@@ -264,14 +266,16 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
     kept = "optimal"
     if "heuristic" in times and times["heuristic"] < (1 - VERIFY_MARGIN) * times["optimal"]:
         kept = "heuristic"
-    if "onnxruntime" in times and times["onnxruntime"] < (1 - WHOLE_MODEL_MARGIN) * times[kept]:
+    if "onnxruntime" in times and not times[kept] < (1 - WHOLE_MODEL_MARGIN) * times["onnxruntime"]:
         kept = "onnxruntime"
     chosen = contenders[kept]
     chosen.solver = dict(plan.solver, verified={"kept": kept, **{f"{k}_ms": v for k, v in times.items()}})
-    if kept != "optimal":
-        log.info("%s measured faster end to end (%.2f vs %.2f ms for the predicted optimum): keeping it",
-                 "the heuristic assignment" if kept == "heuristic" else "the whole model on onnxruntime",
-                 times[kept], times["optimal"])
+    if kept == "heuristic":
+        log.info("the heuristic assignment measured faster end to end (%.2f vs %.2f ms for the predicted "
+                 "optimum): keeping it", times[kept], times["optimal"])
+    elif kept == "onnxruntime":
+        log.info("no assignment beat the whole model on onnxruntime (%.2f ms; predicted optimum %.2f ms) "
+                 "by %.0f%%: running it that way", times[kept], times["optimal"], 100 * WHOLE_MODEL_MARGIN)
     return chosen
 
 
