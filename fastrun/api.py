@@ -236,7 +236,7 @@ def _race(graph: Graph, programs: dict[str, executor.Program], repeats: int) -> 
                                  repeats=max(5, repeats), max_seconds=60)
 
 
-VERIFY_MARGIN = 0.03  # the heuristic assignment must be this much faster to replace the optimum
+VERIFY_MARGIN = 0.0  # the faster of the optimum and the heuristic assignment, measured, is kept
 WHOLE_MODEL_MARGIN = 0.02  # an assignment must beat onnxruntime alone by this much to be kept
 
 
@@ -244,8 +244,9 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
     """The fastest, measured end to end (interleaved), of ``plan``, the heuristic assignment and
     the whole model on onnxruntime (:func:`fastrun.planner.whole_model_plan`).
 
-    The heuristic assignment must win by VERIFY_MARGIN to replace the optimum; the better of the
-    two must then beat onnxruntime alone by WHOLE_MODEL_MARGIN, or the plan runs the whole model on
+    Of the optimum and the heuristic assignment the measured faster is kept (the optimum is a
+    prediction from per-operator times; VGG-19's ran 2-6% slower end to end than the heuristic
+    assignment in three runs out of three); the better of the two must then beat onnxruntime alone by WHOLE_MODEL_MARGIN, or the plan runs the whole model on
     onnxruntime: the default is what a user had without fastrun, and a plan replaces it only on a
     measured win larger than the noise of one race (~1-3% here).
     """

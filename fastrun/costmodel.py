@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import formats
+from .graph import Graph, Node
 from .impls.common import is_depthwise
 from .registry import Implementation, OpSpec
 
@@ -38,7 +40,16 @@ NOMINAL_GBPS = 10.0      # memory traffic of light ops
 #   8, by 2%): Winograd pays where channels are many (>= 256) and the image not tiny, i.e. VGG's
 #   deep layers, never at 64 channels. Before this rule the heuristic never chose Winograd and
 #   ran VGG-19 1.21x slower than the profiled plan.
+# - per-channel affine ops left after folding (DenseNet-121's pre-activation BatchNormalization,
+#   unfolded as Mul + Add with a broadcast constant) cost more outside NCHW: measured over its 62
+#   layers (time / traffic estimate, medians) broadcast Mul/Add 1.29 blocked vs 0.36 in NCHW and
+#   0.29 in NHWC; BatchNormalization 0.54 blocked, 0.52 NHWC vs 0.27 NCHW. Other light ops
+#   (Relu, Concat, pools) cost the same in every format. Without this rule the heuristic kept
+#   them blocked and ran DenseNet 0.75x onnxruntime.
 REORDER_GBPS = 50.0
+LAYOUT_FACTOR = {("broadcast", "NCHWc"): 3.5, ("BatchNormalization", "NCHWc"): 2.0,
+                 ("BatchNormalization", "NHWC"): 2.0}
+BROADCAST_OPS = ("Add", "Sub", "Mul", "Div")
 DEPTHWISE_TRAFFIC_FACTOR = {"ort": 2.8, "ort_nchwc_depthwise": 1.15, "depthwise_taps": 7.0}
 WINOGRAD_TILE = {"winograd_f2": 2, "winograd_f4": 4, "winograd_f6": 6,
                  "winograd_f2_jit": 2, "winograd_f4_jit": 4, "winograd_f6_jit": 6}
@@ -79,6 +90,17 @@ def winograd_ms(spec: OpSpec, m: int) -> float:
     gemm = 2.0 * alpha * alpha * k * c * tiles / (WINOGRAD_GEMM_GFLOPS * 1e6)
     transforms = alpha * alpha * (c + k) * tiles * WINOGRAD_NS_PER_ELEMENT * 1e-6
     return gemm + transforms + traffic_ms(alpha * alpha * k * c, passes=1.0)
+
+
+def light_ms(node: Node, graph: Graph, fmt: str) -> float:
+    """Estimated time of a light (non-heavy) node run by onnxruntime in ``fmt``."""
+    out = sum(int(np.prod(graph.tensors[t].shape)) for t in node.outputs if t in graph.tensors)
+    kind = node.op_type
+    if kind in BROADCAST_OPS and any(t in graph.tensors and int(np.prod(graph.tensors[t].shape)) < out
+                                     for t in node.inputs):
+        kind = "broadcast"
+    family = "NCHWc" if formats.block_size(fmt) else fmt
+    return traffic_ms(out) * LAYOUT_FACTOR.get((kind, family), 1.0)
 
 
 def traffic_ms(elements: int, passes: float = 2.0, gbps: float = NOMINAL_GBPS) -> float:

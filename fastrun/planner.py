@@ -68,6 +68,20 @@ def light_formats(node: Node, graph: Graph, allowed: set[str]) -> list[str]:
     return [formats.NCHW] + [f for f in extra if f in allowed and f != formats.NCHW]
 
 
+def heuristic_plan(graph: Graph, fingerprint: str) -> Plan:
+    """The no-profile plan: the heuristic assignment where it puts a host kernel on some node (a
+    rule predicts a win, e.g. Winograd on VGG's deep layers), else the whole model on onnxruntime.
+
+    Rule read off the light models' profiles: assignments of onnxruntime's own kernels, chosen
+    without measurements, ran 0.74-1.03x the whole model on onnxruntime (DenseNet-121 lowest;
+    the median 1.00), so without a measured win the heuristic does not second-guess its layouts.
+    """
+    plan = make_plan(graph, fingerprint, None)
+    heavy = {h.node.name for h in heavy_nodes(graph)}
+    on_host = any(n.name in heavy and registry.by_id(n.op_type, n.impl).kind == "host" for n in plan.nodes)
+    return plan if on_host else (whole_model_plan(graph, plan) or plan)
+
+
 def whole_model_plan(graph: Graph, plan: Plan) -> Optional[Plan]:
     """``plan`` handed back to onnxruntime: every node on its own kernel in NCHW, run as one
     ORT_ENABLE_ALL session whose layout transformer and fusions decide the rest.
@@ -123,7 +137,7 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
         else:
             choices = []
             for fmt in light_formats(node, graph, allowed):
-                cost = aux.light(node, graph, fmt) if aux else costmodel.traffic_ms(_elements(node, graph))
+                cost = aux.light(node, graph, fmt) if aux else costmodel.light_ms(node, graph, fmt)
                 if cost is None and fmt != formats.NCHW:
                     continue
                 choices.append(search.Choice(LIGHT_IMPL, (fmt,) * len(runtime), fmt, _in_segment(cost or 0.0, dispatch)))

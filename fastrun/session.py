@@ -194,7 +194,7 @@ class InferenceSession:
             self._warned = True
             log.warning("no cached fastrun plan for %s (%s) on this machine; using the heuristic choice "
                         "(run `fastrun profile` to make one)", graph.name, described)
-        return planner.make_plan(graph, self._fingerprint, None)
+        return planner.heuristic_plan(graph, self._fingerprint)
 
     def _check_feed(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not isinstance(feed, Mapping):

@@ -47,7 +47,7 @@ def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: f
         plan = api.profile(data, cache_dir=cache_dir, op_limit=op_limit, measure=False).plan
     profile_s = time.perf_counter() - t0
     profiled = executor.compile_plan(graph, plan)
-    heuristic = executor.compile_plan(graph, planner.make_plan(graph, fp))
+    heuristic = executor.compile_plan(graph, planner.heuristic_plan(graph, fp))
     ort_all = ortutil.session(data, level="all")
     ort_ext = ortutil.session(data, level="extended")
     feed = api.random_feed(graph)

@@ -288,3 +288,18 @@ def test_whole_model_on_onnxruntime_is_kept_when_it_runs_faster(cache_dir, squee
         monkeypatch.setattr(api, "_race", lambda graph, programs, repeats: {"optimal": optimal, "heuristic": 10.5,
                                                                              "onnxruntime": 10.0})
         assert api.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2).whole_model == whole
+
+
+def test_heuristic_plan_leaves_onnxruntime_alone_unless_a_rule_puts_a_host_kernel_somewhere():
+    """Without measurements an assignment of onnxruntime's own kernels is not trusted over
+    onnxruntime's own layouts; a Winograd-sized 3x3 layer (256 channels at 56x56) gets Winograd."""
+    from fastrun import fingerprint, graph as graph_mod, planner
+
+    small = tiny_conv_model()
+    plan = planner.heuristic_plan(graph_mod.from_proto(small, small.SerializeToString(), {"x": (1, 8, 12, 12)}),
+                                  fingerprint.fingerprint())
+    assert plan.whole_model and plan.policy == "heuristic" and plan.reorders == []
+    big = tiny_conv_model(c=256, k=256, hw=56)
+    plan = planner.heuristic_plan(graph_mod.from_proto(big, big.SerializeToString(), {"x": (1, 256, 56, 56)}),
+                                  fingerprint.fingerprint())
+    assert not plan.whole_model and plan.node("conv1").impl.startswith("winograd_f")
