@@ -530,3 +530,32 @@ def test_concurrent_runs_of_host_kernels_give_each_caller_its_answer(winograd):
     for t in threads:
         t.join()
     assert not wrong
+
+
+def test_a_plan_with_jit_kernels_served_without_numba_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    """The stored program names winograd_f4_jit; here numba is "missing": the session says so
+    and serves the heuristic plan, with onnxruntime's answer."""
+    from fastrun import executor, graph as graph_mod, planner
+    from fastrun.impls import winograd
+
+    if winograd.compiled is None:
+        pytest.skip("numba is not installed")
+    model = tiny_conv_model(c=8, k=16, hw=12, batch=1)
+    data = model.SerializeToString()
+    graph = graph_mod.from_proto(model, data)
+    plan = planner.make_plan(graph, fp.fingerprint(), allowed_formats={"NCHW"})
+    plan.node("conv1").impl = registry.get("Conv", "winograd_f4_jit").id
+    plan.policy = "profiled"
+    caches = Caches(str(tmp_path / "cache"))
+    fastrun.api.store_plan(caches, plan)
+    caches.programs.save(plan, executor.build_recipe(graph, plan), graph_mod.declared_interface(model))
+    caches.close()
+    monkeypatch.setattr(winograd, "compiled", None)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype(np.float32)}
+    with caplog.at_level(logging.WARNING):
+        sess = fastrun.InferenceSession(data, cache_dir=str(tmp_path / "cache"))
+        out = sess.run(None, x)
+    assert any("numba" in r.getMessage() for r in caplog.records)
+    assert list(sess.plans.values())[0].policy == "heuristic"
+    ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, x)
+    assert fastrun.api.relative_error(out, ref) < fastrun.api.MODEL_TOLERANCE

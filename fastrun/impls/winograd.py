@@ -180,6 +180,9 @@ COMPILED_CHUNK_BYTES = 8 << 20  # products per output-transform call: big, it ru
 def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndarray, m: int, tp_n: int,
                   tq_n: int, extra_h: int, extra_w: int):
     """``run`` with the numba transforms (bias and ReLU fused into the output transform)."""
+    if compiled is None:  # a plan made where numba was installed, served where it is not
+        raise RuntimeError("the compiled Winograd transforms need numba, which is not installed "
+                           "(pip install fastrun[numba])")
     g = conv_geometry(spec)
     N, C, K, P, Q = g["N"], g["C"], g["K"], g["P"], g["Q"]
     A, T, rows = m + 2, tp_n * tq_n, N * tp_n
