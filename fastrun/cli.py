@@ -376,7 +376,11 @@ def _print_plan(plan, problem: str = "") -> None:
     if problem:
         click.echo(f"not served here: {problem}")
     if plan.whole_model:
-        click.echo("runs as one onnxruntime ORT_ENABLE_ALL session: measured faster end to end than the assignment")
+        from .api import WHOLE_MODEL_MARGIN
+
+        click.echo(f"runs as one onnxruntime ORT_ENABLE_ALL session: no assignment beat it end to end by "
+                   f"{WHOLE_MODEL_MARGIN:.0%}" if plan.policy != "heuristic" else
+                   "runs as one onnxruntime ORT_ENABLE_ALL session: no rule predicts a host kernel wins")
     header = f"{'node':<17} {'op':<5} {'signature':<27} {'implementation':<20} {'ms':>7} {'x ort':>6} formats"
     click.echo(header)
     click.echo("-" * 100)

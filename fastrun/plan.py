@@ -52,7 +52,8 @@ class Plan:
     threads: int = 0                # onnxruntime intra-op threads (0: all cores)
     segment_threads: list[int] = field(default_factory=list)  # per segment in program order ([]: ``threads``)
     # Run the graph as one onnxruntime ORT_ENABLE_ALL session (every node on onnxruntime, its own
-    # layouts and fusions): chosen when that measured faster end to end than any assignment.
+    # layouts and fusions): when no assignment beat that end to end (api.verify_plan), or, without
+    # profiling, when no rule puts a host kernel anywhere (planner.heuristic_plan).
     whole_model: bool = False
     policy: str = "profiled"        # "profiled" | "heuristic" | "partial" (budget ran out)
     fastrun_version: str = __version__

@@ -347,6 +347,25 @@ def test_cache_ls_and_show(tmp_path, model_n, cache_dir):
     assert res.exit_code == 1 and "fastrun warmup" in res.output and "Traceback" not in res.output
 
 
+def test_show_says_when_a_plan_runs_the_whole_model_on_onnxruntime(model_n, cache_dir):
+    from fastrun import api, graph as graph_mod, planner
+
+    graph = graph_mod.load(model_n, {"x": (1, 8, 12, 12)})
+    plan = planner.heuristic_plan(graph, fp.fingerprint())  # no host kernel is predicted to win here
+    assert plan.whole_model
+    caches = Caches(cache_dir)
+    api.store_plan(caches, plan)
+    caches.close()
+    res = cli("show", model_n, "--cache-dir", cache_dir)
+    assert res.exit_code == 0 and "no rule predicts a host kernel wins" in res.output, res.output
+    plan.policy = "profiled"
+    caches = Caches(cache_dir)
+    api.store_plan(caches, plan)
+    caches.close()
+    res = cli("show", model_n, "--cache-dir", cache_dir)
+    assert "runs as one onnxruntime ORT_ENABLE_ALL session: no assignment beat it end to end by 2%" in res.output
+
+
 def test_bundle_moves_a_warm_cache_to_a_machine_of_the_same_kind(tmp_path, tiny_model, cache_dir):
     fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=OP_LIMIT, measure=False)
     bundle = tmp_path / "bundle.json"
