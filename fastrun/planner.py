@@ -77,8 +77,7 @@ def heuristic_plan(graph: Graph, fingerprint: str) -> Plan:
     the median 1.00), so without a measured win the heuristic does not second-guess its layouts.
     """
     plan = make_plan(graph, fingerprint, None)
-    heavy = {h.node.name for h in heavy_nodes(graph)}
-    on_host = any(n.name in heavy and registry.by_id(n.op_type, n.impl).kind == "host" for n in plan.nodes)
+    on_host = any(n.spec and registry.by_id(n.op_type, n.impl).kind == "host" for n in plan.nodes)  # spec: heavy
     return plan if on_host else (whole_model_plan(graph, plan) or plan)
 
 
@@ -202,10 +201,6 @@ def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], allowed: set[str],
             if c.out_format in allowed and all(f in allowed for f in c.in_formats):
                 choices.append(c)
     return choices
-
-
-def _elements(node: Node, graph: Graph) -> int:
-    return sum(int(np.prod(graph.tensors[t].shape)) for t in node.outputs if t in graph.tensors)
 
 
 def _reorder_costs(graph: Graph, nodes: list[search.SearchNode], aux: Optional[AuxiliaryTimer],

@@ -515,8 +515,8 @@ def test_two_warmup_processes_on_one_cache(tmp_path):
 
 @pytest.mark.parametrize("winograd", ["winograd_f4", "winograd_f4_jit"])
 def test_concurrent_runs_of_host_kernels_give_each_caller_its_answer(winograd):
-    """Host kernels share scratch buffers (and the jit Winograd numba's workqueue layer, which
-    aborts the process when entered twice): concurrent runs queue for them, none sees another's data."""
+    """Host kernels keep per-thread scratch; the jit Winograd enters numba's workqueue layer, which
+    aborts the process when entered twice, so its calls queue: each caller gets its own answer."""
     import threading
 
     from fastrun import executor, graph as graph_mod, planner

@@ -74,10 +74,6 @@ class Scratch(threading.local):
 
 
 SCRATCH = Scratch()
-# Host kernels share SCRATCH (and the Winograd transforms numba's workqueue threading layer,
-# which aborts when entered by two threads at once): one host kernel call at a time per
-# process. Each call already uses every core, so concurrent sessions lose nothing by queueing.
-HOST_LOCK = threading.Lock()
 
 
 def padded(x: np.ndarray, pads, scratch: Scratch, extra_h: int = 0, extra_w: int = 0) -> np.ndarray:

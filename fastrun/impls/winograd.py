@@ -118,13 +118,13 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, jit: boo
     bias = bias_of(spec, consts)
     act = activation(spec)
     extra_h, extra_w = hp - (H + pads[0] + pads[2]), wp - (W + pads[1] + pads[3])
+    if jit:
+        return _compiled_run(spec, u, bias, at, bt, m, tp_n, tq_n, extra_h, extra_w)
     cs = max(1, CHUNK_BYTES // (4 * N * A * tp_n * wp))  # input channels per chunk
     # rows of tiles (over images and tile rows, n outer) per chunk of the product
     rs = max(-(-MIN_TILE_COLUMNS // tq_n), CHUNK_BYTES // (4 * A * A * K * tq_n))
     f = 4
     scratch = SCRATCH
-    if jit:
-        return _compiled_run(spec, u, bias, at, bt, m, tp_n, tq_n, extra_h, extra_w)
 
     def run(x):
         xp = padded(x, pads, scratch, extra_h, extra_w)
@@ -196,13 +196,14 @@ def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndar
     def run(x):
         xp = np.ascontiguousarray(padded(x, g["pads"], scratch, extra_h, extra_w))
         d = scratch.get("wino_d", (A * A, C, N * T))
-        parts = compiled.threads()
-        compiled.input_transform(xp, bt, m, tp_n, tq_n, d, parts)
         y = np.empty((N, K, P, Q), np.float32)
-        for r0 in range(0, rows, rs):
-            rr = min(rows, r0 + rs) - r0
-            mm = np.matmul(u, d[:, :, r0 * tq_n:(r0 + rr) * tq_n], out=scratch.get("wino_mm", (A * A, K, rr * tq_n)))
-            compiled.output_transform(mm, at, m, tp_n, tq_n, r0, bias, relu, y, parts)
+        with compiled.LOCK:
+            parts = compiled.threads()
+            compiled.input_transform(xp, bt, m, tp_n, tq_n, d, parts)
+            for r0 in range(0, rows, rs):
+                rr = min(rows, r0 + rs) - r0
+                mm = np.matmul(u, d[:, :, r0 * tq_n:(r0 + rr) * tq_n], out=scratch.get("wino_mm", (A * A, K, rr * tq_n)))
+                compiled.output_transform(mm, at, m, tp_n, tq_n, r0, bias, relu, y, parts)
         return act(y)
 
     return run

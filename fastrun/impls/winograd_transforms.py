@@ -7,12 +7,14 @@ entries of B^T and A^T, which are mostly zeros and small integers. Measured per 
 compute- rather than memory-bound.
 
 numba's "workqueue" threading layer is the one that survives ``fork`` (the profiler forks its
-workers; the OpenMP layer aborts there), and it must not be entered by two threads at once:
-callers serialize through :data:`fastrun.impls.conv_host.HOST_LOCK`.
+workers; the OpenMP layer aborts there), and it aborts the process when two threads enter it at
+once: every call into these kernels holds :data:`LOCK` (concurrent sessions, parallel builds).
+Each call already uses every core, so callers lose nothing by queueing.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 import numba
 import numpy as np
@@ -20,6 +22,8 @@ from numba import njit, prange
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
+
+LOCK = threading.Lock()
 
 
 def threads() -> int:
@@ -36,8 +40,9 @@ def ready() -> None:
     """
     bt = np.eye(4, dtype=np.float32)
     d = np.empty((16, 1, 1), np.float32)
-    input_transform(np.zeros((1, 1, 4, 4), np.float32), bt, 2, 1, 1, d, 1)
-    output_transform(d, bt[:2], 2, 1, 1, 0, np.zeros(1, np.float32), True, np.empty((1, 1, 2, 2), np.float32), 1)
+    with LOCK:
+        input_transform(np.zeros((1, 1, 4, 4), np.float32), bt, 2, 1, 1, d, 1)
+        output_transform(d, bt[:2], 2, 1, 1, 0, np.zeros(1, np.float32), True, np.empty((1, 1, 2, 2), np.float32), 1)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
