@@ -30,7 +30,8 @@ from fractions import Fraction
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ..registry import OpSpec, implementation
+from .. import formats
+from ..registry import OpSpec, implementation, resolve_format
 from .common import activation, conv_geometry, transposed
 from .conv_host import SCRATCH, bias_of, host_conv_ok, padded
 
@@ -98,7 +99,8 @@ CHUNK_BYTES = 1 << 20
 MIN_TILE_COLUMNS = 128  # keep the batched product's GEMMs wide enough to run at speed
 
 
-def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, jit: bool = False):
+def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, jit: bool = False,
+                   fmt: str = formats.NCHW):
     g = conv_geometry(spec)
     N, C, K, H, W, P, Q = g["N"], g["C"], g["K"], g["H"], g["W"], g["P"], g["Q"]
     pads = g["pads"]
@@ -118,6 +120,8 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, jit: boo
     bias = bias_of(spec, consts)
     act = activation(spec)
     extra_h, extra_w = hp - (H + pads[0] + pads[2]), wp - (W + pads[1] + pads[3])
+    if fmt != formats.NCHW:
+        return _channels_inner_run(spec, u, bias, at, bt, m, tp_n, tq_n, fmt)
     if jit:
         return _compiled_run(spec, u, bias, at, bt, m, tp_n, tq_n, extra_h, extra_w)
     cs = max(1, CHUNK_BYTES // (4 * N * A * tp_n * wp))  # input channels per chunk
@@ -209,6 +213,73 @@ def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndar
     return run
 
 
+BLOCKED_CHUNK_BYTES = 32 << 20  # transformed inputs + products per chunk of tiles: a memory cap
+MIN_CHUNK_TILES = 64  # GEMM rows per chunk (each chunk streams every transformed filter again)
+
+
+CHANNEL_GROUP = 64  # channels per pass through a tile's transform: 64 ran 1.5-2x faster than 8 or all
+
+
+def _channel_group(channels: int, lanes: int) -> int:
+    """The largest divisor of ``channels`` that is a multiple of ``lanes`` and <= CHANNEL_GROUP."""
+    return max(g for g in range(lanes, max(lanes, min(channels, CHANNEL_GROUP)) + 1, lanes) if channels % g == 0)
+
+
+def _channels_inner_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndarray, m: int,
+                        tp_n: int, tq_n: int, fmt: str):
+    """``run`` for NCHWc / NHWC activations: the compiled transforms vectorize along the
+    contiguous channels (SIMD-width groups), and the product is [tiles, C] @ [C, K] per
+    transform position."""
+    if compiled is None:
+        raise RuntimeError("the compiled Winograd transforms need numba, which is not installed "
+                           "(pip install fastrun[numba])")
+    g = conv_geometry(spec)
+    N, C, K, H, W, P, Q = g["N"], g["C"], g["K"], g["H"], g["W"], g["P"], g["Q"]
+    A, tiles = m + 2, N * tp_n * tq_n
+    blocked = formats.block_size(fmt)
+    lanes = blocked or 1  # NHWC: no channel padding, any channel count
+    cp, kp = -(-C // lanes) * lanes, -(-K // lanes) * lanes
+    ub = np.zeros((A * A, cp, kp), np.float32)  # zero rows/columns for the padded channels
+    ub[:, :C, :K] = u.transpose(0, 2, 1)
+    bias_p = np.zeros(kp, np.float32)
+    if bias is not None:
+        bias_p[:K] = bias
+    relu = spec.activation == "Relu"
+    act = (lambda y: y) if relu else activation(spec)
+    # element strides (image, channel group, row, column) of both activations; channels go
+    # ``group`` at a time through the transforms (see blocked_input_transform)
+    group_c, group_k = _channel_group(cp, lanes), _channel_group(kp, lanes)
+    if blocked:
+        x_strides, x_lanes = (cp * H * W, H * W * lanes, W * lanes, lanes), lanes
+        y_strides, y_lanes = (kp * P * Q, P * Q * lanes, Q * lanes, lanes), lanes
+    else:
+        x_strides, x_lanes = (H * W * C, group_c, W * C, C), group_c
+        y_strides, y_lanes = (P * Q * K, group_k, Q * K, K), group_k
+    compiled.ready()
+    chunk = max(MIN_CHUNK_TILES, BLOCKED_CHUNK_BYTES // (4 * A * A * (cp + kp)))
+    y_shape = formats.physical_shape(spec.output, fmt)
+    pad_top, pad_left = g["pads"][0], g["pads"][1]
+    scratch = SCRATCH
+
+    def run(x):
+        x = np.ascontiguousarray(x).reshape(-1)
+        y = np.empty(y_shape, np.float32)
+        with compiled.LOCK:
+            parts = compiled.threads()
+            for t0 in range(0, tiles, chunk):
+                nt = min(tiles, t0 + chunk) - t0
+                v = scratch.get("wino_v", (nt, A * A, cp))
+                compiled.blocked_input_transform(x, x_strides, H, W, cp, x_lanes, group_c, bt, m, pad_top, pad_left,
+                                                 tp_n, tq_n, t0, v, parts)
+                mm = scratch.get("wino_mv", (nt, A * A, kp))
+                np.matmul(v.transpose(1, 0, 2), ub, out=mm.transpose(1, 0, 2))
+                compiled.blocked_output_transform(mm, at, m, tp_n, tq_n, t0, bias_p, relu, y.reshape(-1), y_strides,
+                                                  P, Q, kp, y_lanes, group_k, parts)
+        return act(y)
+
+    return run
+
+
 @implementation("Conv", "winograd_f2", heuristic_rank=13, applies=winograd_applies)
 def build_winograd_f2(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(2x2,3x3): 2.25x fewer multiplies, GEMM-based chunked transforms."""
@@ -249,3 +320,31 @@ def build_winograd_f4_jit(spec: OpSpec, consts: dict[int, np.ndarray]):
 def build_winograd_f6_jit(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) with compiled multi-threaded transforms (needs numba)."""
     return build_winograd(spec, consts, 6, jit=True)
+
+
+@implementation("Conv", "winograd_f4_nchwc", in_format="NCHWc", heuristic_rank=14,
+                applies=winograd_jit_applies, prepare=_prepare_jit)
+def build_winograd_f4_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(4x4,3x3) on blocked NCHWc activations, compiled transforms (needs numba)."""
+    return build_winograd(spec, consts, 4, fmt=resolve_format("NCHWc"))
+
+
+@implementation("Conv", "winograd_f6_nchwc", in_format="NCHWc", heuristic_rank=14,
+                applies=winograd_jit_applies, prepare=_prepare_jit)
+def build_winograd_f6_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(6x6,3x3) on blocked NCHWc activations, compiled transforms (needs numba)."""
+    return build_winograd(spec, consts, 6, fmt=resolve_format("NCHWc"))
+
+
+@implementation("Conv", "winograd_f4_nhwc", in_format="NHWC", heuristic_rank=14,
+                applies=winograd_jit_applies, prepare=_prepare_jit)
+def build_winograd_f4_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(4x4,3x3) on channels-last activations, compiled transforms (needs numba)."""
+    return build_winograd(spec, consts, 4, fmt=formats.NHWC)
+
+
+@implementation("Conv", "winograd_f6_nhwc", in_format="NHWC", heuristic_rank=14,
+                applies=winograd_jit_applies, prepare=_prepare_jit)
+def build_winograd_f6_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(6x6,3x3) on channels-last activations, compiled transforms (needs numba)."""
+    return build_winograd(spec, consts, 6, fmt=formats.NHWC)
