@@ -51,10 +51,15 @@ LAYOUT_FACTOR = {("broadcast", "NCHWc"): 3.5, ("BatchNormalization", "NCHWc"): 2
                  ("BatchNormalization", "NHWC"): 2.0}
 BROADCAST_OPS = ("Add", "Sub", "Mul", "Div")
 DEPTHWISE_TRAFFIC_FACTOR = {"ort": 2.8, "ort_nchwc_depthwise": 1.15, "depthwise_taps": 7.0}
-WINOGRAD_TILE = {"winograd_f2": 2, "winograd_f4": 4, "winograd_f6": 6,
-                 "winograd_f2_jit": 2, "winograd_f4_jit": 4, "winograd_f6_jit": 6}
-WINOGRAD_GEMM_GFLOPS = 100.0
-WINOGRAD_NS_PER_ELEMENT = 2.5
+#   The channels-inner engine (NCHWc / NHWC variants, same VM and script): product ~130 GFLOP/s
+#   (one batched GEMM over all tiles), ~1 ns per transformed element; it wins from 128 channels.
+# name -> (m, product GFLOP/s, ns per transformed element)
+WINOGRAD_VARIANTS = {
+    "winograd_f2": (2, 100.0, 2.5), "winograd_f4": (4, 100.0, 2.5), "winograd_f6": (6, 100.0, 2.5),
+    "winograd_f2_jit": (2, 100.0, 2.5), "winograd_f4_jit": (4, 100.0, 2.5), "winograd_f6_jit": (6, 100.0, 2.5),
+    "winograd_f4_nchwc": (4, 130.0, 1.0), "winograd_f6_nchwc": (6, 130.0, 1.0),
+    "winograd_f4_nhwc": (4, 130.0, 1.0), "winograd_f6_nhwc": (6, 130.0, 1.0),
+}
 ORT_GFLOPS = 180.0
 
 
@@ -72,8 +77,8 @@ def direct_flops(spec: OpSpec) -> float:
 
 def impl_ms(impl: Implementation, spec: OpSpec) -> float:
     rank_factor = 1.0 + impl.heuristic_rank / 100.0
-    if impl.name in WINOGRAD_TILE:  # on the nominal scale: as if onnxruntime ran at NOMINAL_GFLOPS
-        return winograd_ms(spec, WINOGRAD_TILE[impl.name]) * ORT_GFLOPS / NOMINAL_GFLOPS * rank_factor
+    if impl.name in WINOGRAD_VARIANTS:  # on the nominal scale: as if onnxruntime ran at NOMINAL_GFLOPS
+        return winograd_ms(spec, *WINOGRAD_VARIANTS[impl.name]) * ORT_GFLOPS / NOMINAL_GFLOPS * rank_factor
     ms = direct_flops(spec) / (NOMINAL_GFLOPS * 1e6) * rank_factor
     if is_depthwise(spec):
         factor = DEPTHWISE_TRAFFIC_FACTOR.get(impl.name, max(DEPTHWISE_TRAFFIC_FACTOR.values()))
@@ -82,13 +87,13 @@ def impl_ms(impl: Implementation, spec: OpSpec) -> float:
     return ms
 
 
-def winograd_ms(spec: OpSpec, m: int) -> float:
+def winograd_ms(spec: OpSpec, m: int, gemm_gflops: float, ns_per_element: float) -> float:
     """Estimated time of F(m x m, 3 x 3) on a 3x3 stride-1 Conv, in milliseconds."""
     (n, c, _, _), k, (p, q) = spec.inputs[0], spec.inputs[1][0], spec.output[2:]
     alpha = m + 2
     tiles = n * -(-p // m) * -(-q // m)
-    gemm = 2.0 * alpha * alpha * k * c * tiles / (WINOGRAD_GEMM_GFLOPS * 1e6)
-    transforms = alpha * alpha * (c + k) * tiles * WINOGRAD_NS_PER_ELEMENT * 1e-6
+    gemm = 2.0 * alpha * alpha * k * c * tiles / (gemm_gflops * 1e6)
+    transforms = alpha * alpha * (c + k) * tiles * ns_per_element * 1e-6
     return gemm + transforms + traffic_ms(alpha * alpha * k * c, passes=1.0)
 
 

@@ -12,13 +12,21 @@ strided views (rows first, then columns), channel chunk by channel chunk so that
 stay in L2; the output transform, crop and bias run per chunk of tile rows right after that
 chunk's batched product. The filter transform is done once, in float64.
 
-With numba installed (``pip install fastrun[numba]``) the ``winograd_f*_jit`` variants run both
-transforms as compiled multi-threaded kernels instead (``winograd_transforms.py``), which skip
-B^T's and A^T's zeros and vectorize along a row of tiles. Neither engine wins everywhere
-(``scripts/bench_kernels.py --only 3x3``, 2-core VM, batch 1): the compiled transforms halve
-64->64@224 (F(4,3) 64 -> 35 ms), the numpy ones, whose small-matrix GEMMs run on every core, stay
-ahead where rows of tiles are short and channels many (512->512@28 13 vs 15 ms, 256->256@56
-F(6,3) 14 vs 24 ms). So both are candidates and profiling picks per shape.
+With numba installed (``pip install fastrun[numba]``) two more engines exist, both with compiled
+multi-threaded transforms (``winograd_transforms.py``) that skip B^T's and A^T's zeros:
+
+* ``winograd_f*_jit`` (NCHW): the transforms vectorize along a row of tiles.
+* ``winograd_f{4,6}_nchwc`` / ``_nhwc`` (blocked / channels-last activations, so they sit in the
+  format search next to onnxruntime's blocked kernels without reorders): the transforms vectorize
+  along 64 contiguous channels at a time, and the product is one batched GEMM over every tile,
+  [alpha^2, tiles, C] @ [alpha^2, C, K]. This is the fast engine: 2-core AVX2 VM,
+  ``scripts/bench_kernels.py --only 3x3``, batch 1, against onnxruntime's blocked kernel: 64->64@224
+  1.0x, 128->128@112 1.4-1.6x, 256->256@56 1.5-1.8x, 512->512@28 1.9-2.2x, 512->512@14 1.1-1.2x.
+  Splitting the tiles into L2-sized chunks made it slower (every chunk re-streams the transformed
+  filters and runs 36 small GEMMs; OpenBLAS wakes its threads for each), so chunks only cap memory.
+
+The NCHW engines lose to it on every VGG shape measured; they stay for models whose 3x3 layers sit
+between NCHW-only neighbours, and the numpy one for machines without numba.
 
 Accuracy (fp32, He-scaled random weights, relative to max|y|): F(2,3) ~1e-6, F(4,3) ~1e-5,
 F(6,3) ~1e-4 -- the transform matrices' dynamic range grows with m.
@@ -299,7 +307,7 @@ def build_winograd_f6(spec: OpSpec, consts: dict[int, np.ndarray]):
 
 
 def _prepare_jit() -> None:
-    """Compile the numba kernels (~5 s the first time on a machine) before any time limit runs."""
+    """Compile the numba kernels (~15 s the first time on a machine) before any time limit runs."""
     if compiled is not None:
         compiled.ready()
 
