@@ -513,10 +513,30 @@ def test_two_warmup_processes_on_one_cache(tmp_path):
             assert fastrun.load_plan(str(models / f"m{k}.onnx"), {"x": (b, 8, 12, 12)}, cache_dir=str(cache))
 
 
-@pytest.mark.parametrize("winograd", ["winograd_f4", "winograd_f4_jit"])
-def test_concurrent_runs_of_host_kernels_give_each_caller_its_answer(winograd):
-    """Host kernels keep per-thread scratch; the jit Winograd enters numba's workqueue layer, which
-    aborts the process when entered twice, so its calls queue: each caller gets its own answer."""
+def plan_using(graph, wanted: dict[str, str], monkeypatch):
+    """A heuristic plan whose nodes ``wanted`` names run the named implementations: the search
+    prices those at zero and their rivals prohibitively, and places the reorders they need."""
+    from fastrun import costmodel, planner
+
+    by_spec = {h.spec.key(): wanted[h.node.name] for h in planner.heavy_nodes(graph) if h.node.name in wanted}
+    real = costmodel.impl_ms
+
+    def forced(impl, spec):
+        want = by_spec.get(spec.key())
+        return real(impl, spec) if want is None else 0.0 if impl.name == want else 1e6
+
+    monkeypatch.setattr(costmodel, "impl_ms", forced)
+    plan = planner.make_plan(graph, fp.fingerprint())
+    monkeypatch.setattr(costmodel, "impl_ms", real)
+    assert all(plan.node(name).impl.split("@")[0] == impl for name, impl in wanted.items())
+    return plan
+
+
+@pytest.mark.parametrize("winograd", ["winograd_f4", "winograd_f4_nhwc"])
+def test_concurrent_runs_of_host_kernels_give_each_caller_its_answer(winograd, monkeypatch):
+    """Host kernels keep per-thread scratch; the compiled Winograd enters numba's workqueue layer,
+    which aborts the process when entered twice, so its calls queue: each caller gets its own
+    answer."""
     import threading
 
     from fastrun import executor, graph as graph_mod, planner
@@ -526,12 +546,7 @@ def test_concurrent_runs_of_host_kernels_give_each_caller_its_answer(winograd):
     graph = graph_mod.from_proto(model, model.SerializeToString(), {"x": (2, 8, 12, 12)})
     if not impl.accepts(planner.heavy_nodes(graph)[0].spec):
         pytest.skip(f"{winograd} does not apply here (numba not installed?)")
-    plan = planner.make_plan(graph, fp.fingerprint(), allowed_formats={"NCHW"})
-    for node in plan.nodes:
-        if node.name == "conv1":
-            node.impl = impl.id
-        elif node.name == "conv2":
-            node.impl = registry.get("Conv", "conv1x1_gemm").id
+    plan = plan_using(graph, {"conv1": winograd, "conv2": "conv1x1_gemm"}, monkeypatch)
     program = executor.compile_plan(graph, plan)
     assert program.host_steps == 2
     feeds = [{"x": np.random.default_rng(i).standard_normal((2, 8, 12, 12)).astype(np.float32)} for i in range(4)]
@@ -551,10 +566,10 @@ def test_concurrent_runs_of_host_kernels_give_each_caller_its_answer(winograd):
     assert not wrong
 
 
-def test_a_plan_with_jit_kernels_served_without_numba_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
-    """The stored program names winograd_f4_jit; here numba is "missing": the session says so
+def test_a_plan_with_compiled_kernels_served_without_numba_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    """The stored program names winograd_f4_nhwc; here numba is "missing": the session says so
     and serves the heuristic plan, with onnxruntime's answer."""
-    from fastrun import executor, graph as graph_mod, planner
+    from fastrun import executor, graph as graph_mod
     from fastrun.impls import winograd
 
     if winograd.compiled is None:
@@ -562,8 +577,7 @@ def test_a_plan_with_jit_kernels_served_without_numba_falls_back_with_a_warning(
     model = tiny_conv_model(c=8, k=16, hw=12, batch=1)
     data = model.SerializeToString()
     graph = graph_mod.from_proto(model, data)
-    plan = planner.make_plan(graph, fp.fingerprint(), allowed_formats={"NCHW"})
-    plan.node("conv1").impl = registry.get("Conv", "winograd_f4_jit").id
+    plan = plan_using(graph, {"conv1": "winograd_f4_nhwc"}, monkeypatch)
     plan.policy = "profiled"
     caches = Caches(str(tmp_path / "cache"))
     fastrun.api.store_plan(caches, plan)

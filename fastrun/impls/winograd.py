@@ -12,21 +12,20 @@ strided views (rows first, then columns), channel chunk by channel chunk so that
 stay in L2; the output transform, crop and bias run per chunk of tile rows right after that
 chunk's batched product. The filter transform is done once, in float64.
 
-With numba installed (``pip install fastrun[numba]``) two more engines exist, both with compiled
-multi-threaded transforms (``winograd_transforms.py``) that skip B^T's and A^T's zeros:
-
-* ``winograd_f*_jit`` (NCHW): the transforms vectorize along a row of tiles.
-* ``winograd_f{4,6}_nchwc`` / ``_nhwc`` (blocked / channels-last activations, so they sit in the
-  format search next to onnxruntime's blocked kernels without reorders): the transforms vectorize
-  along 64 contiguous channels at a time, and the product is one batched GEMM over every tile,
-  [alpha^2, tiles, C] @ [alpha^2, C, K]. This is the fast engine: 2-core AVX2 VM,
+With numba installed (``pip install fastrun[numba]``) the ``winograd_f{4,6}_nchwc`` / ``_nhwc``
+variants run on blocked / channels-last activations (so they sit in the format search next to
+onnxruntime's blocked kernels, without reorders) with compiled multi-threaded transforms
+(``winograd_transforms.py``) that skip B^T's and A^T's zeros and vectorize along 64 contiguous
+channels at a time; the product is one batched GEMM over every tile,
+[alpha^2, tiles, C] @ [alpha^2, C, K]. This is the fast engine: 2-core AVX2 VM,
   ``scripts/bench_kernels.py --only 3x3``, batch 1, against onnxruntime's blocked kernel: 64->64@224
   1.0x, 128->128@112 1.4-1.6x, 256->256@56 1.5-1.8x, 512->512@28 1.9-2.2x, 512->512@14 1.1-1.2x.
   Splitting the tiles into L2-sized chunks made it slower (every chunk re-streams the transformed
   filters and runs 36 small GEMMs; OpenBLAS wakes its threads for each), so chunks only cap memory.
 
-The NCHW engines lose to it on every VGG shape measured; they stay for models whose 3x3 layers sit
-between NCHW-only neighbours, and the numpy one for machines without numba.
+It replaced session 4's compiled NCHW engine (transforms vectorized along a row of tiles), which
+lost to it on every VGG shape (e.g. 256->256@56: 19 vs 11-15 ms). The numpy engine stays for
+machines without numba.
 
 Accuracy (fp32, He-scaled random weights, relative to max|y|): F(2,3) ~1e-6, F(4,3) ~1e-5,
 F(6,3) ~1e-4 -- the transform matrices' dynamic range grows with m.
@@ -97,7 +96,7 @@ def winograd_applies(spec: OpSpec) -> bool:
     return (g["R"], g["S"]) == (3, 3) and g["strides"] == (1, 1) and g["dilations"] == (1, 1) and g["group"] == 1
 
 
-def winograd_jit_applies(spec: OpSpec) -> bool:
+def winograd_compiled_applies(spec: OpSpec) -> bool:
     return compiled is not None and winograd_applies(spec)
 
 
@@ -107,8 +106,8 @@ CHUNK_BYTES = 1 << 20
 MIN_TILE_COLUMNS = 128  # keep the batched product's GEMMs wide enough to run at speed
 
 
-def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, jit: bool = False,
-                   fmt: str = formats.NCHW):
+def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, fmt: str = formats.NCHW):
+    """F(m x m, 3 x 3) on activations in ``fmt``: numpy transforms for NCHW, compiled ones else."""
     g = conv_geometry(spec)
     N, C, K, H, W, P, Q = g["N"], g["C"], g["K"], g["H"], g["W"], g["P"], g["Q"]
     pads = g["pads"]
@@ -127,11 +126,9 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, jit: boo
     u = transposed(u_kc).reshape(A * A, K, C)
     bias = bias_of(spec, consts)
     act = activation(spec)
-    extra_h, extra_w = hp - (H + pads[0] + pads[2]), wp - (W + pads[1] + pads[3])
     if fmt != formats.NCHW:
-        return _channels_inner_run(spec, u, bias, at, bt, m, tp_n, tq_n, fmt)
-    if jit:
-        return _compiled_run(spec, u, bias, at, bt, m, tp_n, tq_n, extra_h, extra_w)
+        return _compiled_run(spec, u, bias, at, bt, m, tp_n, tq_n, fmt)
+    extra_h, extra_w = hp - (H + pads[0] + pads[2]), wp - (W + pads[1] + pads[3])
     cs = max(1, CHUNK_BYTES // (4 * N * A * tp_n * wp))  # input channels per chunk
     # rows of tiles (over images and tile rows, n outer) per chunk of the product
     rs = max(-(-MIN_TILE_COLUMNS // tq_n), CHUNK_BYTES // (4 * A * A * K * tq_n))
@@ -186,45 +183,8 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, jit: boo
     return run
 
 
-COMPILED_CHUNK_BYTES = 8 << 20  # products per output-transform call: big, it runs on every core
-
-
-def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndarray, m: int, tp_n: int,
-                  tq_n: int, extra_h: int, extra_w: int):
-    """``run`` with the numba transforms (bias and ReLU fused into the output transform)."""
-    if compiled is None:  # a plan made where numba was installed, served where it is not
-        raise RuntimeError("the compiled Winograd transforms need numba, which is not installed "
-                           "(pip install fastrun[numba])")
-    g = conv_geometry(spec)
-    N, C, K, P, Q = g["N"], g["C"], g["K"], g["P"], g["Q"]
-    A, T, rows = m + 2, tp_n * tq_n, N * tp_n
-    bias = np.zeros(K, np.float32) if bias is None else bias
-    relu = spec.activation == "Relu"
-    act = (lambda y: y) if relu else activation(spec)
-    compiled.ready()  # loads numba's on-disk cache in a process that never profiled
-    rs = max(-(-MIN_TILE_COLUMNS // tq_n), COMPILED_CHUNK_BYTES // (4 * A * A * K * tq_n))
-    scratch = SCRATCH
-
-    def run(x):
-        xp = np.ascontiguousarray(padded(x, g["pads"], scratch, extra_h, extra_w))
-        d = scratch.get("wino_d", (A * A, C, N * T))
-        y = np.empty((N, K, P, Q), np.float32)
-        with compiled.LOCK:
-            parts = compiled.threads()
-            compiled.input_transform(xp, bt, m, tp_n, tq_n, d, parts)
-            for r0 in range(0, rows, rs):
-                rr = min(rows, r0 + rs) - r0
-                mm = np.matmul(u, d[:, :, r0 * tq_n:(r0 + rr) * tq_n], out=scratch.get("wino_mm", (A * A, K, rr * tq_n)))
-                compiled.output_transform(mm, at, m, tp_n, tq_n, r0, bias, relu, y, parts)
-        return act(y)
-
-    return run
-
-
-BLOCKED_CHUNK_BYTES = 32 << 20  # transformed inputs + products per chunk of tiles: a memory cap
+COMPILED_CHUNK_BYTES = 32 << 20  # transformed inputs + products per chunk of tiles: a memory cap
 MIN_CHUNK_TILES = 64  # GEMM rows per chunk (each chunk streams every transformed filter again)
-
-
 CHANNEL_GROUP = 64  # channels per pass through a tile's transform: 64 ran 1.5-2x faster than 8 or all
 
 
@@ -233,12 +193,12 @@ def _channel_group(channels: int, lanes: int) -> int:
     return max(g for g in range(lanes, max(lanes, min(channels, CHANNEL_GROUP)) + 1, lanes) if channels % g == 0)
 
 
-def _channels_inner_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndarray, m: int,
-                        tp_n: int, tq_n: int, fmt: str):
+def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndarray, m: int,
+                  tp_n: int, tq_n: int, fmt: str):
     """``run`` for NCHWc / NHWC activations: the compiled transforms vectorize along the
     contiguous channels (SIMD-width groups), and the product is [tiles, C] @ [C, K] per
     transform position."""
-    if compiled is None:
+    if compiled is None:  # a plan made where numba was installed, served where it is not
         raise RuntimeError("the compiled Winograd transforms need numba, which is not installed "
                            "(pip install fastrun[numba])")
     g = conv_geometry(spec)
@@ -255,7 +215,7 @@ def _channels_inner_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: n
     relu = spec.activation == "Relu"
     act = (lambda y: y) if relu else activation(spec)
     # element strides (image, channel group, row, column) of both activations; channels go
-    # ``group`` at a time through the transforms (see blocked_input_transform)
+    # ``group`` at a time through the transforms (see winograd_transforms.input_transform)
     group_c, group_k = _channel_group(cp, lanes), _channel_group(kp, lanes)
     if blocked:
         x_strides, x_lanes = (cp * H * W, H * W * lanes, W * lanes, lanes), lanes
@@ -263,8 +223,8 @@ def _channels_inner_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: n
     else:
         x_strides, x_lanes = (H * W * C, group_c, W * C, C), group_c
         y_strides, y_lanes = (P * Q * K, group_k, Q * K, K), group_k
-    compiled.ready()
-    chunk = max(MIN_CHUNK_TILES, BLOCKED_CHUNK_BYTES // (4 * A * A * (cp + kp)))
+    compiled.ready()  # loads numba's on-disk cache in a process that never profiled
+    chunk = max(MIN_CHUNK_TILES, COMPILED_CHUNK_BYTES // (4 * A * A * (cp + kp)))
     y_shape = formats.physical_shape(spec.output, fmt)
     pad_top, pad_left = g["pads"][0], g["pads"][1]
     scratch = SCRATCH
@@ -277,12 +237,12 @@ def _channels_inner_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: n
             for t0 in range(0, tiles, chunk):
                 nt = min(tiles, t0 + chunk) - t0
                 v = scratch.get("wino_v", (nt, A * A, cp))
-                compiled.blocked_input_transform(x, x_strides, H, W, cp, x_lanes, group_c, bt, m, pad_top, pad_left,
-                                                 tp_n, tq_n, t0, v, parts)
+                compiled.input_transform(x, x_strides, H, W, cp, x_lanes, group_c, bt, m, pad_top, pad_left,
+                                         tp_n, tq_n, t0, v, parts)
                 mm = scratch.get("wino_mv", (nt, A * A, kp))
                 np.matmul(v.transpose(1, 0, 2), ub, out=mm.transpose(1, 0, 2))
-                compiled.blocked_output_transform(mm, at, m, tp_n, tq_n, t0, bias_p, relu, y.reshape(-1), y_strides,
-                                                  P, Q, kp, y_lanes, group_k, parts)
+                compiled.output_transform(mm, at, m, tp_n, tq_n, t0, bias_p, relu, y.reshape(-1), y_strides,
+                                          P, Q, kp, y_lanes, group_k, parts)
         return act(y)
 
     return run
@@ -306,53 +266,35 @@ def build_winograd_f6(spec: OpSpec, consts: dict[int, np.ndarray]):
     return build_winograd(spec, consts, 6)
 
 
-def _prepare_jit() -> None:
+def _prepare_compiled() -> None:
     """Compile the numba kernels (~15 s the first time on a machine) before any time limit runs."""
     if compiled is not None:
         compiled.ready()
 
 
-@implementation("Conv", "winograd_f2_jit", heuristic_rank=14, applies=winograd_jit_applies, prepare=_prepare_jit)
-def build_winograd_f2_jit(spec: OpSpec, consts: dict[int, np.ndarray]):
-    """Winograd F(2x2,3x3) with compiled multi-threaded transforms (needs numba)."""
-    return build_winograd(spec, consts, 2, jit=True)
-
-
-@implementation("Conv", "winograd_f4_jit", heuristic_rank=14, applies=winograd_jit_applies, prepare=_prepare_jit)
-def build_winograd_f4_jit(spec: OpSpec, consts: dict[int, np.ndarray]):
-    """Winograd F(4x4,3x3) with compiled multi-threaded transforms (needs numba)."""
-    return build_winograd(spec, consts, 4, jit=True)
-
-
-@implementation("Conv", "winograd_f6_jit", heuristic_rank=14, applies=winograd_jit_applies, prepare=_prepare_jit)
-def build_winograd_f6_jit(spec: OpSpec, consts: dict[int, np.ndarray]):
-    """Winograd F(6x6,3x3) with compiled multi-threaded transforms (needs numba)."""
-    return build_winograd(spec, consts, 6, jit=True)
-
-
 @implementation("Conv", "winograd_f4_nchwc", in_format="NCHWc", heuristic_rank=14,
-                applies=winograd_jit_applies, prepare=_prepare_jit)
+                applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f4_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) on blocked NCHWc activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 4, fmt=resolve_format("NCHWc"))
 
 
 @implementation("Conv", "winograd_f6_nchwc", in_format="NCHWc", heuristic_rank=14,
-                applies=winograd_jit_applies, prepare=_prepare_jit)
+                applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f6_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on blocked NCHWc activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 6, fmt=resolve_format("NCHWc"))
 
 
 @implementation("Conv", "winograd_f4_nhwc", in_format="NHWC", heuristic_rank=14,
-                applies=winograd_jit_applies, prepare=_prepare_jit)
+                applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f4_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) on channels-last activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 4, fmt=formats.NHWC)
 
 
 @implementation("Conv", "winograd_f6_nhwc", in_format="NHWC", heuristic_rank=14,
-                applies=winograd_jit_applies, prepare=_prepare_jit)
+                applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f6_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on channels-last activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 6, fmt=formats.NHWC)
