@@ -303,3 +303,18 @@ def test_heuristic_plan_leaves_onnxruntime_alone_unless_a_rule_puts_a_host_kerne
     plan = planner.heuristic_plan(graph_mod.from_proto(big, big.SerializeToString(), {"x": (1, 256, 56, 56)}),
                                   fingerprint.fingerprint())
     assert not plan.whole_model and plan.node("conv1").impl.startswith("winograd_f")
+
+
+def test_heuristic_plan_needs_a_predicted_gain_worth_the_split_sessions(monkeypatch):
+    """A host kernel predicted to save less than HEURISTIC_MIN_GAIN of the heavy nodes' time is
+    not worth leaving onnxruntime's session for."""
+    from fastrun import fingerprint, graph as graph_mod, planner
+
+    big = tiny_conv_model(c=256, k=256, hw=56)
+    graph = graph_mod.from_proto(big, big.SerializeToString(), {"x": (1, 256, 56, 56)})
+    gain = planner.host_gain(graph, planner.make_plan(graph, fingerprint.fingerprint()))
+    assert 0.05 < gain < 1
+    monkeypatch.setattr(planner, "HEURISTIC_MIN_GAIN", gain * 1.01)
+    assert planner.heuristic_plan(graph, fingerprint.fingerprint()).whole_model
+    monkeypatch.setattr(planner, "HEURISTIC_MIN_GAIN", gain * 0.99)
+    assert not planner.heuristic_plan(graph, fingerprint.fingerprint()).whole_model
