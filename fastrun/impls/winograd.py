@@ -7,28 +7,30 @@ input channels (that sum, for all alpha^2 positions at once, is one batched matm
 output drop from 9 to alpha^2/m^2 (4: 2.25, 6: 1.78) at the price of the transforms, which are
 memory-bound: they decide whether Winograd wins (see DESIGN.md).
 
-Both transforms are separable and run as GEMMs with the small transform matrices over gathered
-strided views (rows first, then columns), channel chunk by channel chunk so that intermediates
-stay in L2; the output transform, crop and bias run per chunk of tile rows right after that
-chunk's batched product. The filter transform is done once, in float64.
+Two engines compute this. The numpy one (``winograd_f{2,4,6}``, NCHW): both transforms are
+separable and run as GEMMs with the small transform matrices over gathered strided views (rows
+first, then columns), channel chunk by channel chunk so that intermediates stay in L2; the output
+transform, crop and bias run per chunk of tile rows right after that chunk's batched product. The
+filter transform is done once, in float64.
 
-With numba installed (``pip install fastrun[numba]``) the ``winograd_f{4,6}_nchwc`` / ``_nhwc``
-variants run on blocked / channels-last activations (so they sit in the format search next to
-onnxruntime's blocked kernels, without reorders) with compiled multi-threaded transforms
-(``winograd_transforms.py``) that skip B^T's and A^T's zeros and vectorize along 64 contiguous
-channels at a time; the product is one batched GEMM over every tile,
+The compiled one, with numba installed (``pip install fastrun[numba]``): the
+``winograd_f{4,6}_nchwc`` / ``_nhwc`` variants run on blocked / channels-last activations (so they
+sit in the format search next to onnxruntime's blocked kernels, without reorders) with compiled
+multi-threaded transforms (``winograd_transforms.py``) that skip B^T's and A^T's zeros and
+vectorize along 64 contiguous channels at a time; the product is one batched GEMM over every tile,
 [alpha^2, tiles, C] @ [alpha^2, C, K]. This is the fast engine: 2-core AVX2 VM,
-  ``scripts/bench_kernels.py --only 3x3``, batch 1, against onnxruntime's blocked kernel: 64->64@224
-  1.0x, 128->128@112 1.4-1.6x, 256->256@56 1.5-1.8x, 512->512@28 1.9-2.2x, 512->512@14 1.1-1.2x.
-  Splitting the tiles into L2-sized chunks made it slower (every chunk re-streams the transformed
-  filters and runs 36 small GEMMs; OpenBLAS wakes its threads for each), so chunks only cap memory.
+``scripts/bench_kernels.py --only 3x3``, batch 1, against onnxruntime's blocked kernel: 64->64@224
+0.8-1.0x, 128->128@112 1.4-1.6x, 256->256@56 1.5-2.0x, 512->512@28 1.4-2.2x, 512->512@14 1.1-1.2x
+(docs/benchmarks.md). Splitting the tiles into L2-sized chunks made it slower (every chunk
+re-streams the transformed filters and runs 36 small GEMMs; OpenBLAS wakes its threads for each), so
+chunks only cap memory.
 
 It replaced session 4's compiled NCHW engine (transforms vectorized along a row of tiles), which
 lost to it on every VGG shape (e.g. 256->256@56: 19 vs 11-15 ms). The numpy engine stays for
 machines without numba.
 
-Accuracy (fp32, He-scaled random weights, relative to max|y|): F(2,3) ~1e-6, F(4,3) ~1e-5,
-F(6,3) ~1e-4 -- the transform matrices' dynamic range grows with m.
+Accuracy (fp32, He-scaled random weights, relative to max|y|), either engine: F(2,3) ~1e-6,
+F(4,3) ~1e-5, F(6,3) ~1e-5 to 1e-4 -- the transform matrices' dynamic range grows with m.
 """
 from __future__ import annotations
 
