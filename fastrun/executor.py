@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from . import formats, layout_ops, ortutil, registry
+from . import allocator, formats, layout_ops, ortutil, registry
 from .graph import Graph, Node, const_inputs, spec_for_node, to_proto
 from .plan import LIGHT_IMPL, Plan
 from .registry import OnnxFragment, OpSpec
@@ -159,6 +159,8 @@ def instantiate(recipe: Recipe) -> Program:
     # release the GIL, so the parts are made on every core.
     with ThreadPoolExecutor(ortutil.default_threads()) as pool:
         program = list(pool.map(make, recipe.parts))
+    if any(isinstance(p, HostCall) for p in program):
+        allocator.keep_freed_memory()  # their outputs are fresh arrays: see fastrun.allocator
     return Program(program=program, constants=recipe.constants, outputs=recipe.outputs,
                    reorders=recipe.reorders, host_steps=sum(isinstance(p, HostCall) for p in program),
                    segments=sum(isinstance(p, Segment) for p in program))

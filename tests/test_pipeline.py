@@ -2,6 +2,8 @@
 import json
 import logging
 import os
+import platform
+import sys
 
 import numpy as np
 import onnx
@@ -318,3 +320,28 @@ def test_heuristic_plan_needs_a_predicted_gain_worth_the_split_sessions(monkeypa
     assert planner.heuristic_plan(graph, fingerprint.fingerprint()).whole_model
     monkeypatch.setattr(planner, "HEURISTIC_MIN_GAIN", gain * 0.99)
     assert not planner.heuristic_plan(graph, fingerprint.fingerprint()).whole_model
+
+
+def test_programs_with_host_kernels_keep_freed_memory_for_their_outputs(monkeypatch):
+    """Host kernels return fresh arrays: building a program that has any asks glibc to keep freed
+    memory (fastrun.allocator); a program of onnxruntime segments alone leaves malloc alone."""
+    from fastrun import allocator, executor, fingerprint, graph as graph_mod, planner
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    big = tiny_conv_model(c=256, k=256, hw=56)
+    graph = graph_mod.from_proto(big, big.SerializeToString(), {"x": (1, 256, 56, 56)})
+    plan = planner.make_plan(graph, fingerprint.fingerprint())
+    assert executor.compile_plan(graph, planner.whole_model_plan(graph, plan)).host_steps == 0 and not calls
+    assert executor.compile_plan(graph, plan).host_steps > 0 and calls
+
+
+def test_keep_freed_memory_respects_the_users_malloc_settings(monkeypatch):
+    from fastrun import allocator
+
+    monkeypatch.setattr(allocator, "_applied", False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert allocator.keep_freed_memory() is (sys.platform.startswith("linux") and "glibc" in platform.libc_ver()[0])
