@@ -380,7 +380,7 @@ def _print_plan(plan, problem: str = "") -> None:
 
         click.echo(f"runs as one onnxruntime ORT_ENABLE_ALL session: no assignment beat it end to end by "
                    f"{WHOLE_MODEL_MARGIN:.0%}" if plan.policy != "heuristic" else
-                   "runs as one onnxruntime ORT_ENABLE_ALL session: no rule predicts a host kernel wins")
+                   "runs as one onnxruntime ORT_ENABLE_ALL session: no rule predicts a host kernel wins enough")
     header = f"{'node':<17} {'op':<5} {'signature':<27} {'implementation':<20} {'ms':>7} {'x ort':>6} formats"
     click.echo(header)
     click.echo("-" * 100)

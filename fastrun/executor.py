@@ -159,10 +159,11 @@ def instantiate(recipe: Recipe) -> Program:
     # release the GIL, so the parts are made on every core.
     with ThreadPoolExecutor(ortutil.default_threads()) as pool:
         program = list(pool.map(make, recipe.parts))
-    if any(isinstance(p, HostCall) for p in program):
+    host_steps = sum(isinstance(p, HostCall) for p in program)
+    if host_steps:
         allocator.keep_freed_memory()  # their outputs are fresh arrays: see fastrun.allocator
     return Program(program=program, constants=recipe.constants, outputs=recipe.outputs,
-                   reorders=recipe.reorders, host_steps=sum(isinstance(p, HostCall) for p in program),
+                   reorders=recipe.reorders, host_steps=host_steps,
                    segments=sum(isinstance(p, Segment) for p in program))
 
 

@@ -53,7 +53,7 @@ class Plan:
     segment_threads: list[int] = field(default_factory=list)  # per segment in program order ([]: ``threads``)
     # Run the graph as one onnxruntime ORT_ENABLE_ALL session (every node on onnxruntime, its own
     # layouts and fusions): when no assignment beat that end to end (api.verify_plan), or, without
-    # profiling, when no rule puts a host kernel anywhere (planner.heuristic_plan).
+    # profiling, when no host kernel is predicted to save enough (planner.heuristic_plan).
     whole_model: bool = False
     policy: str = "profiled"        # "profiled" | "heuristic" | "partial" (budget ran out)
     fastrun_version: str = __version__

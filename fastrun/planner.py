@@ -92,15 +92,18 @@ def heuristic_plan(graph: Graph, fingerprint: str) -> Plan:
 
 def host_gain(graph: Graph, plan: Plan) -> float:
     """Estimated share of the heavy nodes' time (on onnxruntime's kernels) that ``plan``'s host
-    kernels save (cost model estimates)."""
+    kernels save (cost model estimates); 0 without enumerating candidates when it has none."""
+    host = {n.name for n in plan.nodes if n.spec and registry.by_id(n.op_type, n.impl).kind == "host"}  # spec: heavy
+    if not host:
+        return 0.0
     total = saved = 0.0
     for h in heavy_nodes(graph):
         onnx_ms = [costmodel.impl_ms(i, h.spec) for i in h.impls if i.kind == "onnx"]
         if not onnx_ms:
             continue
         total += min(onnx_ms)
-        impl = registry.by_id(h.node.op_type, plan.node(h.node.name).impl)
-        if impl.kind == "host":
+        if h.node.name in host:
+            impl = registry.by_id(h.node.op_type, plan.node(h.node.name).impl)
             saved += min(onnx_ms) - costmodel.impl_ms(impl, h.spec)
     return saved / total if total else 0.0
 

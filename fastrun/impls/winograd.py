@@ -127,9 +127,9 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, fmt: str
     u_kc = np.asarray(consts[1], np.float64).reshape(K * C, 9) @ kron
     u = transposed(u_kc).reshape(A * A, K, C)
     bias = bias_of(spec, consts)
-    act = activation(spec)
     if fmt != formats.NCHW:
         return _compiled_run(spec, u, bias, at, bt, m, tp_n, tq_n, fmt)
+    act = activation(spec)
     extra_h, extra_w = hp - (H + pads[0] + pads[2]), wp - (W + pads[1] + pads[3])
     cs = max(1, CHUNK_BYTES // (4 * N * A * tp_n * wp))  # input channels per chunk
     # rows of tiles (over images and tile rows, n outer) per chunk of the product
