@@ -289,14 +289,15 @@ def thread_counts(available: int) -> list[int]:
 
 
 def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
-    """The plan with the intra-op thread count of its onnxruntime segments measured, not assumed.
+    """The plan with the thread counts of its onnxruntime segments and host kernels measured, not assumed.
 
     A deployment knob like the assignment: small models, and small segments of big ones, can lose
     more to waking and joining threads than they gain from them. Every count of
     :func:`thread_counts` runs the whole plan, interleaved, timing each segment as well; fewer
     threads than all must win by ``THREADS_MARGIN``, for the plan (``plan.threads``) and for each
     segment (``plan.segment_threads``, kept only if the mix then wins end to end by the margin).
-    The times are kept in ``plan.solver["threads"]``.
+    Then, if the plan has host kernels, the same counts race for them (``plan.host_threads``),
+    with the onnxruntime counts just chosen. The times are kept in ``plan.solver["threads"]``.
     """
     counts = thread_counts(ortutil.default_threads())
     if len(counts) == 1:
@@ -321,6 +322,11 @@ def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
         record.update(segments=per_segment, mixed_ms=raced["mixed"], uniform_ms=raced["uniform"])
         if raced["mixed"] < (1 - THREADS_MARGIN) * raced["uniform"]:
             plan.segment_threads = per_segment
+    program = executor.compile_plan(graph, plan)
+    if program.host_steps:
+        host_ms = _race(graph, {str(n): executor.with_host_threads(program, n) for n in counts}, repeats)
+        plan.host_threads = _faster_by_margin(counts, {n: host_ms[str(n)] for n in counts})
+        record.update(host=plan.host_threads, host_ms=host_ms)
     plan.solver = dict(plan.solver, threads=record)
     if best != counts[0]:
         log.info("%d intra-op thread(s) ran faster end to end than %d (%.2f vs %.2f ms): keeping %d",

@@ -12,9 +12,11 @@ threads (they pick the timeout up when they start again, at the next BLAS call).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,54 @@ def calm_openblas() -> int:
         except (OSError, AttributeError) as exc:  # another BLAS build: leave it as it is
             log.debug("cannot set the thread timeout of %s: %s", path, exc)
     return restarted
+
+
+# Thread-count entry points: OpenBLAS's own names and numpy's bundled build (scipy-openblas,
+# 64-bit integers, prefixed and suffixed symbols).
+_THREAD_SYMBOLS = (("openblas_get_num_threads", "openblas_set_num_threads"),
+                   ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                   ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"))
+
+
+@functools.lru_cache(maxsize=1)
+def _thread_controls() -> tuple:
+    """(get, set) of every OpenBLAS numpy has loaded (looked up once: host steps call this often)."""
+    import numpy  # noqa: F401  (OpenBLAS is loaded with numpy)
+
+    controls = []
+    for path in _loaded_openblas():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get_name, set_name in _THREAD_SYMBOLS:
+            if hasattr(lib, get_name) and hasattr(lib, set_name):
+                getter, setter = getattr(lib, get_name), getattr(lib, set_name)
+                getter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+                controls.append((getter, setter))
+                break
+    return tuple(controls)
+
+
+def lower_threads(count: int) -> Callable[[], None]:
+    """Cap OpenBLAS at ``count`` threads; returns the function that restores the previous counts."""
+    lowered = []
+    for getter, setter in _thread_controls():
+        before = getter()
+        if count < before:
+            setter(count)
+            lowered.append((setter, before))
+    if not lowered:
+        return _nothing
+
+    def restore() -> None:
+        for setter, before in lowered:
+            setter(before)
+    return restore
+
+
+def _nothing() -> None:
+    pass
 
 
 def _loaded_openblas() -> list[str]:

@@ -200,6 +200,9 @@ def _print_profile(d: dict) -> None:
         if d.get("segment_threads"):
             click.echo(f"  per segment: {','.join(map(str, d['segment_threads']))} "
                        f"({threads['mixed_ms']:.2f} ms vs {threads['uniform_ms']:.2f} ms all alike)")
+        if "host_ms" in threads:
+            timed = ", ".join(f"{n}: {ms:.2f} ms" for n, ms in threads["host_ms"].items())
+            click.echo(f"host-kernel threads: {threads['host']} (measured end to end: {timed})")
     if solver:
         click.echo(f"format search: {solver['method']} {solver['status']} (gap {solver['gap']:.1e}) in {solver['seconds'] * 1e3:.0f} ms; "
                    f"reorders {d['reorders']} (greedy: {solver.get('greedy_reorders', '-')})")

@@ -19,14 +19,14 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from . import allocator, formats, layout_ops, ortutil, registry
+from . import allocator, formats, hostthreads, layout_ops, ortutil, registry
 from .graph import Graph, Node, const_inputs, spec_for_node, to_proto
 from .plan import LIGHT_IMPL, Plan
 from .registry import OnnxFragment, OpSpec
@@ -61,6 +61,7 @@ class HostRecipe:
     consts: dict[int, np.ndarray]
     inputs: list[str]
     output: str
+    threads: int = 0                 # threads the kernel may use; 0: all cores
 
 
 @dataclass
@@ -102,9 +103,11 @@ class HostCall:
     inputs: list[str]
     output: str
     kernel: Callable[..., np.ndarray]
+    threads: int = 0  # see fastrun.hostthreads; 0: all cores
 
     def __call__(self, values: dict[str, np.ndarray]) -> None:
-        values[self.output] = self.kernel(*[values[t] for t in self.inputs])
+        with hostthreads.limited(self.threads):
+            values[self.output] = self.kernel(*[values[t] for t in self.inputs])
 
 
 @dataclass
@@ -137,8 +140,14 @@ def tensor_name(tensor: str, fmt: str, produced: dict[str, str]) -> str:
 
 
 def compile_plan(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Program:
-    """The runnable program of a plan (``threads`` overrides the plan's intra-op thread count)."""
+    """The runnable program of a plan (``threads`` overrides its onnxruntime intra-op thread count)."""
     return instantiate(build_recipe(graph, plan, threads))
+
+
+def with_host_threads(program: Program, threads: int) -> Program:
+    """The same program (same sessions and kernels) with its host steps on ``threads`` threads."""
+    parts = [replace(p, threads=threads) if isinstance(p, HostCall) else p for p in program.program]
+    return replace(program, program=parts)
 
 
 def instantiate(recipe: Recipe) -> Program:
@@ -146,7 +155,7 @@ def instantiate(recipe: Recipe) -> Program:
     def make(part):
         if isinstance(part, HostRecipe):
             kernel = registry.by_id(part.spec.op_type, part.impl).build(part.spec, part.consts)
-            return HostCall(part.inputs, part.output, kernel)
+            return HostCall(part.inputs, part.output, kernel, part.threads)
         try:
             sess = ortutil.session(part.model, level=part.level, threads=part.threads or None,
                                    external=part.weights)
@@ -178,7 +187,8 @@ def build_recipe(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Rec
     # Builders transform weights with numpy, which releases the GIL: building on every core cut
     # compile 150 -> 134 ms on ResNet-50, 69 -> 57 ms on Inception v1. Builders are pure functions of (spec, constants).
     with ThreadPoolExecutor(ortutil.default_threads()) as pool:
-        steps.extend(pool.map(lambda node: _node_step(node, graph, choices[node.name], produced), graph.nodes))
+        steps.extend(pool.map(lambda node: _node_step(node, graph, choices[node.name], produced, plan.host_threads),
+                              graph.nodes))
     outputs = {t: t if t in graph.constants else tensor_name(t, formats.NCHW, produced) for t in graph.outputs}
     parts = _schedule(steps, graph, plan, set(graph.inputs), set(outputs.values()), produced, threads)
     if plan.whole_model:  # every step is an NCHW onnxruntime node: one segment, onnxruntime's layouts
@@ -188,7 +198,7 @@ def build_recipe(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Rec
     return Recipe(parts=parts, constants=constants, outputs=outputs, reorders=sum(s.is_reorder for s in steps))
 
 
-def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str]) -> Step:
+def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str], host_threads: int) -> Step:
     runtime = [t for t in node.inputs if t and t not in graph.constants]
     in_names = [tensor_name(t, f, produced) for t, f in zip(runtime, choice.in_formats)]
     if choice.impl == LIGHT_IMPL:
@@ -204,7 +214,8 @@ def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str]) -> St
     impl = registry.by_id(node.op_type, choice.impl)
     spec = spec_for_node(node, graph)
     if impl.kind == "host":  # built when the program is instantiated
-        host = HostRecipe(node.name, impl.id, spec, const_inputs(node, graph), in_names, node.outputs[0])
+        host = HostRecipe(node.name, impl.id, spec, const_inputs(node, graph), in_names, node.outputs[0],
+                          host_threads)
         return Step(node.name, in_names, [node.outputs[0]], host=host)
     built = impl.build(spec, const_inputs(node, graph))
     runtime_idx = [i for i, t in enumerate(node.inputs) if t and t not in graph.constants]

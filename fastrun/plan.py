@@ -51,6 +51,7 @@ class Plan:
     solver: dict[str, Any] = field(default_factory=dict)
     threads: int = 0                # onnxruntime intra-op threads (0: all cores)
     segment_threads: list[int] = field(default_factory=list)  # per segment in program order ([]: ``threads``)
+    host_threads: int = 0           # threads of host kernels (0: all cores; fastrun.hostthreads)
     # Run the graph as one onnxruntime ORT_ENABLE_ALL session (every node on onnxruntime, its own
     # layouts and fusions): when no assignment beat that end to end (api.verify_plan), or, without
     # profiling, when no host kernel is predicted to save enough (planner.heuristic_plan).

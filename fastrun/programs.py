@@ -286,7 +286,7 @@ def _write(recipe: Recipe, path: Path) -> dict:
             else:
                 parts.append({"kind": "host", "name": p.name, "impl": p.impl, "spec": p.spec.to_json(),
                               "consts": {str(i): blob.add(v) for i, v in p.consts.items()},
-                              "inputs": p.inputs, "output": p.output})
+                              "inputs": p.inputs, "output": p.output, "threads": p.threads})
         constants = {k: blob.add(v) for k, v in recipe.constants.items()}
     return {"parts": parts, "constants": constants, "outputs": recipe.outputs, "reorders": recipe.reorders,
             "bytes": blob.offset, "crc32": blob.crc}
@@ -333,7 +333,7 @@ def _read(manifest: dict, data: np.ndarray) -> Recipe:
         elif p["kind"] == "host":
             parts.append(HostRecipe(str(p["name"]), str(p["impl"]), OpSpec.from_json(p["spec"]),
                                     {int(i): array(v) for i, v in p["consts"].items()},
-                                    list(p["inputs"]), str(p["output"])))
+                                    list(p["inputs"]), str(p["output"]), int(p["threads"])))
         else:
             raise ValueError(f"unknown part kind {p['kind']!r}")
     return Recipe(parts, {k: array(v) for k, v in manifest["constants"].items()}, dict(manifest["outputs"]),

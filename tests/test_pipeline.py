@@ -345,3 +345,85 @@ def test_keep_freed_memory_respects_the_users_malloc_settings(monkeypatch):
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert allocator.keep_freed_memory() is (sys.platform.startswith("linux") and "glibc" in platform.libc_ver()[0])
+
+
+def _plan_with_host_step(monkeypatch):
+    """tiny_conv_model with conv2 on a host kernel (segment, host step, segment), FASTRUN_THREADS=2."""
+    from fastrun import fingerprint, graph as graph_mod, planner, registry
+
+    monkeypatch.setenv("FASTRUN_THREADS", "2")
+    graph = graph_mod.load(tiny_conv_model(batch=1))
+    plan = planner.make_plan(graph, fingerprint.fingerprint(), None, allowed_formats={"NCHW"})
+    plan.node("conv2").impl = registry.get("Conv", "conv1x1_gemm").id
+    return graph, plan
+
+
+def test_host_steps_run_with_the_plans_host_thread_count(monkeypatch):
+    """The executor runs each host step inside hostthreads.limited: compiled kernels split their
+    work in that many parts and OpenBLAS is lowered for the step, then restored."""
+    from fastrun import blas, executor, hostthreads
+
+    graph, plan = _plan_with_host_step(monkeypatch)
+    blas_counts = lambda: [get() for get, _ in blas._thread_controls()]  # noqa: E731
+    before = blas_counts()
+    for host_threads, expected in ((1, 1), (0, 2)):
+        plan.host_threads = host_threads
+        program = executor.compile_plan(graph, plan)
+        seen = []
+        for part in program.program:
+            if isinstance(part, executor.HostCall):
+                real = part.kernel
+                part.kernel = lambda *a, real=real: seen.append((hostthreads.current(), blas_counts())) or real(*a)
+        program.run(api.random_feed(graph))
+        assert seen and all(threads == expected for threads, _ in seen)
+        assert all(counts == [min(expected, b) for b in before] for _, counts in seen)
+        assert blas_counts() == before and hostthreads.current() == 2
+
+
+def test_fewer_blas_threads_are_set_and_restored_never_more():
+    from fastrun import blas
+
+    controls = blas._thread_controls()
+    if not controls:
+        pytest.skip("numpy is not linked to OpenBLAS here")
+    before = [get() for get, _ in controls]
+    restore = blas.lower_threads(1)
+    assert [get() for get, _ in controls] == [1] * len(controls)
+    restore()
+    assert [get() for get, _ in controls] == before
+    blas.lower_threads(max(before) + 4)()  # more than OpenBLAS has: nothing changes
+    assert [get() for get, _ in controls] == before
+
+
+def test_compiled_winograd_splits_its_work_in_the_host_steps_thread_count():
+    transforms = pytest.importorskip("fastrun.impls.winograd_transforms")
+    from fastrun import hostthreads
+
+    with hostthreads.limited(1):
+        assert transforms.threads() == 1
+    assert transforms.threads() == min(transforms.numba.get_num_threads(), hostthreads.current())
+
+
+def test_choose_threads_measures_the_host_kernels_thread_count(monkeypatch):
+    graph, plan = _plan_with_host_step(monkeypatch)
+    real_interleaved = api.benchmark.interleaved
+    monkeypatch.setattr(api.benchmark, "interleaved",  # onnxruntime: all threads win
+                        lambda runners, **kw: {k: float(3 - int(k)) for k in real_interleaved(runners, **kw)})
+    raced = []
+
+    def race(graph, programs, repeats):
+        raced.append({k: [p.threads for p in prog.program if isinstance(p, api.executor.HostCall)]
+                      for k, prog in programs.items()})
+        return real_race(graph, programs, repeats) | {"1": 1.0, "2": 2.0}
+
+    real_race = api._race
+    monkeypatch.setattr(api, "_race", race)
+    chosen = api.choose_threads(graph, plan, repeats=2)
+    assert raced == [{"2": [2], "1": [1]}]
+    assert chosen.threads == 2 and chosen.host_threads == 1
+    assert chosen.solver["threads"]["host"] == 1 and set(chosen.solver["threads"]["host_ms"]) == {"1", "2"}
+    recipe = api.executor.build_recipe(graph, chosen)
+    assert [p.threads for p in recipe.parts if isinstance(p, api.executor.HostRecipe)] == [1]
+    monkeypatch.setattr(api, "_race", lambda graph, programs, repeats: {"1": 1.0, "2": 1.02})  # within the margin
+    plan.host_threads = 0
+    assert api.choose_threads(graph, plan, repeats=2).host_threads == 2

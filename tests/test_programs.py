@@ -67,14 +67,15 @@ def test_host_kernels_round_trip_through_the_store(tmp_path, cache_dir):
     graph = graph_mod.load(tiny_conv_model(batch=1))
     plan = planner.make_plan(graph, fp.fingerprint(), None, allowed_formats={"NCHW"})
     plan.node("conv1").impl = registry.get("Conv", "winograd_f4").id
+    plan.host_threads = 1
     recipe = executor.build_recipe(graph, plan)
     assert any(isinstance(p, executor.HostRecipe) for p in recipe.parts)
     store = programs.ProgramStore(tmp_path / "programs")
     assert store.save(plan, recipe, {"inputs": [], "outputs": []})
     loaded = store.load(plan)
     host = [p for p in loaded.parts if isinstance(p, executor.HostRecipe)]
-    assert [(h.impl, h.spec, h.inputs, h.output) for h in host] == \
-        [(h.impl, h.spec, h.inputs, h.output) for h in recipe.parts if isinstance(h, executor.HostRecipe)]
+    assert [(h.impl, h.spec, h.inputs, h.output, h.threads) for h in host] == \
+        [(h.impl, h.spec, h.inputs, h.output, 1) for h in recipe.parts if isinstance(h, executor.HostRecipe)]
     want = executor.instantiate(recipe).run(feed())["y"]
     got = executor.instantiate(loaded).run(feed())["y"]
     np.testing.assert_array_equal(got, want)

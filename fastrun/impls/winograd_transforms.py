@@ -22,6 +22,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .. import hostthreads
+
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
@@ -29,8 +31,8 @@ LOCK = threading.Lock()
 
 
 def threads() -> int:
-    """How many parts to split a transform into: one per numba thread."""
-    return numba.get_num_threads()
+    """How many parts to split a transform into: one per thread the host step may use."""
+    return max(1, min(numba.get_num_threads(), hostthreads.current()))
 
 
 def ready() -> None:
