@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from . import benchmark, executor, fingerprint as fp, graph as graph_mod, ortutil, planner
+from . import benchmark, executor, fingerprint as fp, graph as graph_mod, ortutil, planner, registry
 from .cache import Caches
 from .graph import Graph, ModelSource
 from .plan import Plan
@@ -48,8 +48,25 @@ class ProfileReport:
             return self.onnxruntime_ms / self.measured_ms
         return None
 
+    def kernel_ceiling(self) -> Optional[tuple[float, float]]:
+        """(fastest candidate, fastest onnxruntime kernel) of every profiled node, summed.
+
+        The most choosing kernels can gain on this model and machine, before reorders and split
+        sessions are paid, and before onnxruntime's whole-graph fusions are counted against it:
+        when the two sums are close, no plan will beat onnxruntime by much.
+        """
+        best = ort = 0.0
+        for n in self.plan.nodes:
+            times = {k: v for k, v in n.candidates.items() if isinstance(v, (int, float))}
+            ort_times = [v for k, v in times.items() if _is_onnxruntime_kernel(n.op_type, k)]
+            if ort_times:
+                best += min(times.values())
+                ort += min(ort_times)
+        return (best, ort) if ort else None
+
     def to_json(self) -> dict:
         plan = self.plan
+        ceiling = self.kernel_ceiling()
         return {
             "model": self.model,
             "fingerprint": plan.fingerprint,
@@ -72,6 +89,8 @@ class ProfileReport:
             "solver": plan.solver,
             "threads": plan.threads,
             "segment_threads": plan.segment_threads,
+            "host_threads": plan.host_threads,
+            "kernel_ceiling_ms": list(ceiling) if ceiling else None,
             "max_error": self.max_error,
             "segments": self.segments,
             "host_steps": self.host_steps,
@@ -84,6 +103,13 @@ class ProfileReport:
             "failed": [list(f) for f in self.stats.failed],
             "seconds": self.seconds,
         }
+
+
+def _is_onnxruntime_kernel(op_type: str, impl_id: str) -> bool:
+    try:
+        return registry.by_id(op_type, impl_id).kind == "onnx"
+    except KeyError:  # no longer registered: not onnxruntime's
+        return False
 
 
 def find_plan(caches: Caches, fingerprint: str, graph: Graph) -> Optional[Plan]:

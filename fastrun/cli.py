@@ -178,6 +178,11 @@ def _print_profile(d: dict) -> None:
     click.echo("")
     click.echo(f"signatures: {d['specs_measured']} profiled now, {d['specs_cached']} from cache "
                f"({d['profiled_now']} candidate timings measured, {d['from_cache']} reused)")
+    if d.get("kernel_ceiling_ms"):
+        best, ort = d["kernel_ceiling_ms"]
+        click.echo(f"kernel ceiling: the fastest candidate of every node sums to {best:.2f} ms, onnxruntime's "
+                   f"fastest kernel to {ort:.2f} ms ({ort / best:.2f}x at most from choosing kernels, before "
+                   f"reorders and split sessions)")
     if d["skipped_budget"]:
         click.echo(f"budget ran out: {d['skipped_budget']} signatures unprofiled, their nodes (marked *) use the heuristic choice")
     for spec, impl, why in d["failed"]:

@@ -23,6 +23,11 @@ def test_profile_prints_table_and_writes_json(tmp_path, tiny_model):
         assert key in data
     conv = [n for n in data["nodes"] if n["op_type"] == "Conv"]
     assert len(conv) == 2 and all(n["impl"] and n["time_ms"] > 0 for n in conv)
+    # the kernel ceiling: per node the fastest candidate against onnxruntime's fastest kernel, summed
+    best = sum(min(v for v in n["candidates"].values() if isinstance(v, float)) for n in conv)
+    ort = sum(min(v for k, v in n["candidates"].items() if k.startswith("ort") and isinstance(v, float)) for n in conv)
+    assert data["kernel_ceiling_ms"] == pytest.approx([best, ort]) and best <= ort
+    assert f"sums to {best:.2f} ms, onnxruntime's fastest kernel to {ort:.2f} ms" in res.output
     assert all("in_formats" in n and "out_format" in n for n in data["nodes"])
     again = run("profile", tiny_model, "--cache-dir", str(tmp_path / "c"), "--no-measure")
     assert "0 profiled now, 2 from cache" in again.output
