@@ -48,25 +48,9 @@ class ProfileReport:
             return self.onnxruntime_ms / self.measured_ms
         return None
 
-    def kernel_ceiling(self) -> Optional[tuple[float, float]]:
-        """(fastest candidate, fastest onnxruntime kernel) of every profiled node, summed.
-
-        The most choosing kernels can gain on this model and machine, before reorders and split
-        sessions are paid, and before onnxruntime's whole-graph fusions are counted against it:
-        when the two sums are close, no plan will beat onnxruntime by much.
-        """
-        best = ort = 0.0
-        for n in self.plan.nodes:
-            times = {k: v for k, v in n.candidates.items() if isinstance(v, (int, float))}
-            ort_times = [v for k, v in times.items() if _is_onnxruntime_kernel(n.op_type, k)]
-            if ort_times:
-                best += min(times.values())
-                ort += min(ort_times)
-        return (best, ort) if ort else None
-
     def to_json(self) -> dict:
         plan = self.plan
-        ceiling = self.kernel_ceiling()
+        ceiling = kernel_ceiling(plan)
         return {
             "model": self.model,
             "fingerprint": plan.fingerprint,
@@ -103,6 +87,23 @@ class ProfileReport:
             "failed": [list(f) for f in self.stats.failed],
             "seconds": self.seconds,
         }
+
+
+def kernel_ceiling(plan: Plan) -> Optional[tuple[float, float]]:
+    """(fastest candidate, fastest onnxruntime kernel) of every profiled node of ``plan``, summed.
+
+    The most choosing kernels can gain on this model and machine, before reorders and split
+    sessions are paid, and before onnxruntime's whole-graph fusions are counted against it:
+    when the two sums are close, no plan will beat onnxruntime by much.
+    """
+    best = ort = 0.0
+    for n in plan.nodes:
+        times = {k: v for k, v in n.candidates.items() if isinstance(v, (int, float))}
+        ort_times = [v for k, v in times.items() if _is_onnxruntime_kernel(n.op_type, k)]
+        if ort_times:
+            best += min(times.values())
+            ort += min(ort_times)
+    return (best, ort) if ort else None
 
 
 def _is_onnxruntime_kernel(op_type: str, impl_id: str) -> bool:

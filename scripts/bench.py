@@ -6,6 +6,9 @@ For each model and batch size it runs, round-robin so machine noise hits all ali
   ort_extended  onnxruntime ORT_ENABLE_EXTENDED   (no NCHWc layout transformer)
   heuristic     fastrun, heuristic plan (no profiling)
   profiled      fastrun, profiled plan (profiles first if the cache has no plan)
+The "kernel ceiling" column is onnxruntime's fastest kernels over the fastest candidates, summed
+over the plan's profiled nodes (fastrun.api.kernel_ceiling): the most per-operator selection can
+gain on that model, before reorders and split sessions.
 Every session has intra-op spinning off (several sessions in one process otherwise spin against
 each other); a lone default onnxruntime session is timed once per model to check that the
 baseline is not handicapped by that setting.
@@ -74,7 +77,7 @@ def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: f
         "ratio": times["ort_all"] / times["profiled"],
         "heuristic_ratio": times["ort_all"] / times["heuristic"],
         "heuristic_over_profiled": times["heuristic"] / times["profiled"],
-        "predicted_ms": plan.predicted_ms, "gflop": gflop,
+        "predicted_ms": plan.predicted_ms, "gflop": gflop, "kernel_ceiling_ms": api.kernel_ceiling(plan),
         "profiled_gflops": gflop / times["profiled"] * 1e3, "ort_gflops": gflop / times["ort_all"] * 1e3,
         "max_error": errors, "segments": profiled.segments, "host_steps": profiled.host_steps,
         "reorders": profiled.reorders, "profile_s": profile_s, "plan_policy": plan.policy,
@@ -98,15 +101,23 @@ def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| model | batch | ORT_ALL ms | ORT_EXT ms | heuristic ms | profiled ms | predicted ms | "
-            "ratio ALL/profiled | ALL/heuristic | heuristic/profiled | GFLOP/s profiled | GFLOP/s ORT | alone: ORT_ALL / default ORT ms |")
+            "ratio ALL/profiled | ALL/heuristic | heuristic/profiled | kernel ceiling | GFLOP/s profiled | GFLOP/s ORT | "
+            "alone: ORT_ALL / default ORT ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         pred = f"{r['predicted_ms']:.1f}" if r["predicted_ms"] else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['ort_all_ms']:.1f} | {r['ort_extended_ms']:.1f} | "
                      f"{r['heuristic_ms']:.1f} | {r['profiled_ms']:.1f} | {pred} | {r['ratio']:.2f} | "
-                     f"{r['heuristic_ratio']:.2f} | {r['heuristic_over_profiled']:.2f} | {r['profiled_gflops']:.0f} | {r['ort_gflops']:.0f} | "
+                     f"{r['heuristic_ratio']:.2f} | {r['heuristic_over_profiled']:.2f} | {_ceiling(r)} | "
+                     f"{r['profiled_gflops']:.0f} | {r['ort_gflops']:.0f} | "
                      f"{r['ort_all_alone_ms']:.1f} / {r['ort_default_alone_ms']:.1f} |")
     return "\n".join(lines)
+
+
+def _ceiling(row: dict) -> str:
+    """onnxruntime's fastest kernels over the fastest candidates, summed per node (api.kernel_ceiling)."""
+    ceiling = row.get("kernel_ceiling_ms")
+    return f"{ceiling[1] / ceiling[0]:.2f}" if ceiling else "-"
 
 
 def formats_markdown(rows: list[dict]) -> str:
