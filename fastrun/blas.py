@@ -59,7 +59,7 @@ _THREAD_SYMBOLS = (("openblas_get_num_threads", "openblas_set_num_threads"),
 
 @functools.lru_cache(maxsize=1)
 def _thread_controls() -> tuple:
-    """(get, set) of every OpenBLAS numpy has loaded (looked up once: host steps call this often)."""
+    """(get, set) of every loaded OpenBLAS (looked up once: host steps call this often)."""
     import numpy  # noqa: F401  (OpenBLAS is loaded with numpy)
 
     controls = []
@@ -75,6 +75,11 @@ def _thread_controls() -> tuple:
                 controls.append((getter, setter))
                 break
     return tuple(controls)
+
+
+def reload_libraries() -> None:
+    """Look the loaded OpenBLAS libraries up again: call it after loading one (scipy's)."""
+    _thread_controls.cache_clear()
 
 
 def lower_threads(count: int) -> Callable[[], None]:

@@ -229,6 +229,41 @@ def test_winograd_chunking(fmt, spec_name, m, chunk_bytes, min_columns, monkeypa
     assert relative_error(y, ref) <= tolerance(f"winograd_f{m}", spec)
 
 
+@pytest.mark.parametrize("chunk_tiles", [1, 7, 64])
+@pytest.mark.parametrize("m", [4, 6])
+@pytest.mark.parametrize("spec_name", ["c3x3_s1_odd_tiles_clip", "c3x3_s1_p1_nobias_c32", "c3x3_s1_asym_pad_relu"])
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHWc4", "NCHWc8"])
+def test_fused_winograd_chunking(fmt, spec_name, m, chunk_tiles, monkeypatch):
+    """The fused engine (each thread: transform, product, transform back, chunk by chunk): chunks
+    of 1, 7 or 64 tiles, split between the threads, some ending inside an image: one answer, and
+    BLAS back at its thread count afterwards."""
+    from fastrun import blas
+    from fastrun.impls import winograd
+
+    if winograd.compiled is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(winograd, "FUSED_CHUNK_TILES", chunk_tiles)
+    spec = SPECS[spec_name]
+    consts, runtime = kernels.random_inputs(spec, np.random.default_rng(_seed(spec_name)))
+    ref = kernels.reference_callable(spec, consts)(*runtime)
+    run = winograd.build_winograd(spec, consts, m, fmt=fmt, fused=True)
+    before = [get() for get, _ in blas._thread_controls()]
+    y = formats.from_format(run(formats.to_format(runtime[0], fmt)), fmt, spec.output[1])
+    assert relative_error(y, ref) <= tolerance(f"winograd_f{m}", spec)
+    assert [get() for get, _ in blas._thread_controls()] == before
+
+
+def test_fused_winograd_is_a_candidate_for_small_filters_only():
+    from fastrun.impls import winograd
+
+    if winograd.compiled is None:
+        pytest.skip("numba is not installed")
+    small, big = conv_spec(1, 64, 56, 56, 64, 3, 3, pads=1), conv_spec(1, 256, 56, 56, 256, 3, 3, pads=1)
+    for name in ("winograd_f4_fused_nhwc", "winograd_f6_fused_nchwc"):
+        impl = registry.get("Conv", name)
+        assert impl.accepts(small) and not impl.accepts(big)
+
+
 def test_winograd_matrices_exact():
     from fastrun.impls.winograd import winograd_matrices
 

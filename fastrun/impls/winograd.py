@@ -39,7 +39,7 @@ from fractions import Fraction
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .. import formats
+from .. import blas, formats
 from ..registry import OpSpec, implementation, resolve_format
 from .common import activation, conv_geometry, transposed
 from .conv_host import SCRATCH, bias_of, host_conv_ok, padded
@@ -108,8 +108,10 @@ CHUNK_BYTES = 1 << 20
 MIN_TILE_COLUMNS = 128  # keep the batched product's GEMMs wide enough to run at speed
 
 
-def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, fmt: str = formats.NCHW):
-    """F(m x m, 3 x 3) on activations in ``fmt``: numpy transforms for NCHW, compiled ones else."""
+def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, fmt: str = formats.NCHW,
+                   fused: bool = False):
+    """F(m x m, 3 x 3) on activations in ``fmt``: numpy transforms for NCHW, compiled ones else
+    (``fused``: the per-thread engine, see :func:`_compiled_run`)."""
     g = conv_geometry(spec)
     N, C, K, H, W, P, Q = g["N"], g["C"], g["K"], g["H"], g["W"], g["P"], g["Q"]
     pads = g["pads"]
@@ -128,7 +130,7 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, fmt: str
     u = transposed(u_kc).reshape(A * A, K, C)
     bias = bias_of(spec, consts)
     if fmt != formats.NCHW:
-        return _compiled_run(spec, u, bias, at, bt, m, tp_n, tq_n, fmt)
+        return _compiled_run(spec, u, bias, at, bt, m, tp_n, tq_n, fmt, fused)
     act = activation(spec)
     extra_h, extra_w = hp - (H + pads[0] + pads[2]), wp - (W + pads[1] + pads[3])
     cs = max(1, CHUNK_BYTES // (4 * N * A * tp_n * wp))  # input channels per chunk
@@ -193,15 +195,32 @@ MIN_CHUNK_TILES = 64  # GEMM rows per chunk (each chunk streams every transforme
 CHANNEL_GROUP = 64
 
 
+# The fused engine: tiles per chunk in each thread (measured 64@224 F(4,3) b1: 16 tiles 24.3 ms,
+# 32 19.9, 64 18.5, 256 17.9-20.3), and the largest transformed filter it is a candidate for: each
+# chunk reads all of it (256->256@56 F(4,3), 9.4 MB: 14.4 ms against 11.5 for the batched GEMM;
+# 128->128@112 F(6,3), 4.2 MB: 13.0 against 13.5; 64->128@112 F(4,3), 1.2 MB: 8.2 against 11.5).
+FUSED_CHUNK_TILES = 64
+FUSED_MAX_FILTER_BYTES = 4 << 20
+
+
+def winograd_fused_applies(spec: OpSpec, m: int) -> bool:
+    if not winograd_compiled_applies(spec):
+        return False
+    g = conv_geometry(spec)
+    return 4 * (m + 2) ** 2 * g["C"] * g["K"] <= FUSED_MAX_FILTER_BYTES
+
+
 def _channel_group(channels: int, lanes: int) -> int:
     """The largest divisor of ``channels`` that is a multiple of ``lanes`` and <= CHANNEL_GROUP."""
     return max(g for g in range(lanes, max(lanes, min(channels, CHANNEL_GROUP)) + 1, lanes) if channels % g == 0)
 
 
 def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndarray, m: int,
-                  tp_n: int, tq_n: int, fmt: str):
+                  tp_n: int, tq_n: int, fmt: str, fused: bool = False):
     """``run`` for NCHWc / NHWC activations: the compiled transforms vectorize along groups of
-    contiguous channels, and the product is [tiles, C] @ [C, K] per transform position."""
+    contiguous channels, and the product is [tiles, C] @ [C, K] per transform position: one
+    batched GEMM over every tile (on all cores), or, ``fused``, per chunk of FUSED_CHUNK_TILES tiles
+    inside each thread (winograd_transforms.fused)."""
     if compiled is None:  # a plan made where numba was installed, served where it is not
         raise RuntimeError("the compiled Winograd transforms need numba, which is not installed "
                            "(pip install fastrun[numba])")
@@ -232,6 +251,22 @@ def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndar
     y_shape = formats.physical_shape(spec.output, fmt)
     pad_top, pad_left = g["pads"][0], g["pads"][1]
     scratch = SCRATCH
+
+    if fused:
+        def run_fused(x):
+            x = np.ascontiguousarray(x).reshape(-1)
+            y = np.empty(y_shape, np.float32)
+            with compiled.LOCK:
+                single_threaded_blas = blas.lower_threads(1)
+                try:
+                    compiled.fused(x, x_strides, H, W, cp, x_lanes, group_c, bt, at, m, pad_top, pad_left, tp_n,
+                                   tq_n, tiles, ub, bias_p, relu, y.reshape(-1), y_strides, P, Q, kp, y_lanes,
+                                   group_k, FUSED_CHUNK_TILES, compiled.threads())
+                finally:
+                    single_threaded_blas()
+            return act(y)
+
+        return run_fused
 
     def run(x):
         x = np.ascontiguousarray(x).reshape(-1)
@@ -302,3 +337,31 @@ def build_winograd_f4_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
 def build_winograd_f6_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on channels-last activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 6, fmt=formats.NHWC)
+
+
+@implementation("Conv", "winograd_f4_fused_nchwc", in_format="NCHWc", heuristic_rank=15,
+                applies=lambda spec: winograd_fused_applies(spec, 4), prepare=_prepare_compiled)
+def build_winograd_f4_fused_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(4x4,3x3) on NCHWc, each thread all stages on its own tiles (small filters; needs numba)."""
+    return build_winograd(spec, consts, 4, fmt=resolve_format("NCHWc"), fused=True)
+
+
+@implementation("Conv", "winograd_f6_fused_nchwc", in_format="NCHWc", heuristic_rank=15,
+                applies=lambda spec: winograd_fused_applies(spec, 6), prepare=_prepare_compiled)
+def build_winograd_f6_fused_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(6x6,3x3) on NCHWc, each thread all stages on its own tiles (small filters; needs numba)."""
+    return build_winograd(spec, consts, 6, fmt=resolve_format("NCHWc"), fused=True)
+
+
+@implementation("Conv", "winograd_f4_fused_nhwc", in_format="NHWC", heuristic_rank=15,
+                applies=lambda spec: winograd_fused_applies(spec, 4), prepare=_prepare_compiled)
+def build_winograd_f4_fused_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(4x4,3x3) on NHWC, each thread all stages on its own tiles (small filters; needs numba)."""
+    return build_winograd(spec, consts, 4, fmt=formats.NHWC, fused=True)
+
+
+@implementation("Conv", "winograd_f6_fused_nhwc", in_format="NHWC", heuristic_rank=15,
+                applies=lambda spec: winograd_fused_applies(spec, 6), prepare=_prepare_compiled)
+def build_winograd_f6_fused_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
+    """Winograd F(6x6,3x3) on NHWC, each thread all stages on its own tiles (small filters; needs numba)."""
+    return build_winograd(spec, consts, 6, fmt=formats.NHWC, fused=True)
