@@ -119,6 +119,20 @@ class Program:
     host_steps: int = 0
     segments: int = 0
 
+    def __post_init__(self) -> None:
+        # Per part, the tensors no later part reads: dropped as soon as it ran, so that a run
+        # holds the live activations only, not every intermediate until it returns (as
+        # onnxruntime's arena does inside a segment). Measured on VGG-19 b1: same speed.
+        last_use: dict[str, int] = {}
+        for i, part in enumerate(self.program):
+            for t in part.inputs:
+                last_use[t] = i
+        kept = set(self.outputs.values())
+        self.released: list[list[str]] = [[] for _ in self.program]
+        for t, i in last_use.items():
+            if t not in kept:
+                self.released[i].append(t)
+
     def run(self, feed: dict[str, np.ndarray], part_seconds: Optional[list[list[float]]] = None) -> dict[str, np.ndarray]:
         """The graph outputs; ``part_seconds`` (one list per part) collects each part's time."""
         values = dict(feed)
@@ -129,6 +143,8 @@ class Program:
                 t0 = time.perf_counter()
                 part(values)
                 part_seconds[i].append(time.perf_counter() - t0)
+            for t in self.released[i]:
+                del values[t]
         out = {}
         for name, source in self.outputs.items():
             out[name] = values[source] if source in values else self.constants[source]
