@@ -232,10 +232,11 @@ def impls(op_type, as_json) -> None:
                                 "in_format": i.in_format, "out_format": i.out_format, "rank": i.heuristic_rank,
                                 "module": i.module, "description": i.description} for i in items], indent=1))
         return
-    click.echo(f"{'op':<7} {'implementation':<24} {'kind':<5} {'formats':<16} {'rank':>4}  applies to")
+    width = max([len("implementation")] + [len(i.id) for i in items])
+    click.echo(f"{'op':<7} {'implementation':<{width}} {'kind':<5} {'formats':<16} {'rank':>4}  applies to")
     for i in items:
         fmts = i.in_format if i.in_format == i.out_format else f"{i.in_format}>{i.out_format}"
-        click.echo(f"{i.op_type:<7} {i.id:<24} {i.kind:<5} {fmts:<16} {i.heuristic_rank:>4}  {i.description}")
+        click.echo(f"{i.op_type:<7} {i.id:<{width}} {i.kind:<5} {fmts:<16} {i.heuristic_rank:>4}  {i.description}")
 
 
 @main.command()
