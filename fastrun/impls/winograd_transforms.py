@@ -57,6 +57,12 @@ def ready() -> None:
               2, 2, 1, 1, 1, 1, 1)
 
 
+@njit(inline="always")
+def _tile_position(t, tp_n, tq_n):  # pragma: no cover - compiled
+    """(image, tile row, tile column) of tile t = (n*tp_n + tp)*tq_n + tq."""
+    return t // (tp_n * tq_n), (t % (tp_n * tq_n)) // tq_n, t % tq_n
+
+
 @njit(inline="always", fastmath=True)
 def _input_tile(x, strides, H, W, cp, L, cc, bt, m, pad_top, pad_left, tp_n, tq_n, t, v, base, pos_stride,
                 d, r):  # pragma: no cover - compiled
@@ -71,10 +77,7 @@ def _input_tile(x, strides, H, W, cp, L, cc, bt, m, pad_top, pad_left, tp_n, tq_
     """
     A = m + 2
     sn, sg, sh, sw = strides
-    T = tp_n * tq_n
-    n = t // T
-    tp = (t % T) // tq_n
-    tq = t % tq_n
+    n, tp, tq = _tile_position(t, tp_n, tq_n)
     h0 = tp * m - pad_top
     w0 = tq * m - pad_left
     for c0 in range(0, cp, cc):
@@ -124,10 +127,7 @@ def _output_tile(mm, base, pos_stride, at, m, tp_n, tq_n, t, bias, relu, y, stri
     (m, kc) are scratch."""
     A = m + 2
     sn, sg, sh, sw = strides
-    T = tp_n * tq_n
-    n = t // T
-    tp = (t % T) // tq_n
-    tq = t % tq_n
+    n, tp, tq = _tile_position(t, tp_n, tq_n)
     for k0 in range(0, kp, kc):
         for a in range(A):
             for j in range(m):
