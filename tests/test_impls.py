@@ -259,7 +259,7 @@ def test_fused_winograd_is_a_candidate_for_small_filters_only():
     if winograd.compiled is None:
         pytest.skip("numba is not installed")
     small, big = conv_spec(1, 64, 56, 56, 64, 3, 3, pads=1), conv_spec(1, 256, 56, 56, 256, 3, 3, pads=1)
-    for name in ("winograd_f4_fused_nhwc", "winograd_f6_fused_nchwc"):
+    for name in ("winograd_f4_fused_nhwc", "winograd_f6_fused_nhwc"):
         impl = registry.get("Conv", name)
         assert impl.accepts(small) and not impl.accepts(big)
 

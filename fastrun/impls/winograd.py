@@ -25,12 +25,15 @@ vectorize along 64 contiguous channels at a time; the product is one batched GEM
 re-streams the transformed filters and runs 36 small GEMMs; OpenBLAS wakes its threads for each), so
 chunks only cap memory.
 
-The fused variants (``winograd_f{4,6}_fused_nchwc`` / ``_nhwc``) do chunk, the other way round:
+The fused variants (``winograd_f{4,6}_fused_nhwc``) do chunk, the other way round:
 each thread takes 64 tiles at a time through the input transform, 36 single-threaded GEMMs and the
 output transform, so the transformed tiles stay in its cache and the threads never wait for each
 other. Every chunk reads the whole transformed filter, so they are candidates only where it is
 small (few channels), which is where the batched engine loses to its memory traffic: 64->64@224
 18.1 ms against onnxruntime's 21.6 and the batched engine's 23.9, 64->128@112 8.5 against 10.6.
+Channels-last only: on NCHWc8 each tile writes 32-byte pieces of 8 planes, and at batch 8
+(64@224, a 102 MB output) that variant ran anywhere from 165 to 245 ms call to call while the
+NHWC one ran 151-153 (onnxruntime: 170); plans that used it lost end to end.
 
 It replaced session 4's compiled NCHW engine (transforms vectorized along a row of tiles), which
 lost to it on every VGG shape (e.g. 256->256@56: 19 vs 11-15 ms). The numpy engine stays for
@@ -344,20 +347,6 @@ def build_winograd_f4_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
 def build_winograd_f6_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on channels-last activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 6, fmt=formats.NHWC)
-
-
-@implementation("Conv", "winograd_f4_fused_nchwc", in_format="NCHWc", heuristic_rank=15,
-                applies=lambda spec: winograd_fused_applies(spec, 4), prepare=_prepare_compiled)
-def build_winograd_f4_fused_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
-    """Winograd F(4x4,3x3) on NCHWc, each thread all stages on its own tiles (small filters; needs numba)."""
-    return build_winograd(spec, consts, 4, fmt=resolve_format("NCHWc"), fused=True)
-
-
-@implementation("Conv", "winograd_f6_fused_nchwc", in_format="NCHWc", heuristic_rank=15,
-                applies=lambda spec: winograd_fused_applies(spec, 6), prepare=_prepare_compiled)
-def build_winograd_f6_fused_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
-    """Winograd F(6x6,3x3) on NCHWc, each thread all stages on its own tiles (small filters; needs numba)."""
-    return build_winograd(spec, consts, 6, fmt=resolve_format("NCHWc"), fused=True)
 
 
 @implementation("Conv", "winograd_f4_fused_nhwc", in_format="NHWC", heuristic_rank=15,
