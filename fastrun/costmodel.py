@@ -59,6 +59,11 @@ DEPTHWISE_TRAFFIC_FACTOR = {"ort": 2.8, "ort_nchwc_depthwise": 1.15, "depthwise_
 #   shapes right, and the 7 misses are small Winograd wins called losses (<= 10%, but for
 #   8x512x7x7). Without the per-call term the heuristic put Winograd on ResNet-50's and
 #   Inception's small layers and ran them 0.78-0.93x onnxruntime.
+#   The fused engine (winograd_f*_fused_nhwc) has no entry, so the heuristic never picks it:
+#   fitted the same way on its 58 profiled shapes (~117-150 GFLOP/s, ~1 ns per element, ~0.5 ms
+#   per call) the rule called its win or loss against onnxruntime right on 52-54 of them, but the
+#   heuristic plans it produced ran slower end to end, interleaved against the plans without it:
+#   VGG-19 b1 +2-3%, b8 +9-12%, Inception v1 b8 +4%.
 # name -> (m, product GFLOP/s, ns per transformed element)
 WINOGRAD_VARIANTS = {
     "winograd_f2": (2, 100.0, 2.5), "winograd_f4": (4, 100.0, 2.5), "winograd_f6": (6, 100.0, 2.5),
