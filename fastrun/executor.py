@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -118,6 +118,7 @@ class Program:
     reorders: int = 0
     host_steps: int = 0
     segments: int = 0
+    released: list[list[str]] = field(init=False, default_factory=list)  # per part: tensors dropped after it
 
     def __post_init__(self) -> None:
         # Per part, the tensors no later part reads: dropped as soon as it ran, so that a run
@@ -128,7 +129,7 @@ class Program:
             for t in part.inputs:
                 last_use[t] = i
         kept = set(self.outputs.values())
-        self.released: list[list[str]] = [[] for _ in self.program]
+        self.released = [[] for _ in self.program]
         for t, i in last_use.items():
             if t not in kept:
                 self.released[i].append(t)
