@@ -23,16 +23,15 @@ import threading
 
 import numba
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  (np.dot in compiled code calls it: loaded with the kernels)
 from numba import njit, prange
 
 from .. import blas, hostthreads
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
-blas.reload_libraries()  # scipy's BLAS, which np.dot calls from compiled code, is loaded now
 
 LOCK = threading.Lock()
+_scipy_blas_loaded = False
 
 
 def threads() -> int:
@@ -47,6 +46,12 @@ def ready() -> None:
     that the first compilation (~15 s, once per machine and numba version) runs outside any time
     limit and once, not in every worker; builders call it too (a serving process loads the cache).
     """
+    global _scipy_blas_loaded
+    if not _scipy_blas_loaded:  # np.dot in compiled code calls scipy's BLAS (~0.1 s to import: not at import)
+        import scipy.linalg.cython_blas  # noqa: F401
+
+        blas.reload_libraries()  # so that blas.lower_threads reaches it too
+        _scipy_blas_loaded = True
     bt = np.eye(4, dtype=np.float32)
     v = np.empty((1, 16, 1), np.float32)
     x, y, strides = np.zeros(1, np.float32), np.zeros(4, np.float32), (0, 0, 0, 1)
