@@ -341,15 +341,16 @@ def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
     timed = all(part_seconds[n][i] for n in counts for i in segments)
     per_segment = [_faster_by_margin(counts, {n: benchmark.typical_ms(part_seconds[n][i]) for n in counts}, best)
                    for i in segments] if timed else []
+    program = programs[best]  # every segment on ``best`` threads
     if len(set(per_segment)) > 1:
         mixed = copy.copy(plan)
         mixed.segment_threads = per_segment
-        raced = _race(graph, {"mixed": executor.compile_plan(graph, mixed),
-                              "uniform": executor.compile_plan(graph, plan)}, repeats)
+        mixed_program = executor.compile_plan(graph, mixed)
+        raced = _race(graph, {"mixed": mixed_program, "uniform": program}, repeats)
         record.update(segments=per_segment, mixed_ms=raced["mixed"], uniform_ms=raced["uniform"])
         if raced["mixed"] < (1 - THREADS_MARGIN) * raced["uniform"]:
             plan.segment_threads = per_segment
-    program = executor.compile_plan(graph, plan)
+            program = mixed_program
     if program.host_steps:
         host_ms = _race(graph, {str(n): executor.with_host_threads(program, n) for n in counts}, repeats)
         plan.host_threads = _faster_by_margin(counts, {n: host_ms[str(n)] for n in counts})
