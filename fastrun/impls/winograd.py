@@ -262,36 +262,29 @@ def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndar
     pad_top, pad_left = g["pads"][0], g["pads"][1]
     scratch = SCRATCH
 
-    if fused:
-        def run_fused(x):
-            x = np.ascontiguousarray(x).reshape(-1)
-            y = np.empty(y_shape, np.float32)
-            with compiled.LOCK:
-                single_threaded_blas = blas.lower_threads(1)
-                try:
-                    compiled.fused(x, x_strides, H, W, cp, x_lanes, group_c, bt, at, m, pad_top, pad_left, tp_n,
-                                   tq_n, tiles, ub, bias_p, relu, y.reshape(-1), y_strides, P, Q, kp, y_lanes,
-                                   group_k, FUSED_CHUNK_TILES, compiled.threads())
-                finally:
-                    single_threaded_blas()
-            return act(y)
-
-        return run_fused
-
     def run(x):
         x = np.ascontiguousarray(x).reshape(-1)
         y = np.empty(y_shape, np.float32)
         with compiled.LOCK:
             parts = compiled.threads()
-            for t0 in range(0, tiles, chunk):
-                nt = min(tiles, t0 + chunk) - t0
-                v = scratch.get("wino_v", (nt, A * A, cp))
-                compiled.input_transform(x, x_strides, H, W, cp, x_lanes, group_c, bt, m, pad_top, pad_left,
-                                         tp_n, tq_n, t0, v, parts)
-                mm = scratch.get("wino_mv", (nt, A * A, kp))
-                np.matmul(v.transpose(1, 0, 2), ub, out=mm.transpose(1, 0, 2))
-                compiled.output_transform(mm, at, m, tp_n, tq_n, t0, bias_p, relu, y.reshape(-1), y_strides,
-                                          P, Q, kp, y_lanes, group_k, parts)
+            if fused:
+                single_threaded_blas = blas.lower_threads(1)
+                try:
+                    compiled.fused(x, x_strides, H, W, cp, x_lanes, group_c, bt, at, m, pad_top, pad_left, tp_n,
+                                   tq_n, tiles, ub, bias_p, relu, y.reshape(-1), y_strides, P, Q, kp, y_lanes,
+                                   group_k, FUSED_CHUNK_TILES, parts)
+                finally:
+                    single_threaded_blas()
+            else:
+                for t0 in range(0, tiles, chunk):
+                    nt = min(tiles, t0 + chunk) - t0
+                    v = scratch.get("wino_v", (nt, A * A, cp))
+                    compiled.input_transform(x, x_strides, H, W, cp, x_lanes, group_c, bt, m, pad_top, pad_left,
+                                             tp_n, tq_n, t0, v, parts)
+                    mm = scratch.get("wino_mv", (nt, A * A, kp))
+                    np.matmul(v.transpose(1, 0, 2), ub, out=mm.transpose(1, 0, 2))
+                    compiled.output_transform(mm, at, m, tp_n, tq_n, t0, bias_p, relu, y.reshape(-1), y_strides,
+                                              P, Q, kp, y_lanes, group_k, parts)
         return act(y)
 
     return run
