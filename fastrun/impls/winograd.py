@@ -122,6 +122,9 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, fmt: str
                    fused: bool = False):
     """F(m x m, 3 x 3) on activations in ``fmt``: numpy transforms for NCHW, compiled ones else
     (``fused``: the per-thread engine, see :func:`_compiled_run`)."""
+    if fmt != formats.NCHW and m not in COMPILED_TILE_SIZES:
+        raise ValueError(f"the compiled Winograd engine has no F({m}x{m},3x3) transforms "
+                         f"(it has F(4x4,3x3) and F(6x6,3x3))")
     g = conv_geometry(spec)
     N, C, K, H, W, P, Q = g["N"], g["C"], g["K"], g["H"], g["W"], g["P"], g["Q"]
     pads = g["pads"]
@@ -140,7 +143,7 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, fmt: str
     u = transposed(u_kc).reshape(A * A, K, C)
     bias = bias_of(spec, consts)
     if fmt != formats.NCHW:
-        return _compiled_run(spec, u, bias, at, bt, m, tp_n, tq_n, fmt, fused)
+        return _compiled_run(spec, u, bias, m, tp_n, tq_n, fmt, fused)
     act = activation(spec)
     extra_h, extra_w = hp - (H + pads[0] + pads[2]), wp - (W + pads[1] + pads[3])
     cs = max(1, CHUNK_BYTES // (4 * N * A * tp_n * wp))  # input channels per chunk
@@ -197,6 +200,7 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, fmt: str
     return run
 
 
+COMPILED_TILE_SIZES = (4, 6)  # winograd_transforms writes out B^T and A^T of these
 COMPILED_CHUNK_BYTES = 32 << 20  # transformed inputs + products per chunk of tiles: a memory cap
 MIN_CHUNK_TILES = 64  # GEMM rows per chunk (each chunk streams every transformed filter again)
 # Channels per pass through a tile's transform (its scratch stays in L1). Input transform,
@@ -225,8 +229,7 @@ def _channel_group(channels: int, lanes: int) -> int:
     return max(g for g in range(lanes, max(lanes, min(channels, CHANNEL_GROUP)) + 1, lanes) if channels % g == 0)
 
 
-def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndarray, m: int,
-                  tp_n: int, tq_n: int, fmt: str, fused: bool = False):
+def _compiled_run(spec: OpSpec, u: np.ndarray, bias, m: int, tp_n: int, tq_n: int, fmt: str, fused: bool = False):
     """``run`` for NCHWc / NHWC activations: the compiled transforms vectorize along groups of
     contiguous channels, and the product is [tiles, C] @ [C, K] per transform position: one
     batched GEMM over every tile (on all cores), or, ``fused``, per chunk of FUSED_CHUNK_TILES tiles
@@ -270,8 +273,8 @@ def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndar
             if fused:
                 single_threaded_blas = blas.lower_threads(1)
                 try:
-                    compiled.fused(x, x_strides, H, W, cp, x_lanes, group_c, bt, at, m, pad_top, pad_left, tp_n,
-                                   tq_n, tiles, ub, bias_p, relu, y.reshape(-1), y_strides, P, Q, kp, y_lanes,
+                    compiled.fused(x, x_strides, H, W, cp, x_lanes, group_c, m, pad_top, pad_left, tp_n, tq_n,
+                                   tiles, ub, bias_p, relu, y.reshape(-1), y_strides, P, Q, kp, y_lanes,
                                    group_k, FUSED_CHUNK_TILES, parts)
                 finally:
                     single_threaded_blas()
@@ -279,11 +282,11 @@ def _compiled_run(spec: OpSpec, u: np.ndarray, bias, at: np.ndarray, bt: np.ndar
                 for t0 in range(0, tiles, chunk):
                     nt = min(tiles, t0 + chunk) - t0
                     v = scratch.get("wino_v", (nt, A * A, cp))
-                    compiled.input_transform(x, x_strides, H, W, cp, x_lanes, group_c, bt, m, pad_top, pad_left,
+                    compiled.input_transform(x, x_strides, H, W, cp, x_lanes, group_c, m, pad_top, pad_left,
                                              tp_n, tq_n, t0, v, parts)
                     mm = scratch.get("wino_mv", (nt, A * A, kp))
                     np.matmul(v.transpose(1, 0, 2), ub, out=mm.transpose(1, 0, 2))
-                    compiled.output_transform(mm, at, m, tp_n, tq_n, t0, bias_p, relu, y.reshape(-1), y_strides,
+                    compiled.output_transform(mm, m, tp_n, tq_n, t0, bias_p, relu, y.reshape(-1), y_strides,
                                               P, Q, kp, y_lanes, group_k, parts)
         return act(y)
 
@@ -314,42 +317,42 @@ def _prepare_compiled() -> None:
         compiled.ready()
 
 
-@implementation("Conv", "winograd_f4_nchwc", in_format="NCHWc", heuristic_rank=14,
+@implementation("Conv", "winograd_f4_nchwc", version=2, in_format="NCHWc", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f4_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) on blocked NCHWc activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 4, fmt=resolve_format("NCHWc"))
 
 
-@implementation("Conv", "winograd_f6_nchwc", in_format="NCHWc", heuristic_rank=14,
+@implementation("Conv", "winograd_f6_nchwc", version=2, in_format="NCHWc", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f6_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on blocked NCHWc activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 6, fmt=resolve_format("NCHWc"))
 
 
-@implementation("Conv", "winograd_f4_nhwc", in_format="NHWC", heuristic_rank=14,
+@implementation("Conv", "winograd_f4_nhwc", version=2, in_format="NHWC", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f4_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) on channels-last activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 4, fmt=formats.NHWC)
 
 
-@implementation("Conv", "winograd_f6_nhwc", in_format="NHWC", heuristic_rank=14,
+@implementation("Conv", "winograd_f6_nhwc", version=2, in_format="NHWC", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f6_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on channels-last activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 6, fmt=formats.NHWC)
 
 
-@implementation("Conv", "winograd_f4_fused_nhwc", in_format="NHWC", heuristic_rank=15,
+@implementation("Conv", "winograd_f4_fused_nhwc", version=2, in_format="NHWC", heuristic_rank=15,
                 applies=lambda spec: winograd_fused_applies(spec, 4), prepare=_prepare_compiled)
 def build_winograd_f4_fused_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) on NHWC, each thread all stages on its own tiles (small filters; needs numba)."""
     return build_winograd(spec, consts, 4, fmt=formats.NHWC, fused=True)
 
 
-@implementation("Conv", "winograd_f6_fused_nhwc", in_format="NHWC", heuristic_rank=15,
+@implementation("Conv", "winograd_f6_fused_nhwc", version=2, in_format="NHWC", heuristic_rank=15,
                 applies=lambda spec: winograd_fused_applies(spec, 6), prepare=_prepare_compiled)
 def build_winograd_f6_fused_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on NHWC, each thread all stages on its own tiles (small filters; needs numba)."""

@@ -52,14 +52,13 @@ def ready() -> None:
 
         blas.reload_libraries()  # so that blas.lower_threads reaches it too
         _scipy_blas_loaded = True
-    bt = np.eye(4, dtype=np.float32)
-    v = np.empty((1, 16, 1), np.float32)
-    x, y, strides = np.zeros(1, np.float32), np.zeros(4, np.float32), (0, 0, 0, 1)
+    v = np.empty((1, 36, 1), np.float32)  # one F(4,3) tile of one channel
+    x, y, strides = np.zeros(1, np.float32), np.zeros(1, np.float32), (0, 0, 0, 1)
     with LOCK:
-        input_transform(x, strides, 1, 1, 1, 1, 1, bt, 2, 0, 0, 1, 1, 0, v, 1)
-        output_transform(v, bt[:2], 2, 1, 1, 0, x, True, y, strides, 2, 2, 1, 1, 1, 1)
-        fused(x, strides, 1, 1, 1, 1, 1, bt, bt[:2], 2, 0, 0, 1, 1, 1, v.reshape(16, 1, 1), x, True, y, strides,
-              2, 2, 1, 1, 1, 1, 1)
+        input_transform(x, strides, 1, 1, 1, 1, 1, 4, 0, 0, 1, 1, 0, v, 1)
+        output_transform(v, 4, 1, 1, 0, x, True, y, strides, 1, 1, 1, 1, 1, 1)
+        fused(x, strides, 1, 1, 1, 1, 1, 4, 0, 0, 1, 1, 1, v.reshape(36, 1, 1), x, True, y, strides,
+              1, 1, 1, 1, 1, 1, 1)
 
 
 @njit(inline="always")
@@ -69,7 +68,65 @@ def _tile_position(t, tp_n, tq_n):  # pragma: no cover - compiled
 
 
 @njit(inline="always", fastmath=True)
-def _input_tile(x, strides, H, W, cp, L, cc, bt, m, pad_top, pad_left, tp_n, tq_n, t, v, base, pos_stride,
+def _bt4(s0, s1, s2, s3, s4, s5, t0, t1, t2, t3, t4, t5, n):  # pragma: no cover - compiled
+    """t = B^T s of F(4,3) (points 0, +-1, +-2), element-wise along n channels."""
+    for c in range(n):
+        d0, d1, d2, d3, d4, d5 = s0[c], s1[c], s2[c], s3[c], s4[c], s5[c]
+        t0[c] = 4.0 * d0 - 5.0 * d2 + d4
+        t1[c] = d3 + d4 - 4.0 * (d1 + d2)
+        t2[c] = d4 - d3 + 4.0 * (d1 - d2)
+        t3[c] = d4 - d2 + 2.0 * (d3 - d1)
+        t4[c] = d4 - d2 - 2.0 * (d3 - d1)
+        t5[c] = 4.0 * d1 - 5.0 * d3 + d5
+
+
+@njit(inline="always", fastmath=True)
+def _bt6(s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, t4, t5, t6, t7, n):  # pragma: no cover - compiled
+    """t = B^T s of F(6,3) (points 0, +-1, +-2, +-1/2), element-wise along n channels."""
+    for c in range(n):
+        d0, d1, d2, d3, d4, d5, d6, d7 = s0[c], s1[c], s2[c], s3[c], s4[c], s5[c], s6[c], s7[c]
+        even, odd = d2 + d6 - 4.25 * d4, d1 + d5 - 4.25 * d3
+        t0[c] = d6 - d0 + 5.25 * (d2 - d4)
+        t1[c] = even + odd
+        t2[c] = even - odd
+        even, odd = 0.25 * d2 - 1.25 * d4 + d6, 0.5 * d1 - 2.5 * d3 + 2.0 * d5
+        t3[c] = even + odd
+        t4[c] = even - odd
+        even, odd = 4.0 * d2 - 5.0 * d4 + d6, 2.0 * d1 - 2.5 * d3 + 0.5 * d5
+        t5[c] = even + odd
+        t6[c] = even - odd
+        t7[c] = d7 - d1 + 5.25 * (d3 - d5)
+
+
+@njit(inline="always", fastmath=True)
+def _at4(s0, s1, s2, s3, s4, s5, t0, t1, t2, t3, n):  # pragma: no cover - compiled
+    """t = A^T s of F(4,3), element-wise along n channels."""
+    for c in range(n):
+        plus1, minus1 = s1[c] + s2[c], s1[c] - s2[c]
+        plus2, minus2 = s3[c] + s4[c], s3[c] - s4[c]
+        t0[c] = s0[c] + plus1 + plus2
+        t1[c] = minus1 + 2.0 * minus2
+        t2[c] = plus1 + 4.0 * plus2
+        t3[c] = minus1 + 8.0 * minus2 + s5[c]
+
+
+@njit(inline="always", fastmath=True)
+def _at6(s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, t4, t5, n):  # pragma: no cover - compiled
+    """t = A^T s of F(6,3), element-wise along n channels."""
+    for c in range(n):
+        plus1, minus1 = s1[c] + s2[c], s1[c] - s2[c]
+        plus2, minus2 = s3[c] + s4[c], s3[c] - s4[c]
+        plus_half, minus_half = s5[c] + s6[c], s5[c] - s6[c]
+        t0[c] = s0[c] + plus1 + plus2 + plus_half
+        t1[c] = minus1 + 2.0 * minus2 + 0.5 * minus_half
+        t2[c] = plus1 + 4.0 * plus2 + 0.25 * plus_half
+        t3[c] = minus1 + 8.0 * minus2 + 0.125 * minus_half
+        t4[c] = plus1 + 16.0 * plus2 + 0.0625 * plus_half
+        t5[c] = minus1 + 32.0 * minus2 + 0.03125 * minus_half + s7[c]
+
+
+@njit(inline="always", fastmath=True)
+def _input_tile(x, strides, H, W, cp, L, cc, m, pad_top, pad_left, tp_n, tq_n, t, v, base, pos_stride,
                 d, r):  # pragma: no cover - compiled
     """v[base + (b*A + a)*pos_stride + c] = (B^T d B)[a, b] for tile t, d = that tile of channel c
     (zero outside the image); ``d`` and ``r`` are (A, A, cc) scratch.
@@ -85,6 +142,7 @@ def _input_tile(x, strides, H, W, cp, L, cc, bt, m, pad_top, pad_left, tp_n, tq_
     n, tp, tq = _tile_position(t, tp_n, tq_n)
     h0 = tp * m - pad_top
     w0 = tq * m - pad_left
+    step = A * pos_stride  # from (b, a) to (b + 1, a) in v
     for c0 in range(0, cp, cc):
         for i in range(A):
             h = h0 + i
@@ -99,78 +157,71 @@ def _input_tile(x, strides, H, W, cp, L, cc, bt, m, pad_top, pad_left, tp_n, tq_
                             dij[g * L + l] = src[l]
                 else:
                     dij[:] = 0.0
-        for a in range(A):
-            for j in range(A):
-                r[a, j] = 0.0
-            for i in range(A):
-                coef = bt[a, i]
-                if coef != 0.0:
-                    for j in range(A):
-                        raj = r[a, j]
-                        dij = d[i, j]
-                        for c in range(cc):
-                            raj[c] += coef * dij[c]
-        for b in range(A):
-            for a in range(A):
-                at_ba = base + (b * A + a) * pos_stride + c0
-                out = v[at_ba:at_ba + cc]
-                out[:] = 0.0
-                for j in range(A):
-                    coef = bt[b, j]
-                    if coef != 0.0:
-                        raj = r[a, j]
-                        for c in range(cc):
-                            out[c] += coef * raj[c]
+        # rows: r[a, j] = sum_i B^T[a, i] d[i, j]; columns: v at (b, a) = sum_j B^T[b, j] r[a, j]
+        if A == 6:
+            for j in range(6):
+                _bt4(d[0, j], d[1, j], d[2, j], d[3, j], d[4, j], d[5, j],
+                     r[0, j], r[1, j], r[2, j], r[3, j], r[4, j], r[5, j], cc)
+            for a in range(6):
+                o = base + a * pos_stride + c0
+                _bt4(r[a, 0], r[a, 1], r[a, 2], r[a, 3], r[a, 4], r[a, 5],
+                     v[o:], v[o + step:], v[o + 2 * step:], v[o + 3 * step:], v[o + 4 * step:], v[o + 5 * step:],
+                     cc)
+        else:
+            for j in range(8):
+                _bt6(d[0, j], d[1, j], d[2, j], d[3, j], d[4, j], d[5, j], d[6, j], d[7, j],
+                     r[0, j], r[1, j], r[2, j], r[3, j], r[4, j], r[5, j], r[6, j], r[7, j], cc)
+            for a in range(8):
+                o = base + a * pos_stride + c0
+                _bt6(r[a, 0], r[a, 1], r[a, 2], r[a, 3], r[a, 4], r[a, 5], r[a, 6], r[a, 7],
+                     v[o:], v[o + step:], v[o + 2 * step:], v[o + 3 * step:], v[o + 4 * step:], v[o + 5 * step:],
+                     v[o + 6 * step:], v[o + 7 * step:], cc)
 
 
 @njit(inline="always", fastmath=True)
-def _output_tile(mm, base, pos_stride, at, m, tp_n, tq_n, t, bias, relu, y, strides, P, Q, kp, L, kc,
+def _output_tile(mm, base, pos_stride, m, tp_n, tq_n, t, bias, relu, y, strides, P, Q, kp, L, kc,
                  y1, acc):  # pragma: no cover - compiled
     """y at (n, channel k, tp*m + i, tq*m + j) = (A^T M A)[i, j] + bias[k] (then ReLU if ``relu``),
     cropped to P x Q, for tile t, M[b, a] = mm[base + (b*A + a)*pos_stride + k]. ``y`` is flat and
     addressed like ``x`` above; output channels go kc at a time; ``y1`` (A, m, kc) and ``acc``
-    (m, kc) are scratch."""
+    (m, m, kc) are scratch."""
     A = m + 2
     sn, sg, sh, sw = strides
     n, tp, tq = _tile_position(t, tp_n, tq_n)
+    step = A * pos_stride
     for k0 in range(0, kp, kc):
-        for a in range(A):
-            for j in range(m):
-                y1aj = y1[a, j]
-                y1aj[:] = 0.0
-                for b in range(A):
-                    coef = at[j, b]
-                    if coef != 0.0:
-                        at_ba = base + (b * A + a) * pos_stride + k0
-                        src = mm[at_ba:at_ba + kc]
-                        for k in range(kc):
-                            y1aj[k] += coef * src[k]
+        # columns: y1[a, j] = sum_b A^T[j, b] M[b, a]; rows: acc[i, j] = sum_a A^T[i, a] y1[a, j]
+        if A == 6:
+            for a in range(6):
+                o = base + a * pos_stride + k0
+                _at4(mm[o:], mm[o + step:], mm[o + 2 * step:], mm[o + 3 * step:], mm[o + 4 * step:],
+                     mm[o + 5 * step:], y1[a, 0], y1[a, 1], y1[a, 2], y1[a, 3], kc)
+            for j in range(4):
+                _at4(y1[0, j], y1[1, j], y1[2, j], y1[3, j], y1[4, j], y1[5, j],
+                     acc[0, j], acc[1, j], acc[2, j], acc[3, j], kc)
+        else:
+            for a in range(8):
+                o = base + a * pos_stride + k0
+                _at6(mm[o:], mm[o + step:], mm[o + 2 * step:], mm[o + 3 * step:], mm[o + 4 * step:],
+                     mm[o + 5 * step:], mm[o + 6 * step:], mm[o + 7 * step:],
+                     y1[a, 0], y1[a, 1], y1[a, 2], y1[a, 3], y1[a, 4], y1[a, 5], kc)
+            for j in range(6):
+                _at6(y1[0, j], y1[1, j], y1[2, j], y1[3, j], y1[4, j], y1[5, j], y1[6, j], y1[7, j],
+                     acc[0, j], acc[1, j], acc[2, j], acc[3, j], acc[4, j], acc[5, j], kc)
         for i in range(min(m, P - tp * m)):
-            for j in range(m):
-                acc[j] = bias[k0:k0 + kc]
-            for a in range(A):
-                coef = at[i, a]
-                if coef != 0.0:
-                    for j in range(m):
-                        accj = acc[j]
-                        y1aj = y1[a, j]
-                        for k in range(kc):
-                            accj[k] += coef * y1aj[k]
-            if relu:
-                for j in range(m):
-                    for k in range(kc):
-                        acc[j, k] = max(acc[j, k], 0.0)
             row = n * sn + (tp * m + i) * sh
             for j in range(min(m, Q - tq * m)):
                 pixel = row + (tq * m + j) * sw
+                accij = acc[i, j]
                 for g in range(kc // L):
                     dst = y[pixel + (k0 // L + g) * sg:]
                     for l in range(L):
-                        dst[l] = acc[j, g * L + l]
+                        value = accij[g * L + l] + bias[k0 + g * L + l]
+                        dst[l] = max(value, 0.0) if relu else value
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def input_transform(x, strides, H, W, cp, L, cc, bt, m, pad_top, pad_left, tp_n, tq_n, t0, v,
+def input_transform(x, strides, H, W, cp, L, cc, m, pad_top, pad_left, tp_n, tq_n, t0, v,
                     parts):  # pragma: no cover - compiled
     """v[t - t0, b*A + a, c] = (B^T d B)[a, b] for the tiles t = t0 .. t0 + v.shape[0] - 1
     (t = (n*tp_n + tp)*tq_n + tq): :func:`_input_tile` over equal parts of the tiles."""
@@ -181,12 +232,12 @@ def input_transform(x, strides, H, W, cp, L, cc, bt, m, pad_top, pad_left, tp_n,
         d = np.empty((A, A, cc), np.float32)
         r = np.empty((A, A, cc), np.float32)
         for job in range(part * tiles // parts, (part + 1) * tiles // parts):
-            _input_tile(x, strides, H, W, cp, L, cc, bt, m, pad_top, pad_left, tp_n, tq_n, t0 + job, flat,
+            _input_tile(x, strides, H, W, cp, L, cc, m, pad_top, pad_left, tp_n, tq_n, t0 + job, flat,
                         job * A * A * cp, cp, d, r)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def output_transform(mm, at, m, tp_n, tq_n, t0, bias, relu, y, strides, P, Q, kp, L, kc,
+def output_transform(mm, m, tp_n, tq_n, t0, bias, relu, y, strides, P, Q, kp, L, kc,
                      parts):  # pragma: no cover - compiled
     """The output tiles t0, t0 + 1, ... from their products mm[t - t0, b*A + a, k]:
     :func:`_output_tile` over equal parts of the tiles."""
@@ -195,14 +246,14 @@ def output_transform(mm, at, m, tp_n, tq_n, t0, bias, relu, y, strides, P, Q, kp
     flat = mm.reshape(-1)
     for part in prange(parts):
         y1 = np.empty((A, m, kc), np.float32)
-        acc = np.empty((m, kc), np.float32)
+        acc = np.empty((m, m, kc), np.float32)
         for job in range(part * tiles // parts, (part + 1) * tiles // parts):
-            _output_tile(flat, job * A * A * kp, kp, at, m, tp_n, tq_n, t0 + job, bias, relu, y, strides, P, Q,
+            _output_tile(flat, job * A * A * kp, kp, m, tp_n, tq_n, t0 + job, bias, relu, y, strides, P, Q,
                          kp, L, kc, y1, acc)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def fused(x, x_strides, H, W, cp, L, cc, bt, at, m, pad_top, pad_left, tp_n, tq_n, tiles, u, bias, relu, y,
+def fused(x, x_strides, H, W, cp, L, cc, m, pad_top, pad_left, tp_n, tq_n, tiles, u, bias, relu, y,
           y_strides, P, Q, kp, kL, kc, chunk, parts):  # pragma: no cover - compiled
     """The whole convolution, ``chunk`` tiles at a time per thread: transform them into
     v[b*A + a, tile, c], multiply position by position with single-threaded BLAS (np.dot: scipy's
@@ -215,18 +266,18 @@ def fused(x, x_strides, H, W, cp, L, cc, bt, at, m, pad_top, pad_left, tp_n, tq_
         d = np.empty((A, A, cc), np.float32)
         r = np.empty((A, A, cc), np.float32)
         y1 = np.empty((A, m, kc), np.float32)
-        acc = np.empty((m, kc), np.float32)
+        acc = np.empty((m, m, kc), np.float32)
         v = np.empty(A * A * chunk * cp, np.float32)
         mm = np.empty(A * A * chunk * kp, np.float32)
         for index in range(part * chunks // parts, (part + 1) * chunks // parts):
             t0 = index * chunk
             nt = min(tiles, t0 + chunk) - t0
             for job in range(nt):
-                _input_tile(x, x_strides, H, W, cp, L, cc, bt, m, pad_top, pad_left, tp_n, tq_n, t0 + job, v,
+                _input_tile(x, x_strides, H, W, cp, L, cc, m, pad_top, pad_left, tp_n, tq_n, t0 + job, v,
                             job * cp, chunk * cp, d, r)
             for pos in range(A * A):
                 vp = v[pos * chunk * cp:(pos * chunk + nt) * cp].reshape((nt, cp))
                 np.dot(vp, u[pos], mm[pos * chunk * kp:(pos * chunk + nt) * kp].reshape((nt, kp)))
             for job in range(nt):
-                _output_tile(mm, job * kp, chunk * kp, at, m, tp_n, tq_n, t0 + job, bias, relu, y, y_strides, P, Q,
+                _output_tile(mm, job * kp, chunk * kp, m, tp_n, tq_n, t0 + job, bias, relu, y, y_strides, P, Q,
                              kp, kL, kc, y1, acc)
