@@ -16,12 +16,12 @@ filter transform is done once, in float64.
 The compiled one, with numba installed (``pip install fastrun[numba]``): the
 ``winograd_f{4,6}_nchwc`` / ``_nhwc`` variants run on blocked / channels-last activations (so they
 sit in the format search next to onnxruntime's blocked kernels, without reorders) with compiled
-multi-threaded transforms (``winograd_transforms.py``) that skip B^T's and A^T's zeros and
-vectorize along 64 contiguous channels at a time; the product is one batched GEMM over every tile,
+multi-threaded transforms (``winograd_transforms.py``: B^T and A^T written out, vectorized along
+64 contiguous channels at a time); the product is one batched GEMM over every tile,
 [alpha^2, tiles, C] @ [alpha^2, C, K]. This is the fast engine: 2-core AVX2 VM,
-``scripts/bench_kernels.py --only 3x3``, batch 1, against onnxruntime's blocked kernel: 64->64@224
-0.8-1.0x, 128->128@112 1.4-1.6x, 256->256@56 1.5-2.0x, 512->512@28 1.4-2.2x, 512->512@14 1.1-1.2x
-(docs/benchmarks.md). Splitting the tiles into L2-sized chunks made it slower (every chunk
+``scripts/bench_kernels.py --only 3x3``, batch 1, against onnxruntime's blocked kernel (session
+7, best variant): 64->64@224 1.1x, 128->128@112 1.6-1.7x, 256->256@56 1.7-1.85x, 512->512@28
+1.85-2.0x, 512->512@14 0.95-1.0x (docs/benchmarks.md). Splitting the tiles into L2-sized chunks made it slower (every chunk
 re-streams the transformed filters and runs 36 small GEMMs; OpenBLAS wakes its threads for each), so
 chunks only cap memory.
 
@@ -30,7 +30,7 @@ each thread takes 64 tiles at a time through the input transform, 36 single-thre
 output transform, so the transformed tiles stay in its cache and the threads never wait for each
 other. Every chunk reads the whole transformed filter, so they are candidates only where it is
 small (few channels), which is where the batched engine loses to its memory traffic: 64->64@224
-18.1 ms against onnxruntime's 21.6 and the batched engine's 23.9, 64->128@112 8.5 against 10.6.
+13.5 ms against onnxruntime's 21.2 and the batched engine's 19.1, 64->128@112 6.3 against 10.5.
 Channels-last only: on NCHWc8 each tile writes 32-byte pieces of 8 planes, and at batch 8
 (64@224, a 102 MB output) that variant ran anywhere from 165 to 245 ms call to call while the
 NHWC one ran 151-153 (onnxruntime: 170); plans that used it lost end to end.

@@ -1,12 +1,17 @@
 """Multi-threaded Winograd tile transforms, compiled with numba (optional: ImportError without it).
 
 The numpy transforms in ``winograd.py`` run their gathers on one core; these run on every core
-(``prange`` over equal parts of the tiles, scratch per part) and skip the zero entries of B^T and
-A^T, which are mostly zeros and small integers. They read and write NCHWc or NHWC activations,
-with inner loops along 64 contiguous channels, which the compiler turns into SIMD code. Measured
-on the 2-core AVX2 VM (256->256@56, F(4,3), batch 1): about 2 ms per transform, against 8 ms
-when the inner loop ran over one 8-lane block only, and 5 ms for session 4's NCHW kernels, whose
-inner loops ran along a row of tiles (strided).
+(``prange`` over equal parts of the tiles, scratch per part). They read and write NCHWc or NHWC
+activations, with inner loops along 64 contiguous channels, which the compiler turns into SIMD
+code (over one 8-lane block the same kernels ran 5x slower).
+
+A tile's 2-D transform is two passes of a 1-D one (rows, then columns), and the 1-D transforms of
+F(4,3) and F(6,3) are written out (:func:`_bt4`, :func:`_bt6`, :func:`_at4`, :func:`_at6`: the
+nonzeros of B^T and A^T, with their common sums), so one loop over the channels computes a whole
+column of outputs: 12-16 loops per tile and channel group. The first version looped over B^T's
+entries, one channel loop per nonzero coefficient (~270 per tile); the written-out passes made the
+compiled layers 15-40% faster (scripts/bench_kernels.py, b1: 128->128@112 fused F(6,3) 16.6 ->
+10.9 ms, 512->512@28 F(4,3) NHWC 13.6 -> 9.8; docs/benchmarks.md).
 
 :func:`fused` runs the whole convolution per chunk of tiles on each thread (transform, product
 through single-threaded BLAS, transform back), for layers whose transformed filters are small.
@@ -143,24 +148,33 @@ def _input_tile(x, strides, H, W, cp, L, cc, m, pad_top, pad_left, tp_n, tq_n, t
     h0 = tp * m - pad_top
     w0 = tq * m - pad_left
     step = A * pos_stride  # from (b, a) to (b + 1, a) in v
+    # a tile inside the image, with its channels contiguous (NHWC): the rows pass reads x itself
+    inside = L == cc and h0 >= 0 and h0 + A <= H and w0 >= 0 and w0 + A <= W
+    flat_d = d.reshape(-1)
     for c0 in range(0, cp, cc):
-        for i in range(A):
-            h = h0 + i
-            for j in range(A):
-                w = w0 + j
-                dij = d[i, j]
-                if h >= 0 and h < H and w >= 0 and w < W:
-                    pixel = n * sn + h * sh + w * sw
-                    for g in range(cc // L):
-                        src = x[pixel + (c0 // L + g) * sg:]
-                        for l in range(L):
-                            dij[g * L + l] = src[l]
-                else:
-                    dij[:] = 0.0
-        # rows: r[a, j] = sum_i B^T[a, i] d[i, j]; columns: v at (b, a) = sum_j B^T[b, j] r[a, j]
+        if inside:
+            src, at0, si, sj = x, n * sn + h0 * sh + w0 * sw + (c0 // L) * sg, sh, sw
+        else:
+            src, at0, si, sj = flat_d, 0, A * cc, cc
+            for i in range(A):
+                h = h0 + i
+                for j in range(A):
+                    w = w0 + j
+                    dij = d[i, j]
+                    if h >= 0 and h < H and w >= 0 and w < W:
+                        pixel = n * sn + h * sh + w * sw
+                        for g in range(cc // L):
+                            pixel_group = x[pixel + (c0 // L + g) * sg:]
+                            for l in range(L):
+                                dij[g * L + l] = pixel_group[l]
+                    else:
+                        dij[:] = 0.0
+        # rows: r[a, j] = sum_i B^T[a, i] d[i, j] (d[i, j] = src[at0 + i*si + j*sj:]);
+        # columns: v at (b, a) = sum_j B^T[b, j] r[a, j]
         if A == 6:
             for j in range(6):
-                _bt4(d[0, j], d[1, j], d[2, j], d[3, j], d[4, j], d[5, j],
+                o = at0 + j * sj
+                _bt4(src[o:], src[o + si:], src[o + 2 * si:], src[o + 3 * si:], src[o + 4 * si:], src[o + 5 * si:],
                      r[0, j], r[1, j], r[2, j], r[3, j], r[4, j], r[5, j], cc)
             for a in range(6):
                 o = base + a * pos_stride + c0
@@ -169,8 +183,9 @@ def _input_tile(x, strides, H, W, cp, L, cc, m, pad_top, pad_left, tp_n, tq_n, t
                      cc)
         else:
             for j in range(8):
-                _bt6(d[0, j], d[1, j], d[2, j], d[3, j], d[4, j], d[5, j], d[6, j], d[7, j],
-                     r[0, j], r[1, j], r[2, j], r[3, j], r[4, j], r[5, j], r[6, j], r[7, j], cc)
+                o = at0 + j * sj
+                _bt6(src[o:], src[o + si:], src[o + 2 * si:], src[o + 3 * si:], src[o + 4 * si:], src[o + 5 * si:],
+                     src[o + 6 * si:], src[o + 7 * si:], r[0, j], r[1, j], r[2, j], r[3, j], r[4, j], r[5, j], r[6, j], r[7, j], cc)
             for a in range(8):
                 o = base + a * pos_stride + c0
                 _bt6(r[a, 0], r[a, 1], r[a, 2], r[a, 3], r[a, 4], r[a, 5], r[a, 6], r[a, 7],
