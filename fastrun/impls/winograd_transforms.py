@@ -36,6 +36,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 LOCK = threading.Lock()
+f32 = np.float32  # the transforms' constants: a bare 4.0 is a float64 and turns the sums into float64
 _scipy_blas_loaded = False
 
 
@@ -77,12 +78,12 @@ def _bt4(s0, s1, s2, s3, s4, s5, t0, t1, t2, t3, t4, t5, n):  # pragma: no cover
     """t = B^T s of F(4,3) (points 0, +-1, +-2), element-wise along n channels."""
     for c in range(n):
         d0, d1, d2, d3, d4, d5 = s0[c], s1[c], s2[c], s3[c], s4[c], s5[c]
-        t0[c] = 4.0 * d0 - 5.0 * d2 + d4
-        t1[c] = d3 + d4 - 4.0 * (d1 + d2)
-        t2[c] = d4 - d3 + 4.0 * (d1 - d2)
-        t3[c] = d4 - d2 + 2.0 * (d3 - d1)
-        t4[c] = d4 - d2 - 2.0 * (d3 - d1)
-        t5[c] = 4.0 * d1 - 5.0 * d3 + d5
+        t0[c] = f32(4.0) * d0 - f32(5.0) * d2 + d4
+        t1[c] = d3 + d4 - f32(4.0) * (d1 + d2)
+        t2[c] = d4 - d3 + f32(4.0) * (d1 - d2)
+        t3[c] = d4 - d2 + f32(2.0) * (d3 - d1)
+        t4[c] = d4 - d2 - f32(2.0) * (d3 - d1)
+        t5[c] = f32(4.0) * d1 - f32(5.0) * d3 + d5
 
 
 @njit(inline="always", fastmath=True)
@@ -90,17 +91,17 @@ def _bt6(s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, t4, t5, t6, t7, n):  # 
     """t = B^T s of F(6,3) (points 0, +-1, +-2, +-1/2), element-wise along n channels."""
     for c in range(n):
         d0, d1, d2, d3, d4, d5, d6, d7 = s0[c], s1[c], s2[c], s3[c], s4[c], s5[c], s6[c], s7[c]
-        even, odd = d2 + d6 - 4.25 * d4, d1 + d5 - 4.25 * d3
-        t0[c] = d6 - d0 + 5.25 * (d2 - d4)
+        even, odd = d2 + d6 - f32(4.25) * d4, d1 + d5 - f32(4.25) * d3
+        t0[c] = d6 - d0 + f32(5.25) * (d2 - d4)
         t1[c] = even + odd
         t2[c] = even - odd
-        even, odd = 0.25 * d2 - 1.25 * d4 + d6, 0.5 * d1 - 2.5 * d3 + 2.0 * d5
+        even, odd = f32(0.25) * d2 - f32(1.25) * d4 + d6, f32(0.5) * d1 - f32(2.5) * d3 + f32(2.0) * d5
         t3[c] = even + odd
         t4[c] = even - odd
-        even, odd = 4.0 * d2 - 5.0 * d4 + d6, 2.0 * d1 - 2.5 * d3 + 0.5 * d5
+        even, odd = f32(4.0) * d2 - f32(5.0) * d4 + d6, f32(2.0) * d1 - f32(2.5) * d3 + f32(0.5) * d5
         t5[c] = even + odd
         t6[c] = even - odd
-        t7[c] = d7 - d1 + 5.25 * (d3 - d5)
+        t7[c] = d7 - d1 + f32(5.25) * (d3 - d5)
 
 
 @njit(inline="always", fastmath=True)
@@ -110,9 +111,9 @@ def _at4(s0, s1, s2, s3, s4, s5, t0, t1, t2, t3, n):  # pragma: no cover - compi
         plus1, minus1 = s1[c] + s2[c], s1[c] - s2[c]
         plus2, minus2 = s3[c] + s4[c], s3[c] - s4[c]
         t0[c] = s0[c] + plus1 + plus2
-        t1[c] = minus1 + 2.0 * minus2
-        t2[c] = plus1 + 4.0 * plus2
-        t3[c] = minus1 + 8.0 * minus2 + s5[c]
+        t1[c] = minus1 + f32(2.0) * minus2
+        t2[c] = plus1 + f32(4.0) * plus2
+        t3[c] = minus1 + f32(8.0) * minus2 + s5[c]
 
 
 @njit(inline="always", fastmath=True)
@@ -123,11 +124,11 @@ def _at6(s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, t4, t5, n):  # pragma: 
         plus2, minus2 = s3[c] + s4[c], s3[c] - s4[c]
         plus_half, minus_half = s5[c] + s6[c], s5[c] - s6[c]
         t0[c] = s0[c] + plus1 + plus2 + plus_half
-        t1[c] = minus1 + 2.0 * minus2 + 0.5 * minus_half
-        t2[c] = plus1 + 4.0 * plus2 + 0.25 * plus_half
-        t3[c] = minus1 + 8.0 * minus2 + 0.125 * minus_half
-        t4[c] = plus1 + 16.0 * plus2 + 0.0625 * plus_half
-        t5[c] = minus1 + 32.0 * minus2 + 0.03125 * minus_half + s7[c]
+        t1[c] = minus1 + f32(2.0) * minus2 + f32(0.5) * minus_half
+        t2[c] = plus1 + f32(4.0) * plus2 + f32(0.25) * plus_half
+        t3[c] = minus1 + f32(8.0) * minus2 + f32(0.125) * minus_half
+        t4[c] = plus1 + f32(16.0) * plus2 + f32(0.0625) * plus_half
+        t5[c] = minus1 + f32(32.0) * minus2 + f32(0.03125) * minus_half + s7[c]
 
 
 @njit(inline="always", fastmath=True)
@@ -232,7 +233,7 @@ def _output_tile(mm, base, pos_stride, m, tp_n, tq_n, t, bias, relu, y, strides,
                     dst = y[pixel + (k0 // L + g) * sg:]
                     for l in range(L):
                         value = accij[g * L + l] + bias[k0 + g * L + l]
-                        dst[l] = max(value, 0.0) if relu else value
+                        dst[l] = max(value, f32(0.0)) if relu else value
 
 
 @njit(parallel=True, fastmath=True, cache=True)
