@@ -257,6 +257,20 @@ def test_fused_winograd_chunking(fmt, spec_name, m, chunk_tiles, monkeypatch):
     assert [get() for get, _ in blas._thread_controls()] == before
 
 
+def test_fused_winograd_chunks_are_balanced_between_threads():
+    """Every thread gets as many chunks, none over FUSED_CHUNK_TILES, together covering the tiles."""
+    from fastrun.impls import winograd
+
+    for tiles in (1, 7, 100, 196, 257, 3136):
+        for parts in (1, 2, 3):
+            chunk = winograd.fused_chunk_tiles(tiles, parts)
+            chunks = -(-tiles // chunk)
+            assert 1 <= chunk <= winograd.FUSED_CHUNK_TILES
+            assert chunks % parts == 0 or chunks < parts, (tiles, parts, chunk)
+            assert (chunks - 1) * chunk < tiles  # no empty chunk
+    assert winograd.fused_chunk_tiles(100, 2) == 50
+
+
 def test_fused_winograd_is_a_candidate_for_small_filters_only():
     from fastrun.impls import winograd
 

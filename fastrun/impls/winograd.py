@@ -26,7 +26,7 @@ re-streams the transformed filters and runs 36 small GEMMs; OpenBLAS wakes its t
 chunks only cap memory.
 
 The fused variants (``winograd_f{4,6}_fused_nhwc``) do chunk, the other way round:
-each thread takes 64 tiles at a time through the input transform, 36 single-threaded GEMMs and the
+each thread takes up to 128 tiles at a time through the input transform, 36 single-threaded GEMMs and the
 output transform, so the transformed tiles stay in its cache and the threads never wait for each
 other. Every chunk reads the whole transformed filter, so they are candidates only where it is
 small (few channels), which is where the batched engine loses to its memory traffic: 64->64@224
@@ -209,12 +209,22 @@ MIN_CHUNK_TILES = 64  # GEMM rows per chunk (each chunk streams every transforme
 CHANNEL_GROUP = 64
 
 
-# The fused engine: tiles per chunk in each thread (measured 64@224 F(4,3) b1: 16 tiles 24.3 ms,
-# 32 19.9, 64 18.5, 256 17.9-20.3), and the largest transformed filter it is a candidate for: each
-# chunk reads all of it (256->256@56 F(4,3), 9.4 MB: 14.4 ms against 11.5 for the batched GEMM;
-# 128->128@112 F(6,3), 4.2 MB: 13.0 against 13.5; 64->128@112 F(4,3), 1.2 MB: 8.2 against 11.5).
-FUSED_CHUNK_TILES = 64
+# The fused engine: at most this many tiles per chunk in each thread (session 7, b1, with chunks
+# balanced between the threads: 64@224 F(4,3) 32 tiles 14.3 ms, 64 12.0, 96 11.0, 128 10.7, 192
+# 10.2; 64->64@56 F(4,3) 1.6 ms with chunks of 96, unbalanced, 0.87 with 128, balanced; 96-192
+# alike within noise elsewhere).
+FUSED_CHUNK_TILES = 128
+# The largest transformed filter it is a candidate for: each chunk reads all of it (256->256@56
+# F(4,3), 9.4 MB: 14.4 ms against 11.5 for the batched GEMM; 128->128@112 F(6,3), 4.2 MB: 13.0
+# against 13.5; 64->128@112 F(4,3), 1.2 MB: 8.2 against 11.5; session 6).
 FUSED_MAX_FILTER_BYTES = 4 << 20
+
+
+def fused_chunk_tiles(tiles: int, parts: int) -> int:
+    """Tiles per chunk of the fused engine: at most FUSED_CHUNK_TILES, and as many chunks for
+    every thread (64->64@56 F(6,3), 100 tiles: chunks of 96 would leave one thread 4 tiles)."""
+    per_part = -(-tiles // parts)
+    return -(-per_part // -(-per_part // FUSED_CHUNK_TILES))
 
 
 def winograd_fused_applies(spec: OpSpec, m: int) -> bool:
@@ -275,7 +285,7 @@ def _compiled_run(spec: OpSpec, u: np.ndarray, bias, m: int, tp_n: int, tq_n: in
                 try:
                     compiled.fused(x, x_strides, H, W, cp, x_lanes, group_c, m, pad_top, pad_left, tp_n, tq_n,
                                    tiles, ub, bias_p, relu, y.reshape(-1), y_strides, P, Q, kp, y_lanes,
-                                   group_k, FUSED_CHUNK_TILES, parts)
+                                   group_k, fused_chunk_tiles(tiles, parts), parts)
                 finally:
                     single_threaded_blas()
             else:
