@@ -302,7 +302,7 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
         log.info("the heuristic assignment measured faster end to end (%.2f vs %.2f ms for the predicted "
                  "optimum): keeping it", times[kept], times["optimal"])
     elif kept == "onnxruntime":
-        log.info("no assignment beat the whole model on onnxruntime (%.2f ms; predicted optimum %.2f ms) "
+        log.info("no assignment beat the whole model on onnxruntime (%.2f ms; the predicted optimum ran %.2f ms) "
                  "by %.0f%%: running it that way", times[kept], times["optimal"], 100 * WHOLE_MODEL_MARGIN)
     return chosen
 

@@ -196,7 +196,7 @@ def _print_profile(d: dict) -> None:
         from .api import WHOLE_MODEL_MARGIN
 
         click.echo(f"end-to-end check: no assignment beat the whole model on onnxruntime (ORT_ENABLE_ALL, "
-                   f"{verified['onnxruntime_ms']:.2f} ms; predicted optimum {verified['optimal_ms']:.2f} ms) by "
+                   f"{verified['onnxruntime_ms']:.2f} ms; the predicted optimum ran {verified['optimal_ms']:.2f} ms) by "
                    f"{WHOLE_MODEL_MARGIN:.0%}: the plan runs it that way")
     threads = (solver or {}).get("threads")
     if threads:
