@@ -282,6 +282,22 @@ def test_fused_winograd_is_a_candidate_for_small_filters_only():
         assert impl.accepts(small) and not impl.accepts(big)
 
 
+@pytest.mark.parametrize("m", [4, 6])
+def test_written_out_winograd_transforms_match_the_matrices(m):
+    """winograd_transforms writes out B^T and A^T of F(4,3) and F(6,3): the same as
+    winograd_matrices (which the filter transform uses), for every row."""
+    transforms = pytest.importorskip("fastrun.impls.winograd_transforms")
+    from fastrun.impls.winograd import winograd_matrices
+
+    at, _, bt = winograd_matrices(m)
+    bt_pass, at_pass = (transforms._bt4, transforms._at4) if m == 4 else (transforms._bt6, transforms._at6)
+    s = np.random.default_rng(m).standard_normal((m + 2, 19)).astype(np.float32)
+    for matrix, one_d in ((bt, bt_pass), (at, at_pass)):
+        out = np.zeros((matrix.shape[0], s.shape[1]), np.float32)
+        one_d(*s, *out, s.shape[1])
+        np.testing.assert_allclose(out, matrix @ s, rtol=1e-5, atol=1e-5)
+
+
 def test_winograd_matrices_exact():
     from fastrun.impls.winograd import winograd_matrices
 
