@@ -52,7 +52,7 @@ LAYOUT_FACTOR = {("broadcast", "NCHWc"): 3.5, ("BatchNormalization", "NCHWc"): 2
 BROADCAST_OPS = ("Add", "Sub", "Mul", "Div")
 DEPTHWISE_TRAFFIC_FACTOR = {"ort": 2.8, "ort_nchwc_depthwise": 1.15, "depthwise_taps": 7.0}
 #   The compiled engine (NCHWc / NHWC variants), refitted in session 7 after its transforms got
-#   1.2-1.7x faster: on its 352 profiled timings over the 3x3 layers of VGG-19, ResNet-50,
+#   1.1-1.6x faster: on its 352 profiled timings over the 3x3 layers of VGG-19, ResNet-50,
 #   Inception v1/v2 and DenseNet-121 at batch 1 and 8 (scripts/bench.py caches, 2-core AVX2 VM)
 #   product ~150 GFLOP/s, ~1 ns per transformed element, transformed weights at NOMINAL_GBPS and
 #   ~0.5 ms per call alone; against onnxruntime's blocked kernel that calls 83 of the 88 shapes

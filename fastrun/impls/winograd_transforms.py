@@ -10,8 +10,9 @@ F(4,3) and F(6,3) are written out (:func:`_bt4`, :func:`_bt6`, :func:`_at4`, :fu
 nonzeros of B^T and A^T, with their common sums), so one loop over the channels computes a whole
 column of outputs: 12-16 loops per tile and channel group. The first version looped over B^T's
 entries, one channel loop per nonzero coefficient (~270 per tile); the written-out passes made the
-compiled layers 15-40% faster (scripts/bench_kernels.py, b1: 128->128@112 fused F(6,3) 16.6 ->
-10.9 ms, 512->512@28 F(4,3) NHWC 13.6 -> 9.8; docs/benchmarks.md).
+compiled layers mostly 1.1-1.6x faster, 1.0-2.1x over every layer and variant measured
+(scripts/bench_kernels.py, b1: 128->128@112 fused F(6,3) 16.6 -> 10.9 ms, 512->512@28 F(4,3)
+NHWC 13.6 -> 9.8; docs/benchmarks.md).
 
 :func:`fused` runs the whole convolution per chunk of tiles on each thread (transform, product
 through single-threaded BLAS, transform back), for layers whose transformed filters are small.
