@@ -21,15 +21,15 @@ multi-threaded transforms (``winograd_transforms.py``: B^T and A^T written out, 
 [alpha^2, tiles, C] @ [alpha^2, C, K]. This is the fast engine: 2-core AVX2 VM,
 ``scripts/bench_kernels.py --only 3x3``, batch 1, against onnxruntime's blocked kernel (session
 7, best variant): 64->64@224 1.1x, 128->128@112 1.6-1.7x, 256->256@56 1.7-1.85x, 512->512@28
-1.85-2.0x, 512->512@14 0.95-1.0x (docs/benchmarks.md). Splitting the tiles into L2-sized chunks made it slower (every chunk
-re-streams the transformed filters and runs 36 small GEMMs; OpenBLAS wakes its threads for each), so
-chunks only cap memory.
+1.85-2.0x, 512->512@14 0.95-1.0x (docs/benchmarks.md). Splitting the tiles into L2-sized chunks
+made it slower (every chunk re-streams the transformed filters and runs 36 small GEMMs; OpenBLAS
+wakes its threads for each), so chunks only cap memory.
 
-The fused variants (``winograd_f{4,6}_fused_nhwc``) do chunk, the other way round:
-each thread takes up to 128 tiles at a time through the input transform, 36 single-threaded GEMMs and the
-output transform, so the transformed tiles stay in its cache and the threads never wait for each
-other. Every chunk reads the whole transformed filter, so they are candidates only where it is
-small (few channels), which is where the batched engine loses to its memory traffic: 64->64@224
+The fused variants (``winograd_f{4,6}_fused_nhwc``) do chunk, the other way round: each thread
+takes up to 128 tiles at a time through the input transform, alpha^2 (36 or 64) single-threaded
+GEMMs and the output transform, so the transformed tiles stay in its cache and the threads never
+wait for each other. Every chunk reads the whole transformed filter, so they are candidates only
+where it is small (few channels), which is where the batched engine loses to its memory traffic: 64->64@224
 13.5 ms against onnxruntime's 21.2 and the batched engine's 19.1, 64->128@112 6.3 against 10.5.
 Channels-last only: on NCHWc8 each tile writes 32-byte pieces of 8 planes, and at batch 8
 (64@224, a 102 MB output) that variant ran anywhere from 165 to 245 ms call to call while the
@@ -242,8 +242,8 @@ def _channel_group(channels: int, lanes: int) -> int:
 def _compiled_run(spec: OpSpec, u: np.ndarray, bias, m: int, tp_n: int, tq_n: int, fmt: str, fused: bool = False):
     """``run`` for NCHWc / NHWC activations: the compiled transforms vectorize along groups of
     contiguous channels, and the product is [tiles, C] @ [C, K] per transform position: one
-    batched GEMM over every tile (on all cores), or, ``fused``, per chunk of FUSED_CHUNK_TILES tiles
-    inside each thread (winograd_transforms.fused)."""
+    batched GEMM over every tile (on all cores), or, ``fused``, per chunk of tiles inside each
+    thread (winograd_transforms.fused; chunks from :func:`fused_chunk_tiles`)."""
     if compiled is None:  # a plan made where numba was installed, served where it is not
         raise RuntimeError("the compiled Winograd transforms need numba, which is not installed "
                            "(pip install fastrun[numba])")

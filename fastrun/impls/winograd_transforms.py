@@ -187,7 +187,8 @@ def _input_tile(x, strides, H, W, cp, L, cc, m, pad_top, pad_left, tp_n, tq_n, t
             for j in range(8):
                 o = at0 + j * sj
                 _bt6(src[o:], src[o + si:], src[o + 2 * si:], src[o + 3 * si:], src[o + 4 * si:], src[o + 5 * si:],
-                     src[o + 6 * si:], src[o + 7 * si:], r[0, j], r[1, j], r[2, j], r[3, j], r[4, j], r[5, j], r[6, j], r[7, j], cc)
+                     src[o + 6 * si:], src[o + 7 * si:],
+                     r[0, j], r[1, j], r[2, j], r[3, j], r[4, j], r[5, j], r[6, j], r[7, j], cc)
             for a in range(8):
                 o = base + a * pos_stride + c0
                 _bt6(r[a, 0], r[a, 1], r[a, 2], r[a, 3], r[a, 4], r[a, 5], r[a, 6], r[a, 7],
