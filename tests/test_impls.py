@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import zlib
@@ -452,3 +453,42 @@ def test_tiled_transpose_matches_numpy(shape):
     y = transposed(x)
     assert y.flags.c_contiguous and y.dtype == np.float32
     assert np.array_equal(y, x.T.astype(np.float32))
+
+
+_PIN_PROBE = """
+import os, numpy as np
+from fastrun.impls import winograd_transforms as w
+x = np.zeros(1, np.float32); v = np.empty((1, 36, 1), np.float32)
+with w.LOCK:
+    parts = w.threads()  # what each compiled kernel calls first
+    w.input_transform(x, (0, 0, 0, 1), 1, 1, 1, 1, 1, 4, 0, 0, 1, 1, 0, v, parts)
+    workers = w._worker_thread_ids(w.numba.config.NUMBA_NUM_THREADS)
+for tid in sorted(set(int(t) for t in workers)):
+    print(tid, sorted(os.sched_getaffinity(tid)))
+print("main", sorted(os.sched_getaffinity(0)))
+"""
+
+
+@pytest.mark.parametrize("pin", ["1", "0"])
+def test_numba_workers_are_pinned_one_per_core(pin):
+    """The compiled kernels pin numba's workers to distinct cores (FASTRUN_PIN_THREADS=0: left
+    alone); the calling thread keeps every core."""
+    pytest.importorskip("fastrun.impls.winograd_transforms")
+    import subprocess
+    import sys
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    env = dict(os.environ, FASTRUN_PIN_THREADS=pin)
+    out = subprocess.run([sys.executable, "-c", _PIN_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    masks = {tid: json.loads(mask) for tid, mask in (line.split(" ", 1) for line in out.stdout.splitlines())}
+    assert masks.pop("main") == cores
+    workers = masks
+    assert len(workers) >= 2
+    if pin == "1":
+        assert all(len(mask) == 1 for mask in workers.values())
+        assert len({mask[0] for mask in workers.values()}) == len(workers)
+    else:
+        assert all(mask == cores for mask in workers.values())

@@ -327,42 +327,42 @@ def _prepare_compiled() -> None:
         compiled.ready()
 
 
-@implementation("Conv", "winograd_f4_nchwc", version=2, in_format="NCHWc", heuristic_rank=14,
+@implementation("Conv", "winograd_f4_nchwc", version=3, in_format="NCHWc", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f4_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) on blocked NCHWc activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 4, fmt=resolve_format("NCHWc"))
 
 
-@implementation("Conv", "winograd_f6_nchwc", version=2, in_format="NCHWc", heuristic_rank=14,
+@implementation("Conv", "winograd_f6_nchwc", version=3, in_format="NCHWc", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f6_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on blocked NCHWc activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 6, fmt=resolve_format("NCHWc"))
 
 
-@implementation("Conv", "winograd_f4_nhwc", version=2, in_format="NHWC", heuristic_rank=14,
+@implementation("Conv", "winograd_f4_nhwc", version=3, in_format="NHWC", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f4_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) on channels-last activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 4, fmt=formats.NHWC)
 
 
-@implementation("Conv", "winograd_f6_nhwc", version=2, in_format="NHWC", heuristic_rank=14,
+@implementation("Conv", "winograd_f6_nhwc", version=3, in_format="NHWC", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled)
 def build_winograd_f6_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on channels-last activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 6, fmt=formats.NHWC)
 
 
-@implementation("Conv", "winograd_f4_fused_nhwc", version=2, in_format="NHWC", heuristic_rank=15,
+@implementation("Conv", "winograd_f4_fused_nhwc", version=3, in_format="NHWC", heuristic_rank=15,
                 applies=lambda spec: winograd_fused_applies(spec, 4), prepare=_prepare_compiled)
 def build_winograd_f4_fused_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) on NHWC, each thread all stages on its own tiles (small filters; needs numba)."""
     return build_winograd(spec, consts, 4, fmt=formats.NHWC, fused=True)
 
 
-@implementation("Conv", "winograd_f6_fused_nhwc", version=2, in_format="NHWC", heuristic_rank=15,
+@implementation("Conv", "winograd_f6_fused_nhwc", version=3, in_format="NHWC", heuristic_rank=15,
                 applies=lambda spec: winograd_fused_applies(spec, 6), prepare=_prepare_compiled)
 def build_winograd_f6_fused_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on NHWC, each thread all stages on its own tiles (small filters; needs numba)."""
