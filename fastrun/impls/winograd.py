@@ -133,7 +133,6 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, fmt: str
     tp_n, tq_n = -(-P // m), -(-Q // m)
     T = tp_n * tq_n
     hp, wp = tp_n * m + 2, tq_n * m + 2
-    at, bt = at64.astype(np.float32), bt64.astype(np.float32)
     # U[b*A + a, k, c] = (G g G^T)[a, b]: b (the column transform) outer, as the input transform
     # below produces it.
     # As one GEMM [(k, c), (r, s)] @ [(r, s), (b, a)] and a tiled transpose: the 4-operand einsum
@@ -144,6 +143,7 @@ def build_winograd(spec: OpSpec, consts: dict[int, np.ndarray], m: int, fmt: str
     bias = bias_of(spec, consts)
     if fmt != formats.NCHW:
         return _compiled_run(spec, u, bias, m, tp_n, tq_n, fmt, fused)
+    at, bt = at64.astype(np.float32), bt64.astype(np.float32)  # the compiled transforms write theirs out
     act = activation(spec)
     extra_h, extra_w = hp - (H + pads[0] + pads[2]), wp - (W + pads[1] + pads[3])
     cs = max(1, CHUNK_BYTES // (4 * N * A * tp_n * wp))  # input channels per chunk
