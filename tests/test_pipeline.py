@@ -261,9 +261,9 @@ def test_whole_model_on_onnxruntime_is_kept_when_it_runs_faster(cache_dir, squee
 
     def race(graph, programs, repeats):
         raced.update(programs)
-        return {"optimal": 10.0, "heuristic": 9.95, "onnxruntime": 9.5}
+        return [{"optimal": 10.0, "heuristic": 9.95, "onnxruntime": 9.5}] * api.VERIFY_BLOCKS
 
-    monkeypatch.setattr(api, "_race", race)
+    monkeypatch.setattr(api, "_race_blocks", race)
     chosen = api.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2)
     assert "onnxruntime" in raced and chosen.whole_model and chosen.solver["verified"]["kept"] == "onnxruntime"
     assert chosen.reorders == [] and {n.out_format for n in chosen.nodes} == {"NCHW"}
@@ -285,11 +285,27 @@ def test_whole_model_on_onnxruntime_is_kept_when_it_runs_faster(cache_dir, squee
     blocked = copy.deepcopy(chosen)  # a whole-model flag over anything but plain NCHW is refused
     blocked.reorders = [[graph.nodes[0].outputs[0], "NCHW", "NCHWc8"]]
     assert "NCHW" in plancheck.plan_problem(graph, blocked)
-    # the assignment must beat onnxruntime by the margin to be kept
-    for optimal, whole in ((9.0, False), (9.9, True)):
-        monkeypatch.setattr(api, "_race", lambda graph, programs, repeats: {"optimal": optimal, "heuristic": 10.5,
-                                                                             "onnxruntime": 10.0})
+    # the assignment must beat onnxruntime by the margin to be kept, in every race
+    for optimal_ms, whole in (((9.0, 9.0, 9.0), False), ((9.9, 9.0, 9.0), True), ((9.0, 9.0, 10.1), True)):
+        blocks = [{"optimal": ms, "heuristic": 10.5, "onnxruntime": 10.0} for ms in optimal_ms]
+        monkeypatch.setattr(api, "_race_blocks", lambda graph, programs, repeats: blocks)
         assert api.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2).whole_model == whole
+
+
+def test_verify_races_in_consecutive_blocks(squeezenet_bytes, monkeypatch):
+    """_race_blocks times every program in VERIFY_BLOCKS separate interleaved races."""
+    from fastrun import executor, fingerprint, graph as graph_mod, planner
+
+    graph = graph_mod.load(squeezenet_bytes)
+    whole = planner.whole_model_plan(graph, planner.heuristic_plan(graph, fingerprint.fingerprint()))
+    calls = []
+    real_interleaved = api.benchmark.interleaved
+    monkeypatch.setattr(api.benchmark, "interleaved",
+                        lambda runners, **kw: calls.append(kw) or real_interleaved(runners, **kw))
+    blocks = api._race_blocks(graph, {"a": executor.compile_plan(graph, whole)}, repeats=2)
+    assert len(blocks) == len(calls) == api.VERIFY_BLOCKS
+    assert all(set(b) == {"a"} and b["a"] > 0 for b in blocks)
+    assert all(kw["repeats"] >= 5 for kw in calls)
 
 
 def test_heuristic_plan_leaves_onnxruntime_alone_unless_a_rule_puts_a_host_kernel_somewhere():
