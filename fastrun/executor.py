@@ -104,6 +104,7 @@ class HostCall:
     output: str
     kernel: Callable[..., np.ndarray]
     threads: int = 0  # see fastrun.hostthreads; 0: all cores
+    node: str = ""    # the graph node it runs (for reports)
 
     def __call__(self, values: dict[str, np.ndarray]) -> None:
         with hostthreads.limited(self.threads):
@@ -172,7 +173,7 @@ def instantiate(recipe: Recipe) -> Program:
     def make(part):
         if isinstance(part, HostRecipe):
             kernel = registry.by_id(part.spec.op_type, part.impl).build(part.spec, part.consts)
-            return HostCall(part.inputs, part.output, kernel, part.threads)
+            return HostCall(part.inputs, part.output, kernel, part.threads, part.name)
         try:
             sess = ortutil.session(part.model, level=part.level, threads=part.threads or None,
                                    external=part.weights)

@@ -21,9 +21,8 @@ import time
 
 import numpy as np
 
-from fastrun import api, executor, fingerprint, graph as G, models, planner, registry
+from fastrun import api, executor, fingerprint, graph as G, models, planner
 from fastrun.cache import Caches
-from fastrun.plan import LIGHT_IMPL
 from fastrun.profiler import Profiler
 
 
@@ -71,9 +70,7 @@ def main() -> None:
             else:
                 samples[i].append(timed(part, values))
 
-    host_nodes = [n for n in plan.nodes if n.impl != LIGHT_IMPL and registry.by_id(n.op_type, n.impl).kind != "onnx"]
-    host_parts = [i for i, p in enumerate(program.program) if isinstance(p, executor.HostCall)]
-    node_of = dict(zip(host_parts, host_nodes)) if len(host_nodes) == len(host_parts) else {}
+    nodes = {n.name: n for n in plan.nodes}
     print(f"{args.model} b{args.batch}: predicted {plan.predicted_ms:.1f} ms"
           f"{' (whole model on onnxruntime)' if plan.whole_model else ''}")
     print(f"{'chain ms':>9} {'cores':>5} {'alone ms':>9} {'cores':>5}  part")
@@ -89,12 +86,9 @@ def main() -> None:
             line += f" {a_wall * 1e3:9.2f} {a_cpu / a_wall:5.2f}"
             totals["host chain"] += wall * 1e3
             totals["host alone"] += a_wall * 1e3
-            node = node_of.get(i)
-            if node is not None:
-                line += f"  {describe(part)}: {node.name} {node.impl} (profiled {node.time_ms:.2f})"
-                totals["host predicted"] += node.time_ms
-            else:
-                line += f"  {describe(part)}"
+            node = nodes[part.node]
+            line += f"  {describe(part)}: {node.name} {node.impl} (profiled {node.time_ms or 0:.2f})"
+            totals["host predicted"] += node.time_ms or 0.0
         else:
             line += f" {'':9} {'':5}  {describe(part)}"
             totals["segments"] += wall * 1e3
