@@ -574,6 +574,11 @@ def light_key(node, graph, fmt: str) -> str:
     return "light:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+# Light nodes, reorders and the dispatch cost are all timed in onnxruntime sessions: bump this
+# when those sessions change (2: their threads spin during ``run``), so old timings are not reused.
+AUXILIARY_TIMING_VERSION = 2
+
+
 class AuxiliaryTimer:
     """Times light nodes and reorders (the rest of the cost model), cached like operators."""
 
@@ -582,7 +587,7 @@ class AuxiliaryTimer:
 
     def _cached_or(self, key: str, measure: Callable[[], float]) -> Optional[float]:
         caches = self.p.caches
-        full = Caches.timing_key(self.p.fingerprint, key, "ms")
+        full = Caches.timing_key(self.p.fingerprint, f"{key}@aux{AUXILIARY_TIMING_VERSION}", "ms")
         if caches is not None and not (self.p.refresh and full not in self.p._fresh):
             hit = caches.timings.get(full)
             if hit is not None:

@@ -59,7 +59,7 @@ def test_not_onnx_file(tmp_path):
 def test_impls_and_fingerprint():
     res = run("impls")
     assert res.exit_code == 0
-    for name in ("ort@1", "im2col_gemm", "winograd_f4", "fft_conv", "conv1x1_gemm", "ort_nchwc"):
+    for name in ("ort@2", "im2col_gemm", "winograd_f4", "fft_conv", "conv1x1_gemm", "ort_nchwc"):
         assert name in res.output
     data = json.loads(run("impls", "--json").output)
     assert {"Conv", "MatMul", "Gemm"} <= {d["op_type"] for d in data}

@@ -43,7 +43,7 @@ def test_heuristic_runs_depthwise_convolutions_blocked():
     if not formats.native_block_size():
         pytest.skip("no blocked kernels on this CPU")
     chosen = {n.name: n.impl for n in plan.nodes}
-    assert all(chosen[h.node.name] == "ort_nchwc_depthwise@1" for h in depthwise), chosen
+    assert all(chosen[h.node.name] == "ort_nchwc_depthwise@2" for h in depthwise), chosen
     assert plan.reorders  # paid for: the grouped 1x1 convs around them stay NCHW
 
 

@@ -267,7 +267,7 @@ def test_whole_model_on_onnxruntime_is_kept_when_it_runs_faster(cache_dir, squee
     chosen = api.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2)
     assert "onnxruntime" in raced and chosen.whole_model and chosen.solver["verified"]["kept"] == "onnxruntime"
     assert chosen.reorders == [] and {n.out_format for n in chosen.nodes} == {"NCHW"}
-    assert all(n.impl in ("onnxruntime", "ort@1") for n in chosen.nodes)
+    assert all(n.impl in ("onnxruntime", "ort@2") for n in chosen.nodes)
     program = executor.compile_plan(graph, chosen)
     assert program.segments == 1 and program.host_steps == 0
     assert program.program[0].session.get_session_options().graph_optimization_level == \

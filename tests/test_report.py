@@ -24,7 +24,7 @@ def fake_report() -> dict:
     """A small profile result, as ``ProfileReport.to_json()`` gives it, with a failed candidate and a reorder."""
     def node(name, op, impl, ms, fin, fout, spec="", cands=None, inputs=(), outputs=()):
         return {"name": name, "op_type": op, "impl": impl, "time_ms": ms, "in_formats": list(fin), "out_format": fout,
-                "spec": spec, "source": "profiled", "ort_ms": (cands or {}).get("ort@1"), "runner_up": None,
+                "spec": spec, "source": "profiled", "ort_ms": (cands or {}).get("ort@2"), "runner_up": None,
                 "runner_up_ms": None, "candidates": cands or {}, "inputs": list(inputs), "outputs": list(outputs)}
 
     return {
@@ -32,12 +32,12 @@ def fake_report() -> dict:
         "input_shapes": {"x": [1, 8, 12, 12]}, "policy": "profiled",
         "nodes": [
             node("conv_a", "Conv", "winograd_f4@1", 0.5, ["NCHW"], "NCHW", "1x8x12x12 -> 16ch k3x3 s1",
-                 {"ort@1": 0.8, "winograd_f4@1": 0.5, "fft_conv@1": "failed: wrong result (err 3e-2)"}, ["x"], ["a"]),
+                 {"ort@2": 0.8, "winograd_f4@1": 0.5, "fft_conv@1": "failed: wrong result (err 3e-2)"}, ["x"], ["a"]),
             node("relu", "Relu", "onnxruntime", 0.01, ["NCHW"], "NCHW", inputs=["a"], outputs=["r"]),
-            node("conv_b", "Conv", "ort_nchwc@1", 0.2, ["NCHWc16"], "NCHWc16", "1x16x12x12 -> 16ch k1x1 s1",
-                 {"ort@1": 0.3, "ort_nchwc@1": 0.2}, ["r"], ["b"]),
-            node("conv_c", "Conv", "ort_nchwc@1", 0.2, ["NCHWc16"], "NCHWc16", "1x16x12x12 -> 16ch k1x1 s1",
-                 {"ort@1": 0.3, "ort_nchwc@1": 0.2}, ["b"], ["y"]),
+            node("conv_b", "Conv", "ort_nchwc@2", 0.2, ["NCHWc16"], "NCHWc16", "1x16x12x12 -> 16ch k1x1 s1",
+                 {"ort@2": 0.3, "ort_nchwc@2": 0.2}, ["r"], ["b"]),
+            node("conv_c", "Conv", "ort_nchwc@2", 0.2, ["NCHWc16"], "NCHWc16", "1x16x12x12 -> 16ch k1x1 s1",
+                 {"ort@2": 0.3, "ort_nchwc@2": 0.2}, ["b"], ["y"]),
         ],
         "predicted_ms": 1.0, "measured_ms": 0.9, "onnxruntime_ms": 1.2, "speedup": 1.2 / 0.9, "greedy_ms": 1.1,
         "nchw_only_ms": 1.3, "reorders": 2, "reorder_list": [["r", "NCHW", "NCHWc16"], ["y", "NCHWc16", "NCHW"]],

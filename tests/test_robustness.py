@@ -158,7 +158,7 @@ def test_each_failed_check_is_recorded_with_its_reason():
     finally:
         for name in builders:
             registry.unregister("Conv", f"test_{name}")
-    assert timings["ort@1"].ok
+    assert timings["ort@2"].ok
     for name, (_, why) in builders.items():
         t = timings[f"test_{name}@1"]
         assert t.status == "failed" and t.time_ms is None and why in t.reason, (name, t.reason)
@@ -178,17 +178,17 @@ def _conv_keys(model_bytes):
 
 
 CORRUPT_TIMINGS = {
-    "truncated JSON": '{"schema": 1, "impl": "ort@1", "stat',
-    "wrong schema": json.dumps({"schema": 99, "impl": "ort@1", "status": "ok", "time_ms": 0.001}),
+    "truncated JSON": '{"schema": 1, "impl": "ort@2", "stat',
+    "wrong schema": json.dumps({"schema": 99, "impl": "ort@2", "status": "ok", "time_ms": 0.001}),
     "not JSON": "\x00\x01 not json at all",
     "not an object": "[1, 2, 3]",
-    "time is text": json.dumps({"schema": 1, "impl": "ort@1", "status": "ok", "time_ms": "fast"}),
-    "negative time": json.dumps({"schema": 1, "impl": "ort@1", "status": "ok", "time_ms": -5.0}),
-    "infinite time": '{"schema": 1, "impl": "ort@1", "status": "ok", "time_ms": Infinity}',
-    "unknown status": json.dumps({"schema": 1, "impl": "ort@1", "status": "great", "time_ms": 0.001}),
-    "ok without time": json.dumps({"schema": 1, "impl": "ort@1", "status": "ok"}),
+    "time is text": json.dumps({"schema": 1, "impl": "ort@2", "status": "ok", "time_ms": "fast"}),
+    "negative time": json.dumps({"schema": 1, "impl": "ort@2", "status": "ok", "time_ms": -5.0}),
+    "infinite time": '{"schema": 1, "impl": "ort@2", "status": "ok", "time_ms": Infinity}',
+    "unknown status": json.dumps({"schema": 1, "impl": "ort@2", "status": "great", "time_ms": 0.001}),
+    "ok without time": json.dumps({"schema": 1, "impl": "ort@2", "status": "ok"}),
     "another impl's timing": json.dumps({"schema": 1, "impl": "im2col_gemm@1", "status": "ok", "time_ms": 1e-6}),
-    "bogus format": json.dumps({"schema": 1, "impl": "ort@1", "status": "ok", "time_ms": 0.001,
+    "bogus format": json.dumps({"schema": 1, "impl": "ort@2", "status": "ok", "time_ms": 0.001,
                                 "in_format": "NCHW7x"}),
 }
 
@@ -198,18 +198,18 @@ def test_corrupt_timing_entries_are_reported_once_and_measured_again(cache_dir, 
     _profile(model, cache_dir)
     spec, keys = _conv_keys(model)
     caches = Caches(cache_dir)
-    good = caches.timings.get(keys["ort@1"])
+    good = caches.timings.get(keys["ort@2"])
     assert good and good["status"] == "ok"
     for label, raw in CORRUPT_TIMINGS.items():
-        caches.timings._cache.set(keys["ort@1"], raw)
+        caches.timings._cache.set(keys["ort@2"], raw)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             report = _profile(model, cache_dir)
         assert report.stats.measured == 1 and report.stats.specs_measured == 1, label  # only that entry
-        warned = [r for r in caplog.records if keys["ort@1"] in r.getMessage()]
+        warned = [r for r in caplog.records if keys["ort@2"] in r.getMessage()]
         assert len(warned) == 1, (label, [r.getMessage() for r in caplog.records])
-        assert report.plan.node("conv1").candidates["ort@1"] != 1e-6
-        rebuilt = caches.timings.get(keys["ort@1"])
+        assert report.plan.node("conv1").candidates["ort@2"] != 1e-6
+        rebuilt = caches.timings.get(keys["ort@2"])
         assert rebuilt["status"] == "ok" and rebuilt["time_ms"] > 0, label  # rebuilt
     caches.close()
 
@@ -227,7 +227,7 @@ def test_pickled_timing_entry_is_never_unpickled(cache_dir, tmp_path):
             return (open, (str(marker), "w"))
 
     raw = diskcache.Cache(os.path.join(cache_dir, "timings"))
-    raw.set(keys["ort@1"], Evil())
+    raw.set(keys["ort@2"], Evil())
     raw.close()
     report = _profile(model, cache_dir)
     assert not marker.exists()
@@ -273,7 +273,7 @@ def _forge(v: dict, how: str) -> None:
     elif how == "formats that never meet":
         v["tensor_formats"] = {k: "NHWC" for k in v["tensor_formats"]} or {"c1": "NHWC"}
     elif how == "implementation in the wrong formats":
-        nodes[0].update(impl="ort_nchwc@1", in_formats=["NCHW"], out_format="NCHW")
+        nodes[0].update(impl="ort_nchwc@2", in_formats=["NCHW"], out_format="NCHW")
     elif how == "implementation that does not apply":
         nodes[0].update(impl="conv1x1_gemm@1", in_formats=["NCHW"], out_format="NCHW")
         v["tensor_formats"] = {}
@@ -281,7 +281,7 @@ def _forge(v: dict, how: str) -> None:
         for n in nodes:
             n.update(in_formats=["NCHW"] * len(n["in_formats"]), out_format="NCHW")
             if n["impl"] not in ("onnxruntime", "conv1x1_gemm@1"):
-                n["impl"] = "ort@1"
+                n["impl"] = "ort@2"
     elif how == "missing formats":
         nodes[0]["in_formats"] = None
     elif how == "reorder to nowhere":
@@ -289,7 +289,7 @@ def _forge(v: dict, how: str) -> None:
     elif how == "light op for a heavy node":
         nodes[0]["impl"] = "onnxruntime"
     elif how == "heavy implementation for a light node":
-        nodes[-1]["impl"] = "ort@1"
+        nodes[-1]["impl"] = "ort@2"
     elif how == "impl is a number":
         nodes[0]["impl"] = 5
     elif how == "a node missing":

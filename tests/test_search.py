@@ -146,13 +146,13 @@ def squeeze_problem() -> SearchProblem:
         reorders[t]["NCHWc8>NCHW"] = 0.3
         reorders[t]["NCHW>NCHWc8"] = 0.3
     nodes = [
-        SearchNode("conv1", ["x"], ["a"], [C("ort@1", ["NCHW"], "NCHW", 5.0),
-                                           C("ort_nchwc@1", ["NCHW"], "NCHWc8", 3.0)]),
+        SearchNode("conv1", ["x"], ["a"], [C("ort@2", ["NCHW"], "NCHW", 5.0),
+                                           C("ort_nchwc@2", ["NCHW"], "NCHWc8", 3.0)]),
         SearchNode("mid", ["a"], ["b"], [C("nhwc@1", ["NHWC"], "NHWC", 0.5),
                                          C("nchwc@1", ["NCHWc8"], "NCHWc8", 1.0),
                                          C("nchw@1", ["NCHW"], "NCHW", 1.2)]),
-        SearchNode("conv2", ["b"], ["y"], [C("ort@1", ["NCHW"], "NCHW", 5.0),
-                                           C("ort_nchwc@1", ["NCHWc8"], "NCHWc8", 3.0)]),
+        SearchNode("conv2", ["b"], ["y"], [C("ort@2", ["NCHW"], "NCHW", 5.0),
+                                           C("ort_nchwc@2", ["NCHWc8"], "NCHWc8", 3.0)]),
     ]
     return SearchProblem(nodes, {"x": "NCHW"}, {"y": "NCHW"}, reorders)
 

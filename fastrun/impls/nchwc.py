@@ -224,7 +224,7 @@ def _bias(consts: dict[int, np.ndarray]) -> Optional[np.ndarray]:
     return consts.get(2)
 
 
-@implementation("Conv", "ort_nchwc", kind="onnx", in_format="NCHWc", out_format="NCHWc",
+@implementation("Conv", "ort_nchwc", version=2, kind="onnx", in_format="NCHWc", out_format="NCHWc",
                 heuristic_rank=5, sum_input=True, applies=blocked_applies)
 def ort_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
     """onnxruntime's NCHWc (MLAS blocked) convolution, blocked in and out, activation fused."""
@@ -238,7 +238,7 @@ def ort_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
     return _fragment(spec, wr, bias, g, blocked_input=True)
 
 
-@implementation("Conv", "ort_nchwc_nchw_in", kind="onnx", in_format="NCHW", out_format="NCHWc",
+@implementation("Conv", "ort_nchwc_nchw_in", version=2, kind="onnx", in_format="NCHW", out_format="NCHWc",
                 heuristic_rank=5, sum_input=True, applies=nchw_in_applies)
 def ort_nchwc_nchw_in(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
     """onnxruntime's NCHWc convolution reading a plain NCHW input with few channels (first conv)."""
@@ -250,7 +250,7 @@ def ort_nchwc_nchw_in(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragme
     return _fragment(spec, wr, bias, 1, blocked_input=False)
 
 
-@implementation("Conv", "ort_nchwc_depthwise", kind="onnx", in_format="NCHWc", out_format="NCHWc",
+@implementation("Conv", "ort_nchwc_depthwise", version=2, kind="onnx", in_format="NCHWc", out_format="NCHWc",
                 heuristic_rank=5, sum_input=True, applies=depthwise_applies)
 def ort_nchwc_depthwise(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
     """onnxruntime's NCHWc depthwise convolution (group = padded channel count)."""
