@@ -9,9 +9,10 @@ For each model and batch size it runs, round-robin so machine noise hits all ali
 The "kernel ceiling" column is onnxruntime's fastest kernels over the fastest candidates, summed
 over the plan's profiled nodes (fastrun.api.kernel_ceiling): the most per-operator selection can
 gain on that model, before reorders and split sessions.
-Every session has intra-op spinning off (several sessions in one process otherwise spin against
-each other); a lone default onnxruntime session is timed once per model to check that the
-baseline is not handicapped by that setting.
+Every session spins during ``run`` and stops when it returns (fastrun.ortutil; with onnxruntime's
+default spinning after ``run`` too, sessions interleaved in one process spin against each other);
+a lone default onnxruntime session is timed once per model to check that the baseline is not
+handicapped by that setting.
 
     python scripts/bench.py --models resnet50 vgg19 --batch 1 8 --out bench-results
 """
@@ -64,7 +65,7 @@ def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: f
         "heuristic": lambda: heuristic.run(feed),
         "profiled": lambda: profiled.run(feed),
     }, repeats=repeats, max_seconds=120)
-    # The spinning check: a lone default session (spinning on) against the baseline, each timed
+    # The spinning check: a lone default session (spinning after run too) against the baseline, each timed
     # alone (warm caches, unlike the round-robin above) so the two see the same conditions.
     lone = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     lone_ms = benchmark.interleaved({"lone": lambda: lone.run(names, feed)}, repeats=repeats)["lone"]
