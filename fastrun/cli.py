@@ -216,6 +216,8 @@ def _print_profile(d: dict) -> None:
     if d["measured_ms"] is not None:
         click.echo(f"measured:  fastrun {d['measured_ms']:.3f} ms   onnxruntime (ORT_ENABLE_ALL) {d['onnxruntime_ms']:.3f} ms   "
                    f"speed-up {d['speedup']:.2f}x   max rel. error {d['max_error']:.1e}")
+        if d.get("whole_model"):
+            click.echo("  (the plan is that onnxruntime session: the difference is the machine's noise)")
     click.echo(f"done in {d['seconds']:.1f} s")
 
 

@@ -35,6 +35,22 @@ def test_profile_prints_table_and_writes_json(tmp_path, tiny_model):
     assert "2 profiled now, 0 from cache" in fresh.output  # and verification re-used this run's timings
 
 
+@pytest.mark.parametrize("onnxruntime_ms,whole", [(5.0, True), (50.0, False)])
+def test_profile_says_when_the_plan_is_onnxruntimes_own_session(tmp_path, tiny_model, monkeypatch,
+                                                               onnxruntime_ms, whole):
+    """A whole-model plan timed against onnxruntime is one session against itself: its ratio is noise."""
+    from fastrun import api
+
+    monkeypatch.setattr(api, "_race_blocks", lambda graph, programs, repeats: [
+        {"optimal": 10.0, "heuristic": 10.0, "onnxruntime": onnxruntime_ms}] * api.VERIFY_BLOCKS)
+    out = tmp_path / "r.json"
+    res = run("profile", tiny_model, "--cache-dir", str(tmp_path / "c"), "--op-limit", "0.05", "--repeats", "2",
+              "--json", str(out))
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["whole_model"] is whole
+    assert ("the difference is the machine's noise" in res.output) is whole
+
+
 @pytest.mark.parametrize("args,needle", [
     (["profile", "/no/such/model.onnx"], "not found"),
     (["profile"], "no model given"),
