@@ -68,10 +68,8 @@ def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: f
     }, repeats=repeats, max_seconds=120)
     # The spinning check: a lone default session (spinning after run too) against the baseline, each timed
     # alone (warm caches, unlike the round-robin above) so the two see the same conditions.
-    lone = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    lone_ms = benchmark.interleaved({"lone": lambda: lone.run(names, feed)}, repeats=repeats)["lone"]
-    del lone
-    all_alone_ms = benchmark.interleaved({"all": lambda: ort_all.run(names, feed)}, repeats=repeats)["all"]
+    lone_ms = _alone_ms(ort.InferenceSession(data, providers=["CPUExecutionProvider"]), names, feed, repeats)
+    all_alone_ms = _alone_ms(ort_all, names, feed, repeats)
     gflop = direct_gflop(graph)
     return {
         "model": name, "batch": batch, **{f"{k}_ms": v for k, v in times.items()},
@@ -86,6 +84,11 @@ def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: f
         "reorders": profiled.reorders, "profile_s": profile_s, "plan_policy": plan.policy,
         "greedy_ms": plan.greedy_ms, "nchw_only_ms": plan.nchw_only_ms, "solver": plan.solver,
     }
+
+
+def _alone_ms(session, names: list[str], feed: dict, repeats: int) -> float:
+    """A session timed by itself; the caller drops it afterwards (a default session spins after run)."""
+    return benchmark.interleaved({"alone": lambda: session.run(names, feed)}, repeats=repeats)["alone"]
 
 
 def assignment(plan) -> tuple:
