@@ -297,8 +297,7 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
     alternative = planner.make_plan(graph, fingerprint, profiler, assignment="heuristic")
     profiler.stats = saved
     contenders = {"optimal": plan}
-    if [(n.impl, n.in_formats, n.out_format) for n in plan.nodes] != \
-            [(n.impl, n.in_formats, n.out_format) for n in alternative.nodes]:
+    if plan.assignment() != alternative.assignment():
         contenders["heuristic"] = alternative
     whole = planner.whole_model_plan(graph, plan)
     if whole is not None:

@@ -65,6 +65,13 @@ class Plan:
         """Intra-op threads of the ``index``-th onnxruntime segment of the compiled plan (0: all cores)."""
         return self.segment_threads[index] if index < len(self.segment_threads) else self.threads
 
+    def assignment(self) -> tuple:
+        """What the plan runs, knobs aside: the whole model on onnxruntime, or each node's
+        implementation and formats. Plans with equal assignments run the same operators."""
+        if self.whole_model:
+            return ("whole model",)
+        return tuple((n.name, n.impl, tuple(n.in_formats), n.out_format) for n in self.nodes)
+
     def node(self, name: str) -> NodeChoice:
         for n in self.nodes:
             if n.name == name:

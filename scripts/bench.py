@@ -77,7 +77,7 @@ def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: f
         "ratio": times["ort_all"] / times["profiled"],
         "heuristic_ratio": times["ort_all"] / times["heuristic"],
         "heuristic_over_profiled": times["heuristic"] / times["profiled"],
-        "same_assignment": assignment(heuristic_plan) == assignment(plan),
+        "same_assignment": heuristic_plan.assignment() == plan.assignment(),  # then the ratio is noise
         "predicted_ms": plan.predicted_ms, "gflop": gflop, "kernel_ceiling_ms": api.kernel_ceiling(plan),
         "profiled_gflops": gflop / times["profiled"] * 1e3, "ort_gflops": gflop / times["ort_all"] * 1e3,
         "max_error": errors, "segments": profiled.segments, "host_steps": profiled.host_steps,
@@ -89,14 +89,6 @@ def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: f
 def _alone_ms(session, names: list[str], feed: dict, repeats: int) -> float:
     """A session timed by itself; the caller drops it afterwards (a default session spins after run)."""
     return benchmark.interleaved({"alone": lambda: session.run(names, feed)}, repeats=repeats)["alone"]
-
-
-def assignment(plan) -> tuple:
-    """What a plan runs: whole model on onnxruntime, or each node's implementation and formats. Two
-    plans with the same assignment differ in the table only by the machine's noise."""
-    if plan.whole_model:
-        return ("whole model",)
-    return tuple((n.name, n.impl, tuple(n.in_formats), n.out_format) for n in plan.nodes)
 
 
 def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
