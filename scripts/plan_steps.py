@@ -93,6 +93,8 @@ def main() -> None:
             line += f" {'':9} {'':5}  {describe(part)}"
             totals["segments"] += wall * 1e3
         print(line)
+    # the rest of the prediction: onnxruntime's steps, the reorders and the per-step charges
+    totals["segments predicted"] = (plan.predicted_ms or 0.0) - totals["host predicted"]
     print("sums (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in totals.items()))
 
 
