@@ -71,8 +71,8 @@ def main() -> None:
                 samples[i].append(timed(part, values))
 
     nodes = {n.name: n for n in plan.nodes}
-    print(f"{args.model} b{args.batch}: predicted {plan.predicted_ms:.1f} ms"
-          f"{' (whole model on onnxruntime)' if plan.whole_model else ''}")
+    predicted = f"predicted {plan.predicted_ms:.1f} ms" if plan.predicted_ms is not None else "no prediction (heuristic plan)"
+    print(f"{args.model} b{args.batch}: {predicted}{' (whole model on onnxruntime)' if plan.whole_model else ''}")
     print(f"{'chain ms':>9} {'cores':>5} {'alone ms':>9} {'cores':>5}  part")
     totals = {"segments": 0.0, "host chain": 0.0, "host alone": 0.0, "host predicted": 0.0}
     for i, part in enumerate(program.program):
@@ -93,8 +93,8 @@ def main() -> None:
             line += f" {'':9} {'':5}  {describe(part)}"
             totals["segments"] += wall * 1e3
         print(line)
-    # the rest of the prediction: onnxruntime's steps, the reorders and the per-step charges
-    totals["segments predicted"] = (plan.predicted_ms or 0.0) - totals["host predicted"]
+    if plan.predicted_ms is not None:  # the rest of the prediction: onnxruntime's steps, reorders, per-step charges
+        totals["segments predicted"] = plan.predicted_ms - totals["host predicted"]
     print("sums (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in totals.items()))
 
 
