@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""fastrun after ``fastrun.profile`` next to a default ``onnxruntime.InferenceSession`` on every zoo case.
+
+For each case of ``tests/zoo.py`` (real exported models and their quantized, float16 and
+external-data variants) it profiles the first feed's shapes into a private cache, opens a
+``fastrun.InferenceSession(policy="require")`` and a default onnxruntime session, and times
+them round-robin on the same feed: every round runs each session ``--calls`` times, in
+alternating order, and gives one ratio (onnxruntime's time over fastrun's: above 1, fastrun is
+faster). It prints the median ratio with the 10th-90th percentile spread over rounds, and the
+medians of three consecutive blocks of rounds (how stable the ratio is on a busy machine).
+Cases fastrun cannot serve print the reason.
+
+    python scripts/bench_zoo.py                          # every case
+    python scripts/bench_zoo.py --cases resnet vit --rounds 60 --json zoo.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import fastrun
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests import zoo  # noqa: E402
+
+SLOW_BELOW = 0.97
+
+
+def _timed(run, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return time.perf_counter() - start
+
+
+def race(fastrun_run, ort_run, rounds: int, calls: int) -> list[float]:
+    """Per-round ratios onnxruntime time / fastrun time, the order alternating every round."""
+    fastrun_run(), ort_run()
+    ratios = []
+    for index in range(rounds):
+        if index % 2:
+            theirs, ours = _timed(ort_run, calls), _timed(fastrun_run, calls)
+        else:
+            ours, theirs = _timed(fastrun_run, calls), _timed(ort_run, calls)
+        ratios.append(theirs / ours)
+    return ratios
+
+
+def measure(name: str, rounds: int, op_limit: float) -> dict:
+    case = zoo.CASES[name]
+    model = str(case.model())
+    feed = case.feeds()[0]
+    row: dict = {"case": name, "kind": case.kind, "size_mb": round(Path(model).stat().st_size / 1e6, 2)}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        start = time.perf_counter()
+        try:
+            report = fastrun.profile(model, input_shapes=zoo.input_shapes(case), cache_dir=cache_dir,
+                                     op_limit=op_limit, measure=False)
+            row["plan"] = report.plan.policy
+            ours = fastrun.InferenceSession(model, cache_dir=cache_dir, policy="require")
+            ours.run(None, feed)
+        except Exception as exc:  # a case fastrun cannot serve yet: report why and go on
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            return row
+        row["profile_s"] = round(time.perf_counter() - start, 1)
+        theirs = zoo.session(model)
+        one = _timed(lambda: theirs.run(None, feed), 3) / 3
+        calls = max(1, int(0.01 / max(one, 1e-6)))  # about 10 ms of work per sample
+        ratios = race(lambda: ours.run(None, feed), lambda: theirs.run(None, feed), rounds, calls)
+    third = len(ratios) // 3
+    row.update(ort_ms=round(one * 1e3, 3), median=statistics.median(ratios),
+               p10=float(np.percentile(ratios, 10)), p90=float(np.percentile(ratios, 90)),
+               blocks=[statistics.median(ratios[i * third:(i + 1) * third]) for i in range(3)])
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="*", choices=list(zoo.CASES), default=list(zoo.CASES))
+    parser.add_argument("--rounds", type=int, default=45)
+    parser.add_argument("--op-limit", type=float, default=0.5, help="profiling seconds per signature")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = []
+    print(f"{'case':22s} {'plan':10s} {'ort ms':>8s} {'ratio':>6s} {'p10-p90':>12s}  blocks")
+    for name in args.cases:
+        row = measure(name, args.rounds, args.op_limit)
+        rows.append(row)
+        if "error" in row:
+            print(f"{name:22s} fails: {row['error']}")
+            continue
+        mark = "  slower" if row["median"] < SLOW_BELOW else ""
+        print(f"{name:22s} {row['plan']:10s} {row['ort_ms']:8.3f} {row['median']:6.3f} "
+              f"{row['p10']:5.3f}-{row['p90']:5.3f}  {' '.join(f'{b:.3f}' for b in row['blocks'])}{mark}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
