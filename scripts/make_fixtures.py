@@ -8,7 +8,9 @@ Run by developers when a fixture changes, never by the tests (torch is not a dep
 
 Every model is exported with the TorchScript exporter (``dynamo=False``: ``dynamic_axes`` and
 ``do_constant_folding`` are what most exported models in the wild went through), opset 17, in
-eval mode with constant folding off so that BatchNormalization stays a node of the graph.
+eval mode with constant folding off so that BatchNormalization stays a node of the graph. The
+BERT-style encoder is also exported with the torch.export-based exporter, torch's default since
+2.9 (``bert_encoder_dynamo``: opset 18, IR 10, sequence length 2-128).
 Weights are random with a fixed seed; BatchNorm statistics are randomised too (fresh ones are the
 identity). The control-flow model is built with ``onnx.helper``: If and Loop bodies that read
 tensors of the outer graph, with a MatMul and a Conv inside them.
@@ -53,6 +55,21 @@ def _export(model, args: tuple, path: Path, input_names: list[str], output_names
     torch.onnx.export(model, args, str(path), input_names=input_names, output_names=output_names,
                       dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=False,
                       training=torch.onnx.TrainingMode.EVAL, dynamo=False)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def _export_dynamo(model, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+                   dynamic_axes: dict) -> None:
+    """torch.export-based exporter (torch.onnx.export's default since 2.9): opset 18, IR 10, optimized."""
+    torch = _torch()
+    model.eval()
+    dims: dict[str, object] = {}
+    shapes = {name: {axis: dims.setdefault(label, torch.export.Dim(label, min=2, max=128) if label == "sequence"
+                                           else torch.export.Dim(label, min=1, max=64))
+                     for axis, label in dynamic_axes[name].items()} for name in input_names}
+    program = torch.onnx.export(model, args, input_names=input_names, output_names=output_names, dynamo=True,
+                                opset_version=18, dynamic_shapes=shapes, optimize=True)
+    program.save(str(path))
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
@@ -202,15 +219,16 @@ def control_flow() -> onnx.ModelProto:
 
 
 TORCH_MODELS = {"bert_encoder": bert_encoder, "vit": vit, "mobilenet_v3": mobilenet_v3, "resnet": resnet}
+EXTRA = ["bert_encoder_dynamo", "control_flow"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=FIXTURES)
-    parser.add_argument("--only", nargs="*", choices=[*TORCH_MODELS, "control_flow"])
+    parser.add_argument("--only", nargs="*", choices=[*TORCH_MODELS, *EXTRA])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    wanted = args.only or [*TORCH_MODELS, "control_flow"]
+    wanted = args.only or [*TORCH_MODELS, *EXTRA]
     if "control_flow" in wanted:
         onnx.save(control_flow(), str(args.out / "control_flow.onnx"))
     for index, name in enumerate(n for n in TORCH_MODELS if n in wanted):
@@ -219,6 +237,10 @@ def main() -> None:
         model, inputs, input_names, output_names, axes = TORCH_MODELS[name]()
         _randomise_batchnorm(model, seed=index)
         _export(model, inputs, args.out / f"{name}.onnx", input_names, output_names, axes)
+    if "bert_encoder_dynamo" in wanted:
+        _torch().manual_seed(0)
+        model, inputs, input_names, output_names, axes = bert_encoder()
+        _export_dynamo(model, inputs, args.out / "bert_encoder_dynamo.onnx", input_names, output_names, axes)
     for path in sorted(args.out.glob("*.onnx")):
         print(f"{path.name:24s} {path.stat().st_size / 1e6:6.2f} MB")
 

@@ -175,6 +175,7 @@ def _bert_feeds() -> list[dict[str, np.ndarray]]:
 
 CASES = {c.name: c for c in [
     Case("bert_encoder", functools.partial(fixture_path, "bert_encoder"), _bert_feeds),
+    Case("bert_encoder_dynamo", functools.partial(fixture_path, "bert_encoder_dynamo"), _bert_feeds),
     Case("vit", functools.partial(fixture_path, "vit"), lambda: [image_feed(1, size=32, name="pixel_values")]),
     Case("mobilenet_v3", functools.partial(fixture_path, "mobilenet_v3"), _cnn_feeds),
     Case("resnet", functools.partial(fixture_path, "resnet"), _cnn_feeds),
