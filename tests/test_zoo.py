@@ -43,7 +43,8 @@ PROFILE_KNOWN_FAILURES: dict[str, str] = dict(KNOWN_FAILURES)
 
 
 # Profiling these takes under ~6 s each here; the CNNs take 10-130 s (every Conv signature is timed).
-QUICK_TO_PROFILE = {"bert_encoder", "bert_encoder_dynamo", "vit", "bert_dynamic_int8", "resnet_qoperator", "control_flow"}
+QUICK_TO_PROFILE = {"bert_encoder", "bert_encoder_dynamo", "bert_ort_optimized", "bert_dynamic_int8", "vit",
+                    "resnet_qoperator", "control_flow"}
 
 
 def _params(failures: dict[str, str], slow: frozenset[str] = frozenset()) -> list:

@@ -1,6 +1,6 @@
 """Real exported models (``tests/fixtures/``, made by ``scripts/make_fixtures.py``) and the variants
 users derive from them with onnxruntime's own tools: static QDQ and QOperator quantization, dynamic
-quantization, float16 conversion, external data.
+quantization, float16 conversion, external data, onnxruntime's offline optimization.
 
 Derived models take seconds to make: each is made once per process, in a temporary directory that
 is removed at exit. ``CASES`` names every model with the feeds to run it on and how its answers are
@@ -123,6 +123,18 @@ def external_data(base: str = "resnet") -> Path:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def ort_optimized(base: str) -> Path:
+    """The model as onnxruntime saves it optimized offline (``optimized_model_filepath``, extended
+    level): com.microsoft FusedConv, FusedMatMul, FusedGemm, BiasGelu in place of standard nodes."""
+    out = derived_dir() / f"{base}_ort_optimized.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(fixture_path(base)), options, providers=["CPUExecutionProvider"])
+    return out
+
+
 # -- judging answers
 
 def session(model: Path | str | bytes, level: str = "all") -> ort.InferenceSession:
@@ -187,6 +199,8 @@ CASES = {c.name: c for c in [
     Case("resnet_fp16", functools.partial(float16, "resnet", False), _fp16_feeds, "fp16"),
     Case("resnet_fp16_io32", functools.partial(float16, "resnet", True), _cnn_feeds, "fp16"),
     Case("resnet_external_data", external_data, _cnn_feeds),
+    Case("mobilenet_v3_ort_optimized", functools.partial(ort_optimized, "mobilenet_v3"), _cnn_feeds),
+    Case("bert_ort_optimized", functools.partial(ort_optimized, "bert_encoder"), _bert_feeds),
 ]}
 
 
