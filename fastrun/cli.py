@@ -10,8 +10,8 @@ from typing import Optional
 
 import click
 
-from . import __version__
-from .errors import FastrunError
+from fastrun._version import __version__
+from fastrun.errors import FastrunError
 
 log = logging.getLogger("fastrun")
 
@@ -37,8 +37,8 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _resolve_model(model: Optional[str], example: Optional[str]) -> str:
-    from .errors import ModelError
-    from .models import example_path
+    from fastrun.errors import ModelError
+    from fastrun.workflows.models import example_path
 
     if model and example:
         raise ModelError("give a MODEL path or --example, not both")
@@ -112,13 +112,13 @@ _shape_option = click.option("--shape", "shapes", multiple=True, metavar="NAME:D
 def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, json_path, report_path, no_measure, repeats,
             refresh) -> None:
     """Profile MODEL, store its plan, print what was chosen and what it gains."""
-    from . import api
+    from fastrun.workflows import profile as profiling
 
     path = _resolve_model(model, example)
     show, done = _progress_printer()
     results = []
     for shape_set in _shape_sets(shapes) or [None]:  # one plan per shape set
-        report = api.profile(path, shape_set, cache_dir=cache_dir, budget=budget, op_limit=op_limit,
+        report = profiling.profile(path, shape_set, cache_dir=cache_dir, budget=budget, op_limit=op_limit,
                              op_timeout=op_timeout, progress=show, measure=not no_measure, repeats=repeats,
                              refresh=refresh)
         done()
@@ -134,7 +134,7 @@ def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, jso
 
 
 def _write_report(data: dict, path: str) -> None:
-    from .report import render_html
+    from fastrun.workflows.report import render_html
 
     Path(path).write_text(render_html(data), encoding="utf-8")
     click.echo(f"wrote {path}")
@@ -147,7 +147,7 @@ def _write_report(data: dict, path: str) -> None:
 @_fail_cleanly
 def report_cmd(results, output) -> None:
     """Render the HTML report of a saved `fastrun profile --json` file (one per shape set it holds)."""
-    from .errors import FastrunError
+    from fastrun.errors import FastrunError
 
     try:
         data = json.loads(Path(results).read_text())
@@ -193,7 +193,7 @@ def _print_profile(d: dict) -> None:
         click.echo(f"end-to-end check: the heuristic assignment ran faster ({verified['heuristic_ms']:.2f} vs "
                    f"{verified['optimal_ms']:.2f} ms for the predicted optimum): kept it")
     elif verified.get("kept") == "onnxruntime":
-        from .api import VERIFY_BLOCKS, WHOLE_MODEL_MARGIN
+        from fastrun.workflows.verify import VERIFY_BLOCKS, WHOLE_MODEL_MARGIN
 
         click.echo(f"end-to-end check: no assignment beat the whole model on onnxruntime (ORT_ENABLE_ALL, "
                    f"{verified['onnxruntime_ms']:.2f} ms; the predicted optimum ran {verified['optimal_ms']:.2f} ms) by "
@@ -226,7 +226,7 @@ def _print_profile(d: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def impls(op_type, as_json) -> None:
     """List registered implementations and where each applies."""
-    from . import registry
+    from fastrun.ops import registry
 
     items = [i for i in registry.all_implementations() if op_type is None or i.op_type == op_type]
     if as_json:
@@ -245,7 +245,7 @@ def impls(op_type, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the fields as JSON.")
 def fingerprint(as_json) -> None:
     """Print this machine's hardware/software fingerprint."""
-    from . import fingerprint as fp
+    from fastrun.system import fingerprint as fp
 
     fields = fp.describe()
     if as_json:
@@ -259,7 +259,7 @@ def fingerprint(as_json) -> None:
 # ------------------------------------------------------------------ serving: warm-up, plans, cache
 
 def _shape_sets(shapes: tuple[str, ...]) -> list[dict[str, tuple[int, ...]]]:
-    from .warmup import shape_sets
+    from fastrun.workflows.warmup import shape_sets
 
     return shape_sets(shapes)
 
@@ -295,7 +295,7 @@ def warmup(paths, shapes, cache_dir, budget, op_limit, json_path) -> None:
     \b
         RUN fastrun warmup models/ --cache-dir /opt/fastrun
     """
-    from .warmup import warmup as run_warmup
+    from fastrun.workflows.warmup import warmup as run_warmup
 
     sets = _shape_sets(shapes)
     show, done = _progress_printer()
@@ -348,9 +348,10 @@ def _show_options(fn):
 
 
 def _show(model, example, shapes, fmt, cache_dir) -> None:
-    from . import cachetool, fingerprint as fp
-    from .cache import Caches
-    from .errors import FastrunError
+    from fastrun.workflows import cachetool
+    from fastrun.system import fingerprint as fp
+    from fastrun.store.cache import Caches
+    from fastrun.errors import FastrunError
 
     path = _resolve_model(model, example)
     caches = Caches(cache_dir, writable=False)
@@ -387,7 +388,7 @@ def _print_plan(plan, problem: str = "") -> None:
     if problem:
         click.echo(f"not served here: {problem}")
     if plan.whole_model:
-        from .api import WHOLE_MODEL_MARGIN
+        from fastrun.workflows.verify import WHOLE_MODEL_MARGIN
 
         click.echo(f"runs as one onnxruntime ORT_ENABLE_ALL session: no assignment beat it end to end by "
                    f"{WHOLE_MODEL_MARGIN:.0%}" if plan.policy != "heuristic" else
@@ -439,8 +440,8 @@ def cache_ls(cache_dir, as_json) -> None:
     """Plans and timing counts per fingerprint."""
     from dataclasses import asdict
 
-    from . import cachetool
-    from .cache import Caches
+    from fastrun.workflows import cachetool
+    from fastrun.store.cache import Caches
 
     caches = Caches(cache_dir, writable=False)
     try:
@@ -480,8 +481,8 @@ def cache_export(file, fingerprint_id, cache_dir) -> None:
     """Write the plans and timings of one fingerprint to a portable JSON bundle.
 
     Compiled programs stay out (binary, derived): run `fastrun warmup` where it is imported."""
-    from . import cachetool
-    from .cache import Caches
+    from fastrun.workflows import cachetool
+    from fastrun.store.cache import Caches
 
     caches = Caches(cache_dir, writable=False)
     try:
@@ -499,8 +500,9 @@ def cache_export(file, fingerprint_id, cache_dir) -> None:
 @_fail_cleanly
 def cache_import(file, force, cache_dir) -> None:
     """Store the entries of a bundle written by `fastrun cache export`."""
-    from . import cachetool, fingerprint as fp
-    from .cache import Caches
+    from fastrun.workflows import cachetool
+    from fastrun.system import fingerprint as fp
+    from fastrun.store.cache import Caches
 
     caches = Caches(cache_dir)
     try:
@@ -521,8 +523,8 @@ def cache_import(file, force, cache_dir) -> None:
 def cache_verify(models, fix, cache_dir) -> None:
     """Check every entry (schema, plan keys, versions, implementations); with MODELS (files or
     directories), plans of any other model count as stale. Exit status 1 if problems remain."""
-    from . import cachetool
-    from .cache import Caches
+    from fastrun.workflows import cachetool
+    from fastrun.store.cache import Caches
 
     caches = Caches(cache_dir, writable=fix)
     try:
@@ -545,8 +547,8 @@ def cache_verify(models, fix, cache_dir) -> None:
 @_fail_cleanly
 def cache_clear(fingerprint_id, cache_dir) -> None:
     """Delete cached plans, timings and compiled programs (all of them, or one fingerprint's)."""
-    from . import cachetool
-    from .cache import Caches
+    from fastrun.workflows import cachetool
+    from fastrun.store.cache import Caches
 
     caches = Caches(cache_dir)
     try:

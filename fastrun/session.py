@@ -22,11 +22,17 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import onnx
 
-from . import api, executor, fingerprint as fp, graph as graph_mod, planner
-from .cache import Caches
-from .errors import InputError, PlanNotFoundError
-from .graph import ModelSource
-from .plan import Plan
+from fastrun.workflows import lookup
+from fastrun.runtime import compiler
+from fastrun.runtime.program import Program, instantiate
+from fastrun.system import fingerprint as fp
+from fastrun.ir import graph as graph_mod
+from fastrun.ir import reader
+from fastrun.planning import planner
+from fastrun.store.cache import Caches
+from fastrun.errors import InputError, PlanNotFoundError
+from fastrun.ir.reader import ModelSource
+from fastrun.runtime.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,7 @@ class NodeArg:
 
 
 def _node_args(described: Sequence[list]) -> list[NodeArg]:
-    """NodeArgs of :func:`fastrun.graph.declared_interface`'s ``[name, dims, dtype]`` entries."""
+    """NodeArgs of :func:`fastrun.ir.reader.declared_interface`'s ``[name, dims, dtype]`` entries."""
     return [NodeArg(str(name), list(dims), _ONNX_TYPE_NAMES.get(dtype, f"tensor({dtype})"))
             for name, dims, dtype in described]
 
@@ -66,18 +72,18 @@ class InferenceSession:
         self._policy = policy or os.environ.get(ENV_POLICY) or "heuristic"
         if self._policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self._policy!r}")
-        # The model is parsed only when a plan must be compiled: a stored program (fastrun.programs)
+        # The model is parsed only when a plan must be compiled: a stored program (fastrun.store.programs)
         # needs its hash alone, and its declared inputs and outputs are stored with it.
         self._source = path_or_bytes
         self._data: Optional[bytes] = None
         self._model_proto = path_or_bytes if isinstance(path_or_bytes, onnx.ModelProto) else None
-        self._hash = graph_mod.source_hash(path_or_bytes)
+        self._hash = reader.source_hash(path_or_bytes)
         self._label = str(path_or_bytes) if isinstance(path_or_bytes, (str, os.PathLike)) else None
         self._op_limit = op_limit  # per-signature profiling time (policy="profile"); None: the default
         self._caches = Caches(cache_dir, writable=self._policy == "profile")
         self._fingerprint = fp.fingerprint()
         self._inputs, self._outputs = self._interface()
-        self._programs: dict[tuple, executor.Program] = {}
+        self._programs: dict[tuple, Program] = {}
         self.plans: dict[tuple, Plan] = {}
         self.profiled = 0  # how many times this session had to profile (policy="profile" only)
         self._warned = False
@@ -115,12 +121,12 @@ class InferenceSession:
 
     def _model(self) -> onnx.ModelProto:
         if self._model_proto is None:
-            self._model_proto = graph_mod.parse_model(self._bytes(), self._label or "the given bytes")
+            self._model_proto = reader.parse_model(self._bytes(), self._label or "the given bytes")
         return self._model_proto
 
     def _bytes(self) -> bytes:
         if self._data is None:
-            self._data = graph_mod.read_bytes(self._source)
+            self._data = reader.read_bytes(self._source)
         return self._data
 
     def _interface(self) -> tuple[list[NodeArg], list[NodeArg]]:
@@ -130,10 +136,10 @@ class InferenceSession:
                 return _node_args(stored["inputs"]), _node_args(stored["outputs"])
             except (TypeError, ValueError) as exc:
                 log.warning("ignoring the stored interface of %s: %s", self._label or "the model", exc)
-        declared = graph_mod.declared_interface(self._model())
+        declared = reader.declared_interface(self._model())
         return _node_args(declared["inputs"]), _node_args(declared["outputs"])
 
-    def _prepare(self, shapes: Mapping[str, Sequence[int]]) -> executor.Program:
+    def _prepare(self, shapes: Mapping[str, Sequence[int]]) -> Program:
         shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
         program, plan = self._stored_program(shapes)
         if program is None:
@@ -142,34 +148,34 @@ class InferenceSession:
         self._programs[key], self.plans[key] = program, plan
         return program
 
-    def _stored_program(self, shapes: dict) -> tuple[Optional[executor.Program], Optional[Plan]]:
+    def _stored_program(self, shapes: dict) -> tuple[Optional[Program], Optional[Plan]]:
         """The cached plan's stored program: no model parsing, no compiling."""
-        plan = api.stored_plan(self._caches, self._fingerprint, self._hash, shapes, self._label or "the model")
+        plan = lookup.stored_plan(self._caches, self._fingerprint, self._hash, shapes, self._label or "the model")
         recipe = self._caches.programs.load(plan) if plan is not None else None
         if recipe is None:
             return None, None
         try:
-            return executor.instantiate(recipe), plan
+            return instantiate(recipe), plan
         except Exception as exc:  # stored data is foreign data: compile from the model instead
             log.warning("ignoring the stored program of %s: %s", self._label or plan.model_name, exc)
             return None, None
 
-    def _compiled_program(self, shapes: dict) -> tuple[executor.Program, Plan]:
-        graph = graph_mod.from_proto(self._model(), self._bytes(), shapes)
-        plan = api.find_plan(self._caches, self._fingerprint, graph)
+    def _compiled_program(self, shapes: dict) -> tuple[Program, Plan]:
+        graph = reader.from_proto(self._model(), self._bytes(), shapes)
+        plan = lookup.find_plan(self._caches, self._fingerprint, graph)
         if plan is not None:
             try:
-                recipe = executor.build_recipe(graph, plan)
-                program = executor.instantiate(recipe)
+                recipe = compiler.build_recipe(graph, plan)
+                program = instantiate(recipe)
             except Exception as exc:  # a cached plan is foreign data: never fail serving because of it
                 log.warning("ignoring the cached plan for %s: it does not compile (%s)", graph.name, exc)
                 plan = None
         if plan is None:
             plan = self._no_plan(graph, shapes)
-            recipe = executor.build_recipe(graph, plan)
-            program = executor.instantiate(recipe)
+            recipe = compiler.build_recipe(graph, plan)
+            program = instantiate(recipe)
         if plan.policy != "heuristic":  # only policy="profile" opens the cache writable
-            self._caches.programs.save(plan, recipe, graph_mod.declared_interface(self._model()))
+            self._caches.programs.save(plan, recipe, reader.declared_interface(self._model()))
         return program, plan
 
     def _no_plan(self, graph: graph_mod.Graph, shapes: dict) -> Plan:
@@ -182,12 +188,12 @@ class InferenceSession:
                 f"`fastrun profile` first")
         if self._policy == "profile":
             log.info("no cached plan for %s (%s): profiling now", graph.name, described)
-            from .profiler import Profiler
+            from fastrun.measure.profiler import Profiler
 
             limit = {"op_limit_s": self._op_limit} if self._op_limit else {}
             profiler = Profiler(self._caches, self._fingerprint, **limit)
             plan = planner.make_plan(graph, self._fingerprint, profiler)
-            api.store_plan(self._caches, plan)
+            lookup.store_plan(self._caches, plan)
             self.profiled += 1
             return plan
         if not self._warned:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end benchmark: onnxruntime vs fastrun, interleaved in one process (lower quartiles of interleaved samples: fastrun.benchmark).
+"""End-to-end benchmark: onnxruntime vs fastrun, interleaved in one process (lower quartiles of interleaved samples: fastrun.measure.timing).
 
 For each model and batch size it runs, round-robin so machine noise hits all alike:
   ort_all       onnxruntime ORT_ENABLE_ALL        (the baseline ratios are quoted against)
@@ -7,9 +7,9 @@ For each model and batch size it runs, round-robin so machine noise hits all ali
   heuristic     fastrun, heuristic plan (no profiling)
   profiled      fastrun, profiled plan (profiles first if the cache has no plan)
 The "kernel ceiling" column is onnxruntime's fastest kernels over the fastest candidates, summed
-over the plan's profiled nodes (fastrun.api.kernel_ceiling): the most per-operator selection can
+over the plan's profiled nodes (fastrun.workflows.profile.kernel_ceiling): the most per-operator selection can
 gain on that model, before reorders and split sessions.
-Every session spins during ``run`` and stops when it returns (fastrun.ortutil; with onnxruntime's
+Every session spins during ``run`` and stops when it returns (fastrun.system.ortutil; with onnxruntime's
 default spinning after ``run`` too, sessions interleaved in one process spin against each other);
 a lone default onnxruntime session is timed once per model to check that the baseline is not
 handicapped by that setting.
@@ -27,9 +27,16 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from fastrun import api, benchmark, costmodel, executor, fingerprint, graph as G, models, ortutil, planner
-from fastrun.cache import Caches
-from fastrun.graph import spec_for_node
+from fastrun.workflows import lookup, verify, models
+from fastrun.workflows import profile as profiling
+from fastrun.measure import timing as benchmark
+from fastrun.planning import costmodel, planner
+from fastrun.runtime import compiler
+from fastrun.system import fingerprint, ortutil
+from fastrun.ir import graph as G
+from fastrun.ir import reader
+from fastrun.store.cache import Caches
+from fastrun.ir.graph import spec_for_node
 
 log = logging.getLogger("bench")
 
@@ -41,24 +48,24 @@ def direct_gflop(graph: G.Graph) -> float:
 def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: float) -> dict:
     model = models.randomized(models.example_path(name), seed=0, batch=batch if batch != 1 else None)
     data = model.SerializeToString()
-    graph = G.from_proto(model, data)
+    graph = reader.from_proto(model, data)
     fp = fingerprint.fingerprint()
     caches = Caches(cache_dir)
     t0 = time.perf_counter()
-    plan = api.find_plan(caches, fp, graph)
+    plan = lookup.find_plan(caches, fp, graph)
     if plan is None:
         log.info("%s b%d: profiling", name, batch)
-        plan = api.profile(data, cache_dir=cache_dir, op_limit=op_limit, measure=False).plan
+        plan = profiling.profile(data, cache_dir=cache_dir, op_limit=op_limit, measure=False).plan
     profile_s = time.perf_counter() - t0
-    profiled = executor.compile_plan(graph, plan)
+    profiled = compiler.compile_plan(graph, plan)
     heuristic_plan = planner.heuristic_plan(graph, fp)
-    heuristic = executor.compile_plan(graph, heuristic_plan)
+    heuristic = compiler.compile_plan(graph, heuristic_plan)
     ort_all = ortutil.session(data, level="all")
     ort_ext = ortutil.session(data, level="extended")
-    feed = api.random_feed(graph)
+    feed = verify.random_feed(graph)
     names = list(profiled.outputs)
     ref = ort_all.run(names, feed)
-    errors = {k: api.relative_error([p.run(feed)[n] for n in names], ref) for k, p in
+    errors = {k: verify.relative_error([p.run(feed)[n] for n in names], ref) for k, p in
               (("heuristic", heuristic), ("profiled", profiled))}
     times = benchmark.interleaved({
         "ort_all": lambda: ort_all.run(names, feed),
@@ -78,7 +85,7 @@ def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: f
         "heuristic_ratio": times["ort_all"] / times["heuristic"],
         "heuristic_over_profiled": times["heuristic"] / times["profiled"],
         "same_assignment": heuristic_plan.assignment() == plan.assignment(),  # then the ratio is noise
-        "predicted_ms": plan.predicted_ms, "gflop": gflop, "kernel_ceiling_ms": api.kernel_ceiling(plan),
+        "predicted_ms": plan.predicted_ms, "gflop": gflop, "kernel_ceiling_ms": profiling.kernel_ceiling(plan),
         "profiled_gflops": gflop / times["profiled"] * 1e3, "ort_gflops": gflop / times["ort_all"] * 1e3,
         "max_error": errors, "segments": profiled.segments, "host_steps": profiled.host_steps,
         "reorders": profiled.reorders, "profile_s": profile_s, "plan_policy": plan.policy,
@@ -122,7 +129,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _ceiling(row: dict) -> str:
-    """onnxruntime's fastest kernels over the fastest candidates, summed per node (api.kernel_ceiling)."""
+    """onnxruntime's fastest kernels over the fastest candidates, summed per node (profiling.kernel_ceiling)."""
     ceiling = row.get("kernel_ceiling_ms")
     return f"{ceiling[1] / ceiling[0]:.2f}" if ceiling else "-"
 

@@ -21,8 +21,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 
 import numpy as np  # noqa: E402
 
-from fastrun import formats, kernels, registry  # noqa: E402
-from fastrun.registry import OpSpec, resolve_format  # noqa: E402
+from fastrun.ops import formats, kernels, registry  # noqa: E402
+from fastrun.ops.registry import OpSpec, resolve_format  # noqa: E402
 
 
 def _attrs(d: dict) -> tuple:

@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
-from fastrun import formats, kernels, layout_ops, registry
-from fastrun.impls import nchwc  # noqa: F401  (registers the nchwc implementations)
-from fastrun.registry import OpSpec, resolve_format
+from fastrun.ops import formats, kernels, layout_ops, registry
+from fastrun.ops.builtin import nchwc  # noqa: F401  (registers the nchwc implementations)
+from fastrun.ops.registry import OpSpec, resolve_format
 
 
 def conv_spec(n, c, hw, k, r, stride=1, group=1, act="Relu"):

@@ -20,9 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fastrun.search import (  # noqa: E402
-    Choice, SearchNode, SearchProblem, evaluate, greedy, restricted, solve,
-)
+from fastrun.planning.search import Choice, SearchNode, SearchProblem, evaluate, greedy, restricted, solve
 
 NCHW, NHWC, NCHWC = "NCHW", "NHWC", "NCHWc8"
 FORMATS = (NCHW, NHWC, NCHWC)

@@ -2,7 +2,7 @@
 """Start-up cost: ``fastrun.InferenceSession`` with a cached plan next to ``onnxruntime.InferenceSession``.
 
 For each light model (the architectures shipped in the ``onnx`` wheel) it makes sure a plan and
-its compiled program are cached (``fastrun.warmup.warmup``, small per-op limit and a per-model
+its compiled program are cached (``fastrun.workflows.warmup.warmup``, small per-op limit and a per-model
 budget: a partial plan is a real plan), then creates the sessions round-robin from the model file
 and reports medians and ratios. ``fastrun`` is what serving does (the stored program);
 ``compiled`` ignores the stored program and loads the graph and compiles the plan, as serving
@@ -30,10 +30,13 @@ import onnx
 import onnxruntime as ort
 
 import fastrun
-from fastrun import api, executor, fingerprint, graph as G, models
-from fastrun.cache import Caches
-from fastrun.programs import ProgramStore
-from fastrun.warmup import warmup
+from fastrun.workflows import lookup, models
+from fastrun.runtime.program import instantiate
+from fastrun.system import fingerprint
+from fastrun.ir import reader
+from fastrun.store.cache import Caches
+from fastrun.store.programs import ProgramStore
+from fastrun.workflows.warmup import warmup
 
 log = logging.getLogger("bench_startup")
 
@@ -41,16 +44,16 @@ log = logging.getLogger("bench_startup")
 def stages(path: Path, cache_dir: str) -> dict[str, float]:
     """fastrun's start-up split as ``InferenceSession`` does it with a stored program (ms)."""
     t0 = time.perf_counter()
-    model_hash = G.model_hash(G.read_bytes(path))
+    model_hash = reader.model_hash(reader.read_bytes(path))
     t1 = time.perf_counter()
     caches = Caches(cache_dir, writable=False)
     here = fingerprint.fingerprint()
     interface = caches.programs.interface(here, model_hash)
     shapes = {name: dims for name, dims, _ in interface["inputs"]}
-    plan = api.stored_plan(caches, here, model_hash, shapes)
+    plan = lookup.stored_plan(caches, here, model_hash, shapes)
     recipe = caches.programs.load(plan)
     t2 = time.perf_counter()
-    executor.instantiate(recipe)
+    instantiate(recipe)
     t3 = time.perf_counter()
     caches.close()
     return {"hash_ms": (t1 - t0) * 1e3, "lookup_ms": (t2 - t1) * 1e3, "sessions_ms": (t3 - t2) * 1e3}

@@ -21,9 +21,14 @@ import time
 
 import numpy as np
 
-from fastrun import api, executor, fingerprint, graph as G, models, planner
-from fastrun.cache import Caches
-from fastrun.profiler import Profiler
+from fastrun.workflows import lookup, verify, models
+from fastrun.runtime import compiler
+from fastrun.runtime.program import HostCall
+from fastrun.system import fingerprint
+from fastrun.ir import reader
+from fastrun.planning import planner
+from fastrun.store.cache import Caches
+from fastrun.measure.profiler import Profiler
 
 
 def timed(part, values: dict) -> tuple[float, float]:
@@ -34,14 +39,14 @@ def timed(part, values: dict) -> tuple[float, float]:
 
 
 def describe(part) -> str:
-    if isinstance(part, executor.HostCall):
+    if isinstance(part, HostCall):
         return f"host -> {part.output}"
     return f"segment of {part.steps} steps -> {', '.join(part.outputs[:2])}{' ...' if len(part.outputs) > 2 else ''}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="example model name (fastrun.models.EXAMPLES) or path to an .onnx file")
+    ap.add_argument("model", help="example model name (fastrun.workflows.models.EXAMPLES) or path to an .onnx file")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--repeats", type=int, default=12)
@@ -50,14 +55,14 @@ def main() -> None:
 
     path = models.example_path(args.model) if args.model in models.EXAMPLES else args.model
     model = models.randomized(path, seed=0, batch=args.batch if args.batch != 1 else None)
-    graph = G.from_proto(model, model.SerializeToString())
+    graph = reader.from_proto(model, model.SerializeToString())
     fp = fingerprint.fingerprint()
     caches = Caches(args.cache_dir)
-    plan = None if args.optimum else api.find_plan(caches, fp, graph)
+    plan = None if args.optimum else lookup.find_plan(caches, fp, graph)
     if plan is None:
         plan = planner.make_plan(graph, fp, Profiler(caches, fp))
-    program = executor.compile_plan(graph, plan)
-    feed = api.random_feed(graph)
+    program = compiler.compile_plan(graph, plan)
+    feed = verify.random_feed(graph)
 
     samples: list[list[tuple[float, float]]] = [[] for _ in program.program]
     chain_inputs: list[dict] = []
@@ -78,7 +83,7 @@ def main() -> None:
     for i, part in enumerate(program.program):
         wall, cpu = np.median(np.array(samples[i]), axis=0)
         line = f"{wall * 1e3:9.2f} {cpu / wall:5.2f}"
-        if isinstance(part, executor.HostCall):
+        if isinstance(part, HostCall):
             alone = []
             for _ in range(max(3, args.repeats // 2)):
                 alone.append(timed(part, dict(chain_inputs[i])))

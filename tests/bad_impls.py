@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from fastrun import kernels, registry
-from fastrun.registry import OpSpec, implementation
+from fastrun.ops import kernels, registry
+from fastrun.ops.registry import OpSpec, implementation
 
 C_IN = 5
 ENV_LOG = "FASTRUN_TEST_LOG"      # file each build appends "name spec pid" to

@@ -3,7 +3,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from fastrun import models
+from fastrun.workflows import models
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ import sys
 
 import pytest
 
-from fastrun import blas, ortutil
+from fastrun.system import blas, ortutil
 
 PROBE = """
 import ctypes, sys
 {first}
-from fastrun import blas, ortutil
+from fastrun.system import blas, ortutil
 libs = blas._loaded_openblas()
 print(",".join(str(ctypes.CDLL(p).openblas_thread_timeout()) for p in libs) or "none")
 """
@@ -41,7 +41,7 @@ IDLE_PROBE = """
 import time
 import numpy as np
 from onnx import helper
-from fastrun import ortutil
+from fastrun.system import ortutil
 shape = [1, 64, 56, 56]
 nodes = [helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Sigmoid", ["t"], ["y"])]
 model = ortutil.make_model(nodes, [ortutil.value_info("x", shape)], [ortutil.value_info("y", shape)])

@@ -39,10 +39,10 @@ def test_profile_prints_table_and_writes_json(tmp_path, tiny_model):
 def test_profile_says_when_the_plan_is_onnxruntimes_own_session(tmp_path, tiny_model, monkeypatch,
                                                                onnxruntime_ms, whole):
     """A whole-model plan timed against onnxruntime is one session against itself: its ratio is noise."""
-    from fastrun import api
+    from fastrun.workflows import verify
 
-    monkeypatch.setattr(api, "_race_blocks", lambda graph, programs, repeats: [
-        {"optimal": 10.0, "heuristic": 10.0, "onnxruntime": onnxruntime_ms}] * api.VERIFY_BLOCKS)
+    monkeypatch.setattr(verify, "_race_blocks", lambda graph, programs, repeats: [
+        {"optimal": 10.0, "heuristic": 10.0, "onnxruntime": onnxruntime_ms}] * verify.VERIFY_BLOCKS)
     out = tmp_path / "r.json"
     res = run("profile", tiny_model, "--cache-dir", str(tmp_path / "c"), "--op-limit", "0.05", "--repeats", "2",
               "--json", str(out))

@@ -13,9 +13,12 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from fastrun import api, executor, graph as G, models, planner
+from fastrun.workflows import models, verify
+from fastrun.runtime import compiler
+from fastrun.ir import reader
+from fastrun.planning import planner
 from fastrun.errors import InputError, ModelError
-from fastrun.fingerprint import fingerprint
+from fastrun.system.fingerprint import fingerprint
 
 PER_KIND = 15
 
@@ -126,18 +129,18 @@ KINDS = ("bitflip", "truncate", "bytes", "shuffle", "drop", "dup", "rewire", "cy
 def check(data: bytes, fp: str) -> tuple[str, str]:
     """("refused", message) or ("ran", "") - anything else raises (or returns "wrong")."""
     try:
-        graph = G.load(data)
+        graph = reader.load(data)
     except (ModelError, InputError) as exc:
         message = str(exc)
         assert message and "\n" not in message and "Traceback" not in message
         return "refused", message
-    program = executor.compile_plan(graph, planner.make_plan(graph, fp, None))
-    feed = api.random_feed(graph)
+    program = compiler.compile_plan(graph, planner.make_plan(graph, fp, None))
+    feed = verify.random_feed(graph)
     ours = program.run(feed)
     names = list(program.outputs)
     ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(names, feed)
-    err = api.relative_error([ours[n] for n in names], ref)
-    return ("ran", "") if err < api.MODEL_TOLERANCE else ("wrong", f"relative error {err:.1e}")
+    err = verify.relative_error([ours[n] for n in names], ref)
+    return ("ran", "") if err < verify.MODEL_TOLERANCE else ("wrong", f"relative error {err:.1e}")
 
 
 def test_fuzzed_models_give_clean_errors_or_correct_runs():

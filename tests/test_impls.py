@@ -20,8 +20,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from fastrun import formats, kernels, registry
-from fastrun.registry import OpSpec, resolve_format
+from fastrun.ops import formats, kernels, registry
+from fastrun.ops.registry import OpSpec, resolve_format
 
 # --------------------------------------------------------------------------------- spec builders
 
@@ -214,7 +214,7 @@ def test_winograd_chunking(fmt, spec_name, m, chunk_bytes, min_columns, monkeypa
     """Both transform engines (numpy: NCHW; compiled: NHWC and NCHWc), every chunking of the
     transforms and of the product (compiled: chunks of 1 to 13 tiles, some ending inside an
     image, or all tiles at once): one answer."""
-    from fastrun.impls import winograd
+    from fastrun.ops.builtin import winograd
 
     if fmt != formats.NCHW and winograd.compiled is None:
         pytest.skip("numba is not installed")
@@ -242,8 +242,8 @@ def test_fused_winograd_chunking(fmt, spec_name, m, chunk_tiles, monkeypatch):
     """The fused engine (each thread: transform, product, transform back, chunk by chunk): chunks
     of 1, 7 or 64 tiles, split between the threads, some ending inside an image: one answer, and
     BLAS back at its thread count afterwards."""
-    from fastrun import blas
-    from fastrun.impls import winograd
+    from fastrun.system import blas
+    from fastrun.ops.builtin import winograd
 
     if winograd.compiled is None:
         pytest.skip("numba is not installed")
@@ -260,7 +260,7 @@ def test_fused_winograd_chunking(fmt, spec_name, m, chunk_tiles, monkeypatch):
 
 def test_fused_winograd_chunks_are_balanced_between_threads():
     """Every thread gets as many chunks, none over FUSED_CHUNK_TILES, together covering the tiles."""
-    from fastrun.impls import winograd
+    from fastrun.ops.builtin import winograd
 
     for tiles in (1, 7, 100, 196, 257, 3136):
         for parts in (1, 2, 3):
@@ -273,7 +273,7 @@ def test_fused_winograd_chunks_are_balanced_between_threads():
 
 
 def test_fused_winograd_is_a_candidate_for_small_filters_only():
-    from fastrun.impls import winograd
+    from fastrun.ops.builtin import winograd
 
     if winograd.compiled is None:
         pytest.skip("numba is not installed")
@@ -287,8 +287,8 @@ def test_fused_winograd_is_a_candidate_for_small_filters_only():
 def test_written_out_winograd_transforms_match_the_matrices(m):
     """winograd_transforms writes out B^T and A^T of F(4,3) and F(6,3): the same as
     winograd_matrices (which the filter transform uses), for every row."""
-    transforms = pytest.importorskip("fastrun.impls.winograd_transforms")
-    from fastrun.impls.winograd import winograd_matrices
+    transforms = pytest.importorskip("fastrun.ops.builtin.winograd_transforms")
+    from fastrun.ops.builtin.winograd import winograd_matrices
 
     at, _, bt = winograd_matrices(m)
     bt_pass, at_pass = (transforms._bt4, transforms._at4) if m == 4 else (transforms._bt6, transforms._at6)
@@ -300,7 +300,7 @@ def test_written_out_winograd_transforms_match_the_matrices(m):
 
 
 def test_winograd_matrices_exact():
-    from fastrun.impls.winograd import winograd_matrices
+    from fastrun.ops.builtin.winograd import winograd_matrices
 
     for m in (2, 4, 6):
         at, g, bt = winograd_matrices(m)
@@ -311,7 +311,7 @@ def test_winograd_matrices_exact():
 
 
 def test_fft_good_size():
-    from fastrun.impls.fft import good_size
+    from fastrun.ops.builtin.fft import good_size
 
     for n in range(1, 300):
         v = good_size(n)
@@ -372,9 +372,10 @@ def _load_layer(case: str):
     x = numpy_helper.to_array(onnx.load_tensor(os.path.join(d, "test_data_set_0", "input_0.pb")))
     expected = numpy_helper.to_array(onnx.load_tensor(os.path.join(d, "test_data_set_0", "output_0.pb")))
     try:  # the graph module (when it handles this model) is the source of truth for specs
-        from fastrun import graph as fgraph
+        from fastrun.ir import graph as fgraph
+        from fastrun.ir import reader
 
-        g = fgraph.load(os.path.join(d, "model.onnx"))
+        g = reader.load(os.path.join(d, "model.onnx"))
         heavy = [n for n in g.nodes if n.op_type in ("Conv", "Gemm", "MatMul")]
         if len(g.nodes) == 1 and len(heavy) == 1:
             return fgraph.spec_for_node(heavy[0], g), fgraph.const_inputs(heavy[0], g), [x], expected
@@ -425,9 +426,9 @@ def test_pytorch_converted_layer(case, impl):
 @pytest.mark.parametrize("shape", [(1, 32, 14, 14, 64, 1), (2, 16, 9, 7, 24, 3)], ids=["1x1", "3x3"])
 def test_residual_sum_implementations(act, shape):
     """Implementations declaring sum_input add input 3 (in the output's format) before the activation."""
-    from fastrun import formats, registry
-    from fastrun.kernels import build_callable, random_inputs, reference_callable
-    from fastrun.registry import OpSpec
+    from fastrun.ops import formats, registry
+    from fastrun.ops.kernels import build_callable, random_inputs, reference_callable
+    from fastrun.ops.registry import OpSpec
 
     n, c, h, w, k, r = shape
     p = r // 2
@@ -447,7 +448,7 @@ def test_residual_sum_implementations(act, shape):
 
 @pytest.mark.parametrize("shape", [(7, 3), (300, 4000), (4000, 300), (1100, 1100)])
 def test_tiled_transpose_matches_numpy(shape):
-    from fastrun.impls.common import transposed
+    from fastrun.ops.builtin.common import transposed
 
     x = np.random.default_rng(0).standard_normal(shape)
     y = transposed(x)
@@ -457,7 +458,7 @@ def test_tiled_transpose_matches_numpy(shape):
 
 _PIN_PROBE = """
 import os, numpy as np
-from fastrun.impls import winograd_transforms as w
+from fastrun.ops.builtin import winograd_transforms as w
 x = np.zeros(1, np.float32); v = np.empty((1, 36, 1), np.float32)
 with w.LOCK:
     parts = w.threads()  # what each compiled kernel calls first
@@ -473,7 +474,7 @@ print("main", sorted(os.sched_getaffinity(0)))
 def test_numba_workers_are_pinned_one_per_core(pin):
     """The compiled kernels pin numba's workers to distinct cores (FASTRUN_PIN_THREADS=0: left
     alone); the calling thread keeps every core."""
-    pytest.importorskip("fastrun.impls.winograd_transforms")
+    pytest.importorskip("fastrun.ops.builtin.winograd_transforms")
     import subprocess
     import sys
 

@@ -18,8 +18,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 import fastrun
-from fastrun import isolation, profiler
-from fastrun.cache import Caches
+from fastrun.measure import isolation, profiler
+from fastrun.store.cache import Caches
 from fastrun.cli import main
 from tests import bad_impls
 from tests.bad_impls import impl_id
@@ -156,7 +156,7 @@ EXPECTED = {
 def test_profile_survives_bad_candidates_chooses_none_and_records_why(cache_dir):
     with bad_impls.registered(*ALL_BAD):
         report = fastrun.profile(bad_model(), cache_dir=cache_dir, op_limit=0.2, op_timeout=1.0, repeats=2)
-        assert report.max_error < fastrun.api.MODEL_TOLERANCE
+        assert report.max_error < fastrun.workflows.verify.MODEL_TOLERANCE
         conv1 = report.plan.node("conv1")
         assert not conv1.impl.startswith("test_")
         for name, why in EXPECTED.items():
@@ -179,9 +179,9 @@ def test_profile_survives_bad_candidates_chooses_none_and_records_why(cache_dir)
 
 def test_isolated_and_in_process_measure_the_same_data():
     """Seeded per signature: a worker, a restarted worker and this process see the same inputs."""
-    from fastrun import registry
+    from fastrun.ops import registry
 
-    spec = fastrun.graph.spec_for_node(*_first_conv(bad_model()))
+    spec = fastrun.ir.graph.spec_for_node(*_first_conv(bad_model()))
     with bad_impls.registered("wrong", "hides_nan", "segv"):
         impls = registry.candidates(spec)
         safe = [i for i in impls if i.id != impl_id("segv")]
@@ -195,15 +195,15 @@ def test_isolated_and_in_process_measure_the_same_data():
 
 
 def _first_conv(model_bytes):
-    g = fastrun.graph.load(model_bytes)
+    g = fastrun.ir.reader.load(model_bytes)
     return next(n for n in g.nodes if n.op_type == "Conv"), g
 
 
 def test_cached_timeout_is_retried_only_with_a_longer_op_timeout(cache_dir):
-    from fastrun import registry
+    from fastrun.ops import registry
 
     node, g = _first_conv(bad_model())
-    spec = fastrun.graph.spec_for_node(node, g)
+    spec = fastrun.ir.graph.spec_for_node(node, g)
     with bad_impls.registered("hang"):
         impl = registry.get("Conv", "test_hang")
         caches = Caches(cache_dir)

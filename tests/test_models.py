@@ -7,7 +7,11 @@ import onnxruntime as ort
 import pytest
 
 import fastrun
-from fastrun import api, executor, fingerprint, graph as G, models, planner
+from fastrun.workflows import models, verify
+from fastrun.runtime import compiler
+from fastrun.system import fingerprint
+from fastrun.ir import reader
+from fastrun.planning import planner
 
 
 def _model(name):
@@ -15,28 +19,28 @@ def _model(name):
 
 
 def _check(program, data, graph):
-    feed = api.random_feed(graph, seed=7)
+    feed = verify.random_feed(graph, seed=7)
     names = list(program.outputs)
     ours = program.run(feed)
     ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(names, feed)
-    err = api.relative_error([ours[n] for n in names], ref)
-    assert err < api.MODEL_TOLERANCE, err
+    err = verify.relative_error([ours[n] for n in names], ref)
+    assert err < verify.MODEL_TOLERANCE, err
 
 
 @pytest.mark.parametrize("name", models.EXAMPLES)
 def test_heuristic_plan_matches_onnxruntime(name):
     data = _model(name)
-    graph = G.load(data)
+    graph = reader.load(data)
     plan = planner.make_plan(graph, fingerprint.fingerprint())
-    _check(executor.compile_plan(graph, plan), data, graph)
+    _check(compiler.compile_plan(graph, plan), data, graph)
 
 
 def test_heuristic_runs_depthwise_convolutions_blocked():
     """The traffic rule for depthwise convs: ShuffleNet's go to the blocked kernel, reorders and all."""
-    from fastrun import formats
-    from fastrun.impls.common import is_depthwise
+    from fastrun.ops import formats
+    from fastrun.ops.builtin.common import is_depthwise
 
-    graph = G.load(_model("shufflenet"))
+    graph = reader.load(_model("shufflenet"))
     plan = planner.make_plan(graph, fingerprint.fingerprint())
     depthwise = [n for n in planner.heavy_nodes(graph) if is_depthwise(n.spec)]
     assert depthwise
@@ -52,8 +56,8 @@ def test_heuristic_runs_depthwise_convolutions_blocked():
 def test_profiled_plan_matches_onnxruntime(name, tmp_path):
     data = _model(name)
     report = fastrun.profile(data, cache_dir=str(tmp_path), op_limit=0.3, repeats=2)
-    assert report.max_error < api.MODEL_TOLERANCE
+    assert report.max_error < verify.MODEL_TOLERANCE
     assert report.plan.policy == "profiled"
     sess = fastrun.InferenceSession(data, cache_dir=str(tmp_path))
-    graph = G.load(data)
+    graph = reader.load(data)
     _check(sess._programs[next(iter(sess._programs))], data, graph)

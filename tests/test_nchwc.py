@@ -14,10 +14,11 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from fastrun import formats, kernels, layout_ops, ortutil, registry
-from fastrun.graph import Graph, Node, TensorInfo
-from fastrun.impls import nchwc
-from fastrun.registry import OpSpec, resolve_format
+from fastrun.ops import formats, kernels, layout_ops, registry
+from fastrun.system import ortutil
+from fastrun.ir.graph import Graph, Node, TensorInfo
+from fastrun.ops.builtin import nchwc
+from fastrun.ops.registry import OpSpec, resolve_format
 
 B = formats.native_block_size()
 BLOCKED = formats.blocked(B) if B else None

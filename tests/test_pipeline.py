@@ -11,9 +11,14 @@ import onnxruntime as ort
 import pytest
 
 import fastrun
-from fastrun import api, profiler
-from fastrun.cache import Caches
+from fastrun.workflows import verify
+from fastrun.measure import timing
+from fastrun.measure import profiler
+from fastrun.store.cache import Caches
 from fastrun.errors import InputError
+from fastrun.runtime import compiler
+from fastrun.runtime.program import HostCall, Program, Segment
+from fastrun.runtime.recipe import WHOLE_MODEL_LEVEL, HostRecipe
 from tests.conftest import tiny_conv_model
 
 
@@ -24,7 +29,7 @@ def _reference(model_bytes, feed):
 def test_profile_stores_plan_and_second_run_profiles_nothing(cache_dir, squeezenet_bytes):
     first = fastrun.profile(squeezenet_bytes, cache_dir=cache_dir, op_limit=0.2, repeats=2)
     assert first.stats.measured > 0 and first.stats.specs_measured == 18
-    assert first.max_error < api.MODEL_TOLERANCE
+    assert first.max_error < verify.MODEL_TOLERANCE
     assert first.plan.policy == "profiled" and first.plan.solver["status"] == "optimal"
     heavy = [n for n in first.plan.nodes if n.spec]
     assert all(n.source == "profiled" and n.time_ms > 0 for n in heavy)
@@ -62,7 +67,7 @@ def test_session_serves_the_cached_plan_and_never_profiles(cache_dir, squeezenet
     feed = {"data_0": np.random.default_rng(3).standard_normal((1, 3, 224, 224)).astype(np.float32)}
     out = sess.run(None, feed)
     ref = _reference(squeezenet_bytes, feed)
-    assert api.relative_error(out, ref) < api.MODEL_TOLERANCE
+    assert verify.relative_error(out, ref) < verify.MODEL_TOLERANCE
     assert sess.profiled == 0
 
 
@@ -177,47 +182,50 @@ def test_budget_zero_profiles_nothing_and_falls_back(cache_dir, tiny_model):
 
 
 def test_thread_counts_worth_timing():
-    assert api.thread_counts(4) == [4, 2, 1]
-    assert api.thread_counts(2) == [2, 1]
-    assert api.thread_counts(1) == [1]
+    assert verify.thread_counts(4) == [4, 2, 1]
+    assert verify.thread_counts(2) == [2, 1]
+    assert verify.thread_counts(1) == [1]
 
 
 def test_profile_measures_the_thread_count_and_the_plan_keeps_it(cache_dir, tiny_model, monkeypatch):
     monkeypatch.setenv("FASTRUN_THREADS", "2")
-    real = api.benchmark.interleaved
+    real = timing.interleaved
 
     def one_thread_wins(runners, **kw):
         times = real(runners, **kw)
         return {k: (0.5 if k == "1" else 1.0) * v for k, v in times.items()} if set(runners) == {"1", "2"} else times
 
-    monkeypatch.setattr(api.benchmark, "interleaved", one_thread_wins)
+    monkeypatch.setattr(timing, "interleaved", one_thread_wins)
     report = fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=0.05, repeats=2)
     assert report.plan.threads == 1
     assert set(report.plan.solver["threads"]["ms"]) == {"1", "2"}
     session = fastrun.InferenceSession(tiny_model, cache_dir=cache_dir, policy="require")
     plan = next(iter(session.plans.values()))
     assert plan.threads == 1
-    segments = [p for p in next(iter(session._programs.values())).program if isinstance(p, api.executor.Segment)]
+    segments = [p for p in next(iter(session._programs.values())).program if isinstance(p, Segment)]
     assert segments and all(s.session.get_session_options().intra_op_num_threads == 1 for s in segments)
 
 
 def test_all_threads_are_kept_unless_fewer_win_clearly(cache_dir, tiny_model, monkeypatch):
     monkeypatch.setenv("FASTRUN_THREADS", "2")
-    monkeypatch.setattr(api.benchmark, "interleaved", lambda runners, **kw: {k: 1.0 for k in runners})
+    monkeypatch.setattr(timing, "interleaved", lambda runners, **kw: {k: 1.0 for k in runners})
     report = fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=0.05, repeats=2, measure=False)
     assert report.plan.threads == 2 and report.plan.solver["threads"]["chosen"] == 2
 
 
 def test_segments_get_their_own_thread_count_when_the_mix_wins(monkeypatch):
     """Per-segment counts come from per-part times; the mix is kept only if it wins end to end."""
-    from fastrun import fingerprint, graph as graph_mod, planner, registry
+    from fastrun.system import fingerprint
+    from fastrun.ir import reader
+    from fastrun.planning import planner
+    from fastrun.ops import registry
     from tests.conftest import tiny_conv_model
 
     monkeypatch.setenv("FASTRUN_THREADS", "2")
-    graph = graph_mod.load(tiny_conv_model(batch=1))
+    graph = reader.load(tiny_conv_model(batch=1))
     plan = planner.make_plan(graph, fingerprint.fingerprint(), None, allowed_formats={"NCHW"})
     plan.node("conv2").impl = registry.get("Conv", "conv1x1_gemm").id  # segment, host step, segment
-    real_run = api.executor.Program.run
+    real_run = Program.run
 
     def first_segment_prefers_one_thread(self, feed, part_seconds=None):
         out = real_run(self, feed, part_seconds)
@@ -227,23 +235,23 @@ def test_segments_get_their_own_thread_count_when_the_mix_wins(monkeypatch):
             part_seconds[-1][-1] = 0.002 if threads == 1 else 0.001  # the last one 2
         return out
 
-    monkeypatch.setattr(api.executor.Program, "run", first_segment_prefers_one_thread)
-    real_interleaved = api.benchmark.interleaved
-    monkeypatch.setattr(api.benchmark, "interleaved",  # all threads win end to end
+    monkeypatch.setattr(Program, "run", first_segment_prefers_one_thread)
+    real_interleaved = timing.interleaved
+    monkeypatch.setattr(timing, "interleaved",  # all threads win end to end
                         lambda runners, **kw: {k: float(3 - int(k)) for k in real_interleaved(runners, **kw)})
     raced = {"mixed": 1.0, "uniform": 2.0}
-    real_race = api._race
-    monkeypatch.setattr(api, "_race", lambda graph, programs, repeats: (
+    real_race = verify._race
+    monkeypatch.setattr(verify, "_race", lambda graph, programs, repeats: (
         dict(raced) if set(programs) == set(raced) else real_race(graph, programs, repeats)))
-    chosen = api.choose_threads(graph, plan, repeats=2)
+    chosen = verify.choose_threads(graph, plan, repeats=2)
     assert chosen.threads == 2
     assert chosen.segment_threads == [1, 2] and chosen.solver["threads"]["segments"] == [1, 2]
-    program = api.executor.compile_plan(graph, chosen)
-    segments = [p for p in program.program if isinstance(p, api.executor.Segment)]
+    program = compiler.compile_plan(graph, chosen)
+    segments = [p for p in program.program if isinstance(p, Segment)]
     assert [s.session.get_session_options().intra_op_num_threads for s in segments] == [1, 2]
     raced.update(mixed=1.99)  # within the margin: all segments alike
     plan.segment_threads = []
-    assert api.choose_threads(graph, plan, repeats=2).segment_threads == []
+    assert verify.choose_threads(graph, plan, repeats=2).segment_threads == []
 
 
 def test_whole_model_on_onnxruntime_is_kept_when_it_runs_faster(cache_dir, squeezenet_bytes, monkeypatch):
@@ -251,9 +259,12 @@ def test_whole_model_on_onnxruntime_is_kept_when_it_runs_faster(cache_dir, squee
     the winner's plan compiles to exactly that, survives the program store and matches onnxruntime."""
     import copy
 
-    from fastrun import executor, fingerprint, graph as graph_mod, plancheck, planner, profiler as profiler_mod
+    from fastrun.system import fingerprint
+    from fastrun.ir import reader
+    from fastrun.planning import plancheck, planner
+    from fastrun.measure import profiler as profiler_mod
 
-    graph = graph_mod.load(squeezenet_bytes)
+    graph = reader.load(squeezenet_bytes)
     caches = Caches(cache_dir)
     prof = profiler_mod.Profiler(caches, fingerprint.fingerprint(), op_limit_s=0.05)
     plan = planner.make_plan(graph, fingerprint.fingerprint(), prof)
@@ -261,26 +272,26 @@ def test_whole_model_on_onnxruntime_is_kept_when_it_runs_faster(cache_dir, squee
 
     def race(graph, programs, repeats):
         raced.update(programs)
-        return [{"optimal": 10.0, "heuristic": 9.95, "onnxruntime": 9.5}] * api.VERIFY_BLOCKS
+        return [{"optimal": 10.0, "heuristic": 9.95, "onnxruntime": 9.5}] * verify.VERIFY_BLOCKS
 
-    monkeypatch.setattr(api, "_race_blocks", race)
-    chosen = api.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2)
+    monkeypatch.setattr(verify, "_race_blocks", race)
+    chosen = verify.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2)
     assert "onnxruntime" in raced and chosen.whole_model and chosen.solver["verified"]["kept"] == "onnxruntime"
     assert chosen.reorders == [] and {n.out_format for n in chosen.nodes} == {"NCHW"}
     assert all(n.impl in ("onnxruntime", "ort@2") for n in chosen.nodes)
-    program = executor.compile_plan(graph, chosen)
+    program = compiler.compile_plan(graph, chosen)
     assert program.segments == 1 and program.host_steps == 0
     assert program.program[0].session.get_session_options().graph_optimization_level == \
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    feed = api.random_feed(graph)
+    feed = verify.random_feed(graph)
     ref = ort.InferenceSession(squeezenet_bytes, providers=["CPUExecutionProvider"]).run(None, feed)
     out = program.run(feed)
-    assert api.relative_error([out[k] for k in program.outputs], ref) < api.MODEL_TOLERANCE
+    assert verify.relative_error([out[k] for k in program.outputs], ref) < verify.MODEL_TOLERANCE
     # stored and loaded back, the program still runs at ORT_ENABLE_ALL
-    recipe = executor.build_recipe(graph, chosen)
-    caches.programs.save(chosen, recipe, graph_mod.declared_interface(onnx.load_from_string(squeezenet_bytes)))
+    recipe = compiler.build_recipe(graph, chosen)
+    caches.programs.save(chosen, recipe, reader.declared_interface(onnx.load_from_string(squeezenet_bytes)))
     loaded = caches.programs.load(chosen)
-    assert [p.level for p in loaded.parts] == [executor.WHOLE_MODEL_LEVEL]
+    assert [p.level for p in loaded.parts] == [WHOLE_MODEL_LEVEL]
     assert plancheck.plan_problem(graph, chosen) is None
     blocked = copy.deepcopy(chosen)  # a whole-model flag over anything but plain NCHW is refused
     blocked.reorders = [[graph.nodes[0].outputs[0], "NCHW", "NCHWc8"]]
@@ -288,22 +299,24 @@ def test_whole_model_on_onnxruntime_is_kept_when_it_runs_faster(cache_dir, squee
     # the assignment must beat onnxruntime by the margin to be kept, in every race
     for optimal_ms, whole in (((9.0, 9.0, 9.0), False), ((9.9, 9.0, 9.0), True), ((9.0, 9.0, 10.1), True)):
         blocks = [{"optimal": ms, "heuristic": 10.5, "onnxruntime": 10.0} for ms in optimal_ms]
-        monkeypatch.setattr(api, "_race_blocks", lambda graph, programs, repeats: blocks)
-        assert api.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2).whole_model == whole
+        monkeypatch.setattr(verify, "_race_blocks", lambda graph, programs, repeats: blocks)
+        assert verify.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2).whole_model == whole
 
 
 def test_verify_races_in_consecutive_blocks(squeezenet_bytes, monkeypatch):
     """_race_blocks times every program in VERIFY_BLOCKS separate interleaved races."""
-    from fastrun import executor, fingerprint, graph as graph_mod, planner
+    from fastrun.system import fingerprint
+    from fastrun.ir import reader
+    from fastrun.planning import planner
 
-    graph = graph_mod.load(squeezenet_bytes)
+    graph = reader.load(squeezenet_bytes)
     whole = planner.whole_model_plan(graph, planner.heuristic_plan(graph, fingerprint.fingerprint()))
     calls = []
-    real_interleaved = api.benchmark.interleaved
-    monkeypatch.setattr(api.benchmark, "interleaved",
+    real_interleaved = timing.interleaved
+    monkeypatch.setattr(timing, "interleaved",
                         lambda runners, **kw: calls.append(kw) or real_interleaved(runners, **kw))
-    blocks = api._race_blocks(graph, {"a": executor.compile_plan(graph, whole)}, repeats=2)
-    assert len(blocks) == len(calls) == api.VERIFY_BLOCKS
+    blocks = verify._race_blocks(graph, {"a": compiler.compile_plan(graph, whole)}, repeats=2)
+    assert len(blocks) == len(calls) == verify.VERIFY_BLOCKS
     assert all(set(b) == {"a"} and b["a"] > 0 for b in blocks)
     assert all(kw["repeats"] >= 5 for kw in calls)
 
@@ -311,14 +324,16 @@ def test_verify_races_in_consecutive_blocks(squeezenet_bytes, monkeypatch):
 def test_heuristic_plan_leaves_onnxruntime_alone_unless_a_rule_puts_a_host_kernel_somewhere():
     """Without measurements an assignment of onnxruntime's own kernels is not trusted over
     onnxruntime's own layouts; a Winograd-sized 3x3 layer (256 channels at 56x56) gets Winograd."""
-    from fastrun import fingerprint, graph as graph_mod, planner
+    from fastrun.system import fingerprint
+    from fastrun.ir import reader
+    from fastrun.planning import planner
 
     small = tiny_conv_model()
-    plan = planner.heuristic_plan(graph_mod.from_proto(small, small.SerializeToString(), {"x": (1, 8, 12, 12)}),
+    plan = planner.heuristic_plan(reader.from_proto(small, small.SerializeToString(), {"x": (1, 8, 12, 12)}),
                                   fingerprint.fingerprint())
     assert plan.whole_model and plan.policy == "heuristic" and plan.reorders == []
     big = tiny_conv_model(c=256, k=256, hw=56)
-    plan = planner.heuristic_plan(graph_mod.from_proto(big, big.SerializeToString(), {"x": (1, 256, 56, 56)}),
+    plan = planner.heuristic_plan(reader.from_proto(big, big.SerializeToString(), {"x": (1, 256, 56, 56)}),
                                   fingerprint.fingerprint())
     assert not plan.whole_model and plan.node("conv1").impl.startswith("winograd_f")
 
@@ -326,10 +341,12 @@ def test_heuristic_plan_leaves_onnxruntime_alone_unless_a_rule_puts_a_host_kerne
 def test_heuristic_plan_needs_a_predicted_gain_worth_the_split_sessions(monkeypatch):
     """A host kernel predicted to save less than HEURISTIC_MIN_GAIN of the heavy nodes' time is
     not worth leaving onnxruntime's session for."""
-    from fastrun import fingerprint, graph as graph_mod, planner
+    from fastrun.system import fingerprint
+    from fastrun.ir import reader
+    from fastrun.planning import planner
 
     big = tiny_conv_model(c=256, k=256, hw=56)
-    graph = graph_mod.from_proto(big, big.SerializeToString(), {"x": (1, 256, 56, 56)})
+    graph = reader.from_proto(big, big.SerializeToString(), {"x": (1, 256, 56, 56)})
     gain = planner.host_gain(graph, planner.make_plan(graph, fingerprint.fingerprint()))
     assert 0.05 < gain < 1
     monkeypatch.setattr(planner, "HEURISTIC_MIN_GAIN", gain * 1.01)
@@ -340,20 +357,22 @@ def test_heuristic_plan_needs_a_predicted_gain_worth_the_split_sessions(monkeypa
 
 def test_programs_with_host_kernels_keep_freed_memory_for_their_outputs(monkeypatch):
     """Host kernels return fresh arrays: building a program that has any asks glibc to keep freed
-    memory (fastrun.allocator); a program of onnxruntime segments alone leaves malloc alone."""
-    from fastrun import allocator, executor, fingerprint, graph as graph_mod, planner
+    memory (fastrun.system.allocator); a program of onnxruntime segments alone leaves malloc alone."""
+    from fastrun.system import allocator, fingerprint
+    from fastrun.ir import reader
+    from fastrun.planning import planner
 
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
     big = tiny_conv_model(c=256, k=256, hw=56)
-    graph = graph_mod.from_proto(big, big.SerializeToString(), {"x": (1, 256, 56, 56)})
+    graph = reader.from_proto(big, big.SerializeToString(), {"x": (1, 256, 56, 56)})
     plan = planner.make_plan(graph, fingerprint.fingerprint())
-    assert executor.compile_plan(graph, planner.whole_model_plan(graph, plan)).host_steps == 0 and not calls
-    assert executor.compile_plan(graph, plan).host_steps > 0 and calls
+    assert compiler.compile_plan(graph, planner.whole_model_plan(graph, plan)).host_steps == 0 and not calls
+    assert compiler.compile_plan(graph, plan).host_steps > 0 and calls
 
 
 def test_keep_freed_memory_respects_the_users_malloc_settings(monkeypatch):
-    from fastrun import allocator
+    from fastrun.system import allocator
 
     monkeypatch.setattr(allocator, "_applied", False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
@@ -365,10 +384,13 @@ def test_keep_freed_memory_respects_the_users_malloc_settings(monkeypatch):
 
 def _plan_with_host_step(monkeypatch):
     """tiny_conv_model with conv2 on a host kernel (segment, host step, segment), FASTRUN_THREADS=2."""
-    from fastrun import fingerprint, graph as graph_mod, planner, registry
+    from fastrun.system import fingerprint
+    from fastrun.ir import reader
+    from fastrun.planning import planner
+    from fastrun.ops import registry
 
     monkeypatch.setenv("FASTRUN_THREADS", "2")
-    graph = graph_mod.load(tiny_conv_model(batch=1))
+    graph = reader.load(tiny_conv_model(batch=1))
     plan = planner.make_plan(graph, fingerprint.fingerprint(), None, allowed_formats={"NCHW"})
     plan.node("conv2").impl = registry.get("Conv", "conv1x1_gemm").id
     return graph, plan
@@ -377,27 +399,27 @@ def _plan_with_host_step(monkeypatch):
 def test_host_steps_run_with_the_plans_host_thread_count(monkeypatch):
     """The executor runs each host step inside hostthreads.limited: compiled kernels split their
     work in that many parts and OpenBLAS is lowered for the step, then restored."""
-    from fastrun import blas, executor, hostthreads
+    from fastrun.system import blas, hostthreads
 
     graph, plan = _plan_with_host_step(monkeypatch)
     blas_counts = lambda: [get() for get, _ in blas._thread_controls()]  # noqa: E731
     before = blas_counts()
     for host_threads, expected in ((1, 1), (0, 2)):
         plan.host_threads = host_threads
-        program = executor.compile_plan(graph, plan)
+        program = compiler.compile_plan(graph, plan)
         seen = []
         for part in program.program:
-            if isinstance(part, executor.HostCall):
+            if isinstance(part, HostCall):
                 real = part.kernel
                 part.kernel = lambda *a, real=real: seen.append((hostthreads.current(), blas_counts())) or real(*a)
-        program.run(api.random_feed(graph))
+        program.run(verify.random_feed(graph))
         assert seen and all(threads == expected for threads, _ in seen)
         assert all(counts == [min(expected, b) for b in before] for _, counts in seen)
         assert blas_counts() == before and hostthreads.current() == 2
 
 
 def test_fewer_blas_threads_are_set_and_restored_never_more():
-    from fastrun import blas
+    from fastrun.system import blas
 
     controls = blas._thread_controls()
     if not controls:
@@ -412,8 +434,8 @@ def test_fewer_blas_threads_are_set_and_restored_never_more():
 
 
 def test_compiled_winograd_splits_its_work_in_the_host_steps_thread_count():
-    transforms = pytest.importorskip("fastrun.impls.winograd_transforms")
-    from fastrun import hostthreads
+    transforms = pytest.importorskip("fastrun.ops.builtin.winograd_transforms")
+    from fastrun.system import hostthreads
 
     with hostthreads.limited(1):
         assert transforms.threads() == 1
@@ -422,8 +444,8 @@ def test_compiled_winograd_splits_its_work_in_the_host_steps_thread_count():
 
 def test_choose_threads_measures_the_host_kernels_thread_count(monkeypatch):
     graph, plan = _plan_with_host_step(monkeypatch)
-    real_interleaved = api.benchmark.interleaved
-    monkeypatch.setattr(api.benchmark, "interleaved",  # onnxruntime: all threads win
+    real_interleaved = timing.interleaved
+    monkeypatch.setattr(timing, "interleaved",  # onnxruntime: all threads win
                         lambda runners, **kw: {k: float(3 - int(k)) for k in real_interleaved(runners, **kw)})
     raced = []
     host_ms = {"1": 1.0, "2": 2.0}
@@ -431,31 +453,30 @@ def test_choose_threads_measures_the_host_kernels_thread_count(monkeypatch):
     def race(graph, programs, repeats):
         if set(programs) == {"mixed", "uniform"}:  # per-segment counts (noise here): all alike wins
             return {"mixed": 2.0, "uniform": 1.0}
-        raced.append({k: [p.threads for p in prog.program if isinstance(p, api.executor.HostCall)]
+        raced.append({k: [p.threads for p in prog.program if isinstance(p, HostCall)]
                       for k, prog in programs.items()})
         for prog in programs.values():
-            prog.run(api.random_feed(graph))
+            prog.run(verify.random_feed(graph))
         return dict(host_ms)
 
-    monkeypatch.setattr(api, "_race", race)
-    chosen = api.choose_threads(graph, plan, repeats=2)
+    monkeypatch.setattr(verify, "_race", race)
+    chosen = verify.choose_threads(graph, plan, repeats=2)
     assert raced == [{"2": [2], "1": [1]}]
     assert chosen.threads == 2 and chosen.host_threads == 1
     assert chosen.solver["threads"]["host"] == 1 and set(chosen.solver["threads"]["host_ms"]) == {"1", "2"}
-    recipe = api.executor.build_recipe(graph, chosen)
-    assert [p.threads for p in recipe.parts if isinstance(p, api.executor.HostRecipe)] == [1]
+    recipe = compiler.build_recipe(graph, chosen)
+    assert [p.threads for p in recipe.parts if isinstance(p, HostRecipe)] == [1]
     host_ms.update({"1": 1.0, "2": 1.02})  # within the margin
     plan.host_threads = 0
-    assert api.choose_threads(graph, plan, repeats=2).host_threads == 2
+    assert verify.choose_threads(graph, plan, repeats=2).host_threads == 2
 
 
 def test_a_run_drops_each_intermediate_after_its_last_reader(monkeypatch):
     """Program.released: every tensor a part reads is dropped once, after its last reader, except
     the graph outputs; a run still returns the outputs (and the same ones twice)."""
-    from fastrun import executor
 
     graph, plan = _plan_with_host_step(monkeypatch)
-    program = executor.compile_plan(graph, plan)
+    program = compiler.compile_plan(graph, plan)
     read = [t for part in program.program for t in part.inputs]
     released = [t for ts in program.released for t in ts]
     assert sorted(released) == sorted(set(read) - set(program.outputs.values()))
@@ -469,7 +490,7 @@ def test_a_run_drops_each_intermediate_after_its_last_reader(monkeypatch):
         return real(part, values)
 
     monkeypatch.setattr(type(program.program[-1]), "__call__", spy)
-    feed = api.random_feed(graph)
+    feed = verify.random_feed(graph)
     first, second = program.run(feed), program.run(feed)
     assert set(first) == set(graph.outputs) and all(np.array_equal(first[k], second[k]) for k in first)
     dead = {t for i, ts in enumerate(program.released[:-1]) for t in ts}

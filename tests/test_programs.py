@@ -13,8 +13,15 @@ import pytest
 from click.testing import CliRunner
 
 import fastrun
-from fastrun import executor, fingerprint as fp, graph as graph_mod, planner, programs, registry
-from fastrun.cache import Caches
+from fastrun.runtime import compiler
+from fastrun.runtime.program import instantiate
+from fastrun.runtime.recipe import HostRecipe
+from fastrun.system import fingerprint as fp
+from fastrun.ir import reader
+from fastrun.planning import planner
+from fastrun.store import programs
+from fastrun.ops import registry
+from fastrun.store.cache import Caches
 from fastrun.cli import main
 from tests.conftest import tiny_conv_model
 
@@ -43,8 +50,8 @@ def no_compiling(monkeypatch):
         raise AssertionError("the model was parsed or compiled although its program is stored")
 
     for name in ("from_proto", "parse_model", "declared_interface"):
-        monkeypatch.setattr(graph_mod, name, boom)
-    monkeypatch.setattr(executor, "build_recipe", boom)
+        monkeypatch.setattr(reader, name, boom)
+    monkeypatch.setattr(compiler, "build_recipe", boom)
 
 
 def program_dirs(cache_dir) -> list[Path]:
@@ -64,20 +71,20 @@ def test_a_stored_program_serves_without_parsing_or_compiling(profiled, cache_di
 
 def test_host_kernels_round_trip_through_the_store(tmp_path, cache_dir):
     """A plan running conv1 as a host Winograd kernel: stored as implementation + spec + weights."""
-    graph = graph_mod.load(tiny_conv_model(batch=1))
+    graph = reader.load(tiny_conv_model(batch=1))
     plan = planner.make_plan(graph, fp.fingerprint(), None, allowed_formats={"NCHW"})
     plan.node("conv1").impl = registry.get("Conv", "winograd_f4").id
     plan.host_threads = 1
-    recipe = executor.build_recipe(graph, plan)
-    assert any(isinstance(p, executor.HostRecipe) for p in recipe.parts)
+    recipe = compiler.build_recipe(graph, plan)
+    assert any(isinstance(p, HostRecipe) for p in recipe.parts)
     store = programs.ProgramStore(tmp_path / "programs")
     assert store.save(plan, recipe, {"inputs": [], "outputs": []})
     loaded = store.load(plan)
-    host = [p for p in loaded.parts if isinstance(p, executor.HostRecipe)]
+    host = [p for p in loaded.parts if isinstance(p, HostRecipe)]
     assert [(h.impl, h.spec, h.inputs, h.output, h.threads) for h in host] == \
-        [(h.impl, h.spec, h.inputs, h.output, 1) for h in recipe.parts if isinstance(h, executor.HostRecipe)]
-    want = executor.instantiate(recipe).run(feed())["y"]
-    got = executor.instantiate(loaded).run(feed())["y"]
+        [(h.impl, h.spec, h.inputs, h.output, 1) for h in recipe.parts if isinstance(h, HostRecipe)]
+    want = instantiate(recipe).run(feed())["y"]
+    got = instantiate(loaded).run(feed())["y"]
     np.testing.assert_array_equal(got, want)
 
 
@@ -154,17 +161,17 @@ def test_a_new_plan_replaces_its_shapes_older_program(profiled, cache_dir):
 
 
 def test_read_only_store_never_writes(tmp_path, cache_dir):
-    graph = graph_mod.load(tiny_conv_model(batch=1))
+    graph = reader.load(tiny_conv_model(batch=1))
     plan = planner.make_plan(graph, fp.fingerprint(), None)
     store = programs.ProgramStore(tmp_path / "programs", writable=False)
-    assert not store.save(plan, executor.build_recipe(graph, plan), {"inputs": [], "outputs": []})
+    assert not store.save(plan, compiler.build_recipe(graph, plan), {"inputs": [], "outputs": []})
     assert not (tmp_path / "programs").exists()
 
 
 def test_concurrent_writers_of_one_program_both_succeed(tmp_path):
-    graph = graph_mod.load(tiny_conv_model(batch=1))
+    graph = reader.load(tiny_conv_model(batch=1))
     plan = planner.make_plan(graph, fp.fingerprint(), None)
-    recipe = executor.build_recipe(graph, plan)
+    recipe = compiler.build_recipe(graph, plan)
     stores = [programs.ProgramStore(tmp_path / "programs") for _ in range(4)]
     results = []
     threads = [threading.Thread(target=lambda s=s: results.append(s.save(plan, recipe, {"inputs": [], "outputs": []})))

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fastrun import api
+from fastrun.workflows import profile as profiling
 from fastrun.cli import main
-from fastrun.report import FAILED, FORMAT_COLORS, NEUTRAL, WINNER, render_html
+from fastrun.workflows.report import FAILED, FORMAT_COLORS, NEUTRAL, WINNER, render_html
 
 
 def fake_report() -> dict:
@@ -169,7 +169,7 @@ def pixels_of(img: np.ndarray, hex_color: str, tol: int = 6) -> np.ndarray:
 
 @needs_chromium
 def test_report_renders_in_chromium(tmp_path, squeezenet_bytes):
-    report = api.profile(squeezenet_bytes, cache_dir=str(tmp_path / "cache"), op_limit=0.05, repeats=2)
+    report = profiling.profile(squeezenet_bytes, cache_dir=str(tmp_path / "cache"), op_limit=0.05, repeats=2)
     data = report.to_json()
     page = tmp_path / "report.html"
     page.write_text(render_html(data), encoding="utf-8")

@@ -16,12 +16,14 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 import fastrun
-from fastrun import api, profiler, registry
-from fastrun.cache import Caches
+from fastrun.workflows import verify
+from fastrun.measure import profiler
+from fastrun.ops import registry
+from fastrun.store.cache import Caches
 from fastrun.cli import main
 from fastrun.errors import InputError
-from fastrun.fingerprint import fingerprint
-from fastrun.registry import implementation
+from fastrun.system.fingerprint import fingerprint
+from fastrun.ops.registry import implementation
 from tests import bad_impls
 from tests.conftest import tiny_conv_model
 from tests.test_impls import SPECS, conv_spec
@@ -52,7 +54,7 @@ def test_winograd_and_fft_spread_nonfinite_values_and_are_still_accepted():
     spec3 = conv_spec(1, 8, 12, 12, 8, 3, 3, pads=1, act="Sigmoid")
     for s, names in ((spec, ("fft_conv",)), (spec3, ("winograd_f4", "winograd_f6"))):
         rng = np.random.default_rng(profiler.spec_seed(s))
-        from fastrun import kernels
+        from fastrun.ops import kernels
 
         consts, args = kernels.random_inputs(s, rng)
         case = profiler.check_inputs(s, args, rng)["nonfinite"]
@@ -171,9 +173,9 @@ def _profile(model, cache_dir, **kw):
 
 
 def _conv_keys(model_bytes):
-    g = fastrun.graph.load(model_bytes)
+    g = fastrun.ir.reader.load(model_bytes)
     conv = next(n for n in g.nodes if n.op_type == "Conv")
-    spec = fastrun.graph.spec_for_node(conv, g)
+    spec = fastrun.ir.graph.spec_for_node(conv, g)
     return spec, {impl.id: Caches.timing_key(fingerprint(), spec.key(), impl.id) for impl in registry.candidates(spec)}
 
 
@@ -261,7 +263,7 @@ def test_damaged_timings_database_does_not_stop_profiling_or_serving(cache_dir):
     x = {"x": np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype(np.float32)}
     out = fastrun.InferenceSession(model, cache_dir=cache_dir).run(None, x)
     ref = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, x)
-    assert api.relative_error(out, ref) < api.MODEL_TOLERANCE
+    assert verify.relative_error(out, ref) < verify.MODEL_TOLERANCE
 
 
 def _forge(v: dict, how: str) -> None:
@@ -325,7 +327,7 @@ def test_forged_or_damaged_plans_are_never_used_and_never_raise(cache_dir, caplo
             out = sess.run(None, x)
         assert list(sess.plans.values())[0].policy == "heuristic", how
         assert any("ignoring the cached plan" in r.getMessage() for r in caplog.records), how
-        assert api.relative_error(out, ref) < api.MODEL_TOLERANCE, how
+        assert verify.relative_error(out, ref) < verify.MODEL_TOLERANCE, how
         assert fastrun.load_plan(model, cache_dir=cache_dir) is None, how
     caches.close()
 

@@ -10,11 +10,8 @@ import time
 
 import pytest
 
-from fastrun import search
-from fastrun.search import (
-    Assignment, Choice, InfeasibleError, SearchNode, SearchProblem, brute_force, evaluate, greedy,
-    restricted, solve,
-)
+from fastrun.planning import search
+from fastrun.planning.search import Assignment, Choice, InfeasibleError, SearchNode, SearchProblem, brute_force, evaluate, greedy, restricted, solve
 
 INF = math.inf
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -23,11 +23,15 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 import fastrun
-from fastrun import cachetool, fingerprint as fp, profiler, registry
-from fastrun.cache import Caches, software_tag
+from fastrun.workflows import cachetool
+from fastrun.system import fingerprint as fp
+from fastrun.measure import profiler
+from fastrun.ops import registry
+from fastrun.store.cache import Caches
+from fastrun.store.keys import software_tag
 from fastrun.cli import main
 from fastrun.errors import InputError, PlanNotFoundError
-from fastrun.warmup import shape_sets, warmup
+from fastrun.workflows.warmup import shape_sets, warmup
 from tests.conftest import tiny_conv_model
 
 OP_LIMIT = 0.05
@@ -250,13 +254,14 @@ def test_container_flow_warm_copy_read_only_serve(tmp_path):
 import json, sys
 import numpy as np
 import fastrun
-from fastrun import graph, profiler
+from fastrun.ir import reader
+from fastrun.measure import profiler
 def boom(*a, **k):
     raise SystemExit("profiling while serving")
 def compiling(*a, **k):
     raise SystemExit("compiling while serving: warmup stores every plan's program")
 profiler.Profiler.__init__ = boom
-graph.from_proto = compiling
+reader.from_proto = compiling
 sess = fastrun.InferenceSession(sys.argv[1], cache_dir=sys.argv[2], policy="require")
 outs = {}
 for batch in (1, 4):
@@ -306,11 +311,11 @@ def test_rows_left_in_the_write_ahead_log_are_served_read_only(tiny_model, tmp_p
     """A writer that exits without closing leaves plans in cache.db-wal: a read-only copy still has them."""
     cache = tmp_path / "c"
     script = ("import os, sys, fastrun\n"
-              "from fastrun import api\n"
-              "from fastrun.cache import Caches\n"
+              "from fastrun.workflows import lookup\n"
+              "from fastrun.store.cache import Caches\n"
               "r = fastrun.profile(sys.argv[1], cache_dir=sys.argv[2], op_limit=0.05, measure=False)\n"
               "c = Caches(sys.argv[2] + '-unclean')\n"
-              "api.store_plan(c, r.plan)\n"
+              "lookup.store_plan(c, r.plan)\n"
               "os._exit(0)\n")
     subprocess.run([sys.executable, "-c", script, tiny_model, str(cache)], check=True, cwd=REPO)
     unclean = Path(str(cache) + "-unclean")
@@ -348,19 +353,21 @@ def test_cache_ls_and_show(tmp_path, model_n, cache_dir):
 
 
 def test_show_says_when_a_plan_runs_the_whole_model_on_onnxruntime(model_n, cache_dir):
-    from fastrun import api, graph as graph_mod, planner
+    from fastrun.workflows import lookup
+    from fastrun.ir import reader
+    from fastrun.planning import planner
 
-    graph = graph_mod.load(model_n, {"x": (1, 8, 12, 12)})
+    graph = reader.load(model_n, {"x": (1, 8, 12, 12)})
     plan = planner.heuristic_plan(graph, fp.fingerprint())  # no host kernel is predicted to win here
     assert plan.whole_model
     caches = Caches(cache_dir)
-    api.store_plan(caches, plan)
+    lookup.store_plan(caches, plan)
     caches.close()
     res = cli("show", model_n, "--cache-dir", cache_dir)
     assert res.exit_code == 0 and "no rule predicts a host kernel wins" in res.output, res.output
     plan.policy = "profiled"
     caches = Caches(cache_dir)
-    api.store_plan(caches, plan)
+    lookup.store_plan(caches, plan)
     caches.close()
     res = cli("show", model_n, "--cache-dir", cache_dir)
     assert "runs as one onnxruntime ORT_ENABLE_ALL session: no assignment beat it end to end by 2%" in res.output
@@ -479,7 +486,7 @@ def test_software_upgrade_never_reuses_plans_or_timings(tiny_model, cache_dir, m
     if which == "onnxruntime":
         monkeypatch.setattr(ort, "__version__", ort.__version__ + ".post1")
     else:
-        for module in (fastrun, fastrun.plan, fastrun.fingerprint):
+        for module in (fastrun, fastrun._version, fastrun.runtime.plan, fastrun.system.fingerprint):
             monkeypatch.setattr(module, "__version__", fastrun.__version__ + ".post1")
     assert software_tag() != tag
     assert fastrun.load_plan(tiny_model, cache_dir=cache_dir) is None
@@ -516,7 +523,7 @@ def test_two_warmup_processes_on_one_cache(tmp_path):
 def plan_using(graph, wanted: dict[str, str], monkeypatch):
     """A heuristic plan whose nodes ``wanted`` names run the named implementations: the search
     prices those at zero and their rivals prohibitively, and places the reorders they need."""
-    from fastrun import costmodel, planner
+    from fastrun.planning import costmodel, planner
 
     by_spec = {h.spec.key(): wanted[h.node.name] for h in planner.heavy_nodes(graph) if h.node.name in wanted}
     real = costmodel.impl_ms
@@ -539,15 +546,17 @@ def test_concurrent_runs_of_host_kernels_give_each_caller_its_answer(winograd, m
     answer."""
     import threading
 
-    from fastrun import executor, graph as graph_mod, planner
+    from fastrun.runtime import compiler
+    from fastrun.ir import reader
+    from fastrun.planning import planner
 
     impl = registry.get("Conv", winograd)
     model = tiny_conv_model(c=8, k=16, hw=12)
-    graph = graph_mod.from_proto(model, model.SerializeToString(), {"x": (2, 8, 12, 12)})
+    graph = reader.from_proto(model, model.SerializeToString(), {"x": (2, 8, 12, 12)})
     if not impl.accepts(planner.heavy_nodes(graph)[0].spec):
         pytest.skip(f"{winograd} does not apply here (numba not installed?)")
     plan = plan_using(graph, {"conv1": winograd, "conv2": "conv1x1_gemm"}, monkeypatch)
-    program = executor.compile_plan(graph, plan)
+    program = compiler.compile_plan(graph, plan)
     assert program.host_steps == 2
     feeds = [{"x": np.random.default_rng(i).standard_normal((2, 8, 12, 12)).astype(np.float32)} for i in range(4)]
     expected = [program.run(f)["y"] for f in feeds]
@@ -569,19 +578,20 @@ def test_concurrent_runs_of_host_kernels_give_each_caller_its_answer(winograd, m
 def test_a_plan_with_compiled_kernels_served_without_numba_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
     """The stored program names winograd_f4_nhwc; here numba is "missing": the session says so
     and serves the heuristic plan, with onnxruntime's answer."""
-    from fastrun import executor, graph as graph_mod
-    from fastrun.impls import winograd
+    from fastrun.runtime import compiler
+    from fastrun.ir import reader
+    from fastrun.ops.builtin import winograd
 
     if winograd.compiled is None:
         pytest.skip("numba is not installed")
     model = tiny_conv_model(c=8, k=16, hw=12, batch=1)
     data = model.SerializeToString()
-    graph = graph_mod.from_proto(model, data)
+    graph = reader.from_proto(model, data)
     plan = plan_using(graph, {"conv1": "winograd_f4_nhwc"}, monkeypatch)
     plan.policy = "profiled"
     caches = Caches(str(tmp_path / "cache"))
-    fastrun.api.store_plan(caches, plan)
-    caches.programs.save(plan, executor.build_recipe(graph, plan), graph_mod.declared_interface(model))
+    fastrun.workflows.lookup.store_plan(caches, plan)
+    caches.programs.save(plan, compiler.build_recipe(graph, plan), reader.declared_interface(model))
     caches.close()
     monkeypatch.setattr(winograd, "compiled", None)
     x = {"x": np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype(np.float32)}
@@ -591,4 +601,4 @@ def test_a_plan_with_compiled_kernels_served_without_numba_falls_back_with_a_war
     assert any("numba" in r.getMessage() for r in caplog.records)
     assert list(sess.plans.values())[0].policy == "heuristic"
     ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, x)
-    assert fastrun.api.relative_error(out, ref) < fastrun.api.MODEL_TOLERANCE
+    assert fastrun.workflows.verify.relative_error(out, ref) < fastrun.workflows.verify.MODEL_TOLERANCE

@@ -1,2 +1,0 @@
-"""Built-in implementations, one module per provider. Importing a module registers its kernels."""
-from . import ort, nchwc, gemm, conv_host, winograd, fft  # noqa: F401

@@ -1,0 +1,110 @@
+"""The plan: plain JSON-able data saying how to run one model with given input shapes.
+
+It records, per node, the chosen implementation and formats (with the timings that justified
+the choice), the format of every tensor, the reorders the executor must insert, the predicted
+cost and its baselines, and what it is valid for (fingerprint, model hash, versions). Nothing in
+a plan is code: loading one can only select among registered implementations.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import onnxruntime
+
+from fastrun._version import SCHEMA, __version__
+
+LIGHT_IMPL = "onnxruntime"  # the impl name of nodes that run as their own ONNX node
+
+
+@dataclass
+class NodeChoice:
+    name: str
+    op_type: str
+    impl: str                       # implementation id ("winograd_f4@1") or LIGHT_IMPL
+    in_formats: list[str]           # per runtime input, in the node's input order
+    out_format: str
+    time_ms: Optional[float] = None  # predicted (profiled) time of this choice
+    source: str = "heuristic"       # "profiled" | "heuristic"
+    spec: str = ""                  # short readable description of the op signature
+    spec_key: str = ""
+    ort_ms: Optional[float] = None   # onnxruntime's own kernel on the same signature
+    runner_up: Optional[str] = None
+    runner_up_ms: Optional[float] = None
+    candidates: dict[str, Any] = field(default_factory=dict)  # impl -> ms, or "failed: reason"
+
+
+@dataclass
+class Plan:
+    model_hash: str
+    model_name: str
+    fingerprint: str
+    input_shapes: dict[str, list[int]]
+    nodes: list[NodeChoice]
+    tensor_formats: dict[str, str] = field(default_factory=dict)
+    reorders: list[list[str]] = field(default_factory=list)  # [tensor, src, dst]
+    predicted_ms: Optional[float] = None
+    greedy_ms: Optional[float] = None
+    nchw_only_ms: Optional[float] = None
+    solver: dict[str, Any] = field(default_factory=dict)
+    threads: int = 0                # onnxruntime intra-op threads (0: all cores)
+    segment_threads: list[int] = field(default_factory=list)  # per segment in program order ([]: ``threads``)
+    host_threads: int = 0           # threads of host kernels (0: all cores; fastrun.system.hostthreads)
+    # Run the graph as one onnxruntime ORT_ENABLE_ALL session (every node on onnxruntime, its own
+    # layouts and fusions): when no assignment beat that end to end (api.verify_plan), or, without
+    # profiling, when no host kernel is predicted to save enough (planner.heuristic_plan).
+    whole_model: bool = False
+    policy: str = "profiled"        # "profiled" | "heuristic" | "partial" (budget ran out)
+    fastrun_version: str = __version__
+    onnxruntime_version: str = onnxruntime.__version__
+    schema: int = SCHEMA
+
+    def segment_thread_count(self, index: int) -> int:
+        """Intra-op threads of the ``index``-th onnxruntime segment of the compiled plan (0: all cores)."""
+        return self.segment_threads[index] if index < len(self.segment_threads) else self.threads
+
+    def assignment(self) -> tuple:
+        """What the plan runs, knobs aside: the whole model on onnxruntime, or each node's
+        implementation and formats. Plans with equal assignments run the same operators."""
+        if self.whole_model:
+            return ("whole model",)
+        return tuple((n.name, n.impl, tuple(n.in_formats), n.out_format) for n in self.nodes)
+
+    def node(self, name: str) -> NodeChoice:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def to_json(self) -> dict:
+        """Plain data sharing its nested containers with the plan: serialize it, don't edit it.
+
+        (``dataclasses.asdict`` deep-copied every candidate table: 13 ms on ShuffleNet's plan, paid
+        at every session start to find the plan's stored program.)
+        """
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        d["nodes"] = [{name: getattr(n, name) for name in NodeChoice.__dataclass_fields__} for n in self.nodes]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"plan schema {d.get('schema')} is not {SCHEMA}")
+        d = dict(d)
+        d["nodes"] = [NodeChoice(**n) for n in d["nodes"]]
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=True)
+
+    def stale_reason(self, model_hash: str, fingerprint: str) -> Optional[str]:
+        """Why this plan must not be used for the given model and machine (None: it may)."""
+        if self.model_hash != model_hash:
+            return "the model changed since the plan was made"
+        if self.fingerprint != fingerprint:
+            return "the plan was made on a different machine or software stack"
+        if self.fastrun_version != __version__ or self.onnxruntime_version != onnxruntime.__version__:
+            return "fastrun or onnxruntime changed version since the plan was made"
+        return None

@@ -1,0 +1,172 @@
+"""Warm a cache ahead of serving: profile every model and shape set that has no plan, nothing else.
+
+This is the offline half of "profile once, serve many times" (a container build step, a fleet's
+provisioning): ``fastrun warmup models/ --shape ...`` makes every missing plan, and a second run
+over the same inputs finds them all and times nothing. Each plan's compiled program is stored too
+(:mod:`fastrun.store.programs`; compiled now if the plan came from elsewhere, e.g. an imported bundle),
+so that serving starts without compiling. A model that fails is reported and the
+others still run. Processes sharing a cache profile one at a time (:meth:`Caches.profiling_lock`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from fastrun.workflows import lookup
+from fastrun.workflows import profile as profiling
+from fastrun.runtime import compiler
+from fastrun.system import fingerprint as fp
+from fastrun.ir import graph as graph_mod
+from fastrun.ir import reader
+from fastrun.store.cache import Caches
+from fastrun.errors import FastrunError, InputError
+from fastrun.runtime.plan import Plan
+
+log = logging.getLogger(__name__)
+
+ShapeSet = dict[str, tuple[int, ...]]
+
+
+def shape_sets(texts: Sequence[str]) -> list[ShapeSet]:
+    """``--shape`` values -> shape sets, one plan each.
+
+    Repeating an input name gives several sets (``x:1x3x8x8 x:8x3x8x8`` -> two); with several
+    inputs, the i-th shape of every input forms the i-th set, so each input needs as many.
+    """
+    per_input: dict[str, list[tuple[int, ...]]] = {}
+    for text in texts:
+        name, shape = reader.parse_shape(text)
+        per_input.setdefault(name, []).append(shape)
+    counts = {name: len(shapes) for name, shapes in per_input.items()}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{name}: {n}" for name, n in counts.items())
+        raise InputError(f"--shape: every input needs the same number of shapes (they pair up in order), got {listed}")
+    n = next(iter(counts.values()), 0)
+    sets = [{name: shapes[i] for name, shapes in per_input.items()} for i in range(n)]
+    return [s for i, s in enumerate(sets) if s not in sets[:i]]
+
+
+def predicted_speedup(plan: Plan) -> Optional[float]:
+    """Profiled time of onnxruntime's own kernels over the chosen ones, on the plan's heavy nodes."""
+    pairs = [(n.ort_ms, n.time_ms) for n in plan.nodes if n.spec and n.ort_ms and n.time_ms]
+    if not pairs:
+        return None
+    return sum(o for o, _ in pairs) / sum(t for _, t in pairs)
+
+
+@dataclass
+class WarmupResult:
+    """One model and shape set of a warm-up: found, made, or failed (a row of the summary)."""
+
+    model: str
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    status: str = "failed"             # "cached" | "profiled" | "failed"
+    measured: int = 0                  # candidate timings measured now
+    reused: int = 0                    # candidate timings found in the cache
+    plan_policy: str = ""              # the plan's policy: "profiled" | "partial"
+    predicted_ms: Optional[float] = None
+    speedup: Optional[float] = None    # :func:`predicted_speedup`
+    program: str = ""                  # stored program: "cached" | "compiled" (now) | "missing" (not stored)
+    error: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"ok": self.ok}
+
+
+def find_models(paths: Sequence[os.PathLike]) -> list[tuple[Path, str]]:
+    """(model file, problem) for each of ``paths``: files as given, directories searched for ``*.onnx``."""
+    found: list[tuple[Path, str]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            models = sorted(f for f in p.rglob("*.onnx") if f.is_file())
+            found += [(f, "") for f in models] or [(p, f"no *.onnx files under {p}")]
+        elif p.exists():
+            found.append((p, ""))
+        else:
+            found.append((p, f"model file not found: {p}"))
+    return list(dict.fromkeys(found))
+
+
+def warmup(paths: Sequence[os.PathLike], shapes_list: Sequence[Mapping[str, Sequence[int]]] = (),
+           cache_dir: Optional[os.PathLike] = None, progress: Optional[Callable[[str], None]] = None,
+           **profile_options: Any) -> list[WarmupResult]:
+    """Make the missing plans of every model under ``paths`` for every shape set; one result each.
+
+    No shape sets means each model's declared shapes. ``profile_options`` go to
+    :func:`fastrun.workflows.profile.profile` (``op_limit``, ``budget``...); the end-to-end measurement against
+    onnxruntime is skipped unless ``measure=True`` is among them.
+    """
+    profile_options.setdefault("measure", False)
+    sets: list[Optional[Mapping[str, Sequence[int]]]] = list(shapes_list) or [None]
+    caches = Caches(cache_dir)
+    fingerprint = fp.fingerprint()
+    results = []
+    try:
+        for path, problem in find_models(paths):
+            for shapes in sets:
+                if problem:
+                    results.append(WarmupResult(model=str(path), error=problem))
+                    break
+                if progress:
+                    progress(f"{path}: {_describe(shapes) if shapes else 'declared shapes'}")
+                results.append(_warm_one(path, shapes, caches, fingerprint, progress, profile_options))
+    finally:
+        caches.close()
+    return results
+
+
+def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches: Caches, fingerprint: str,
+              progress: Optional[Callable[[str], None]], options: dict[str, Any]) -> WarmupResult:
+    start = time.perf_counter()
+    result = WarmupResult(model=str(path), shapes={k: list(v) for k, v in (shapes or {}).items()})
+    try:
+        model, data = reader.read_model(path)
+        graph = reader.from_proto(model, data, shapes)
+        result.shapes = {k: list(v) for k, v in graph.input_shapes().items()}
+        plan = _complete_plan(caches, fingerprint, graph)
+        result.status = "cached"
+        if plan is None:
+            with caches.profiling_lock():
+                plan = _complete_plan(caches, fingerprint, graph)  # made meanwhile by another process?
+                if plan is None:
+                    report = profiling.profile(data, shapes, cache_dir=caches.root, progress=progress, **options)
+                    result.status, result.measured, result.reused = "profiled", report.stats.measured, report.stats.from_cache
+                    plan = lookup.find_plan(caches, fingerprint, graph)
+                    if plan is None:
+                        raise FastrunError(f"the plan could not be stored in {caches.root} (read-only?)")
+        result.plan_policy, result.predicted_ms, result.speedup = plan.policy, plan.predicted_ms, predicted_speedup(plan)
+        result.program = _ensure_program(caches, plan, graph, model, fresh=result.status == "profiled")
+    except FastrunError as exc:
+        result.status, result.error = "failed", str(exc)
+    except Exception as exc:  # a bug on one model must not stop the others
+        log.debug("warm-up of %s failed", path, exc_info=True)
+        result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _ensure_program(caches: Caches, plan: Plan, graph: graph_mod.Graph, model, fresh: bool) -> str:
+    """Store the plan's compiled program unless it is there (``fresh``: profiling just stored it)."""
+    if caches.programs.has(plan):
+        return "compiled" if fresh else "cached"
+    recipe = compiler.build_recipe(graph, plan)
+    return "compiled" if caches.programs.save(plan, recipe, reader.declared_interface(model)) else "missing"
+
+
+def _complete_plan(caches: Caches, fingerprint: str, graph: graph_mod.Graph) -> Optional[Plan]:
+    """The cached plan, unless there is none or its profiling ran out of budget (then it resumes)."""
+    plan = lookup.find_plan(caches, fingerprint, graph)
+    return None if plan is None or plan.policy == "partial" else plan
+
+
+def _describe(shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
