@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from fastrun.ops import formats, kernels, layout_ops, registry
+from fastrun.ops import formats, kernels, registry, reorders
 from fastrun.ops.builtin import nchwc  # noqa: F401  (registers the nchwc implementations)
 from fastrun.ops.registry import OpSpec, resolve_format
 
@@ -74,7 +74,7 @@ def main() -> None:
         row = []
         for src, dst in [(formats.NCHW, blocked), (blocked, formats.NCHW), (formats.NHWC, blocked),
                          (blocked, formats.NHWC), (formats.NCHW, formats.NHWC), (formats.NHWC, formats.NCHW)]:
-            run = layout_ops.reorder_callable(src, dst, shape)
+            run = reorders.reorder_callable(src, dst, shape)
             row.append(f"{src}->{dst} {median_ms(run, formats.to_format(x, src), args.repeat):.3f}")
         print(f"reorder {'x'.join(map(str, shape))}: " + ", ".join(row) + " ms")
 

@@ -20,7 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fastrun.planning.search import Choice, SearchNode, SearchProblem, evaluate, greedy, restricted, solve
+from fastrun.planning.problem import Choice, SearchNode, SearchProblem, evaluate, greedy, restricted
+from fastrun.planning.search import solve
 
 NCHW, NHWC, NCHWC = "NCHW", "NHWC", "NCHWc8"
 FORMATS = (NCHW, NHWC, NCHWC)

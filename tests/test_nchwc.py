@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from fastrun.ops import formats, kernels, layout_ops, registry
+from fastrun.ops import formats, kernels, layout_ops, registry, reorders
 from fastrun.system import ortutil
 from fastrun.ir.graph import Graph, Node, TensorInfo
 from fastrun.ops.builtin import nchwc
@@ -323,7 +323,7 @@ def test_reorder_fragment_all_pairs(c):
     shape = (2, c, 5, 7)
     x = np.random.default_rng(c).standard_normal(shape).astype(np.float32)
     for src, dst in itertools.product(all_formats(), repeat=2):
-        run = layout_ops.reorder_callable(src, dst, shape)
+        run = reorders.reorder_callable(src, dst, shape)
         xs = formats.to_format(x, src)
         y = run(xs)
         expected = formats.reorder(xs, src, dst, c)
@@ -339,12 +339,12 @@ def test_reorder_foreign_block():
     fmt = formats.blocked(other)
     for src, dst in [(formats.NCHW, fmt), (fmt, formats.NCHW), (formats.NHWC, fmt), (fmt, formats.NHWC)]:
         xs = formats.to_format(x, src)
-        np.testing.assert_array_equal(layout_ops.reorder_callable(src, dst, shape)(xs),
+        np.testing.assert_array_equal(reorders.reorder_callable(src, dst, shape)(xs),
                                       formats.reorder(xs, src, dst, shape[1]))
 
 
 def test_reorder_fragment_names_are_prefixed():
-    frag = layout_ops.reorder_fragment("a", "b", formats.NCHW, BLOCKED, (1, 3, 4, 4))
+    frag = reorders.reorder_fragment("a", "b", formats.NCHW, BLOCKED, (1, 3, 4, 4))
     produced = {o for n in frag.nodes for o in n.output}
     assert "b" in produced
     assert all(t == "b" or t.startswith("b/") for t in produced | set(frag.initializers))
@@ -374,7 +374,7 @@ def test_conv_chain_through_fragments():
     f2 = registry.get("Conv", "ort_nchwc").build(s2, c2)
     n1, i1 = rename(f1, {"in0": "x", "out": "t1"}, "a/")
     n2, i2 = rename(f2, {"in0": "t1", "out": "t2"}, "b/")
-    back = layout_ops.reorder_fragment("t2", "y", BLOCKED, formats.NCHW, s2.output)
+    back = reorders.reorder_fragment("t2", "y", BLOCKED, formats.NCHW, s2.output)
     model = ortutil.make_model(n1 + n2 + back.nodes, [ortutil.value_info("x", x.shape)],
                                [ortutil.value_info("y", s2.output)], {**i1, **i2, **back.initializers},
                                nchwc.NCHWC_OPSETS)

@@ -13,7 +13,7 @@ import pytest
 import fastrun
 from fastrun.workflows import verify
 from fastrun.measure import timing
-from fastrun.measure import profiler
+from fastrun.measure import auxiliary, profiler
 from fastrun.store.cache import Caches
 from fastrun.errors import InputError
 from fastrun.runtime import compiler
@@ -60,7 +60,7 @@ def test_session_serves_the_cached_plan_and_never_profiles(cache_dir, squeezenet
         raise AssertionError("serving must not profile")
 
     monkeypatch.setattr(profiler.Profiler, "_measure", boom)
-    monkeypatch.setattr(profiler.AuxiliaryTimer, "_cached_or", boom)
+    monkeypatch.setattr(auxiliary.AuxiliaryTimer, "_cached_or", boom)
     sess = fastrun.InferenceSession(squeezenet_bytes, cache_dir=cache_dir)
     (plan,) = sess.plans.values()
     assert plan.policy == "profiled"

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 
 import fastrun
 from fastrun.workflows import verify
-from fastrun.measure import profiler
+from fastrun.measure import checking, profiler
 from fastrun.ops import registry
 from fastrun.store.cache import Caches
 from fastrun.cli import main
@@ -53,18 +53,18 @@ def test_winograd_and_fft_spread_nonfinite_values_and_are_still_accepted():
     spec = conv_spec(1, 6, 16, 16, 8, 5, 5, pads=2)  # FFT applies
     spec3 = conv_spec(1, 8, 12, 12, 8, 3, 3, pads=1, act="Sigmoid")
     for s, names in ((spec, ("fft_conv",)), (spec3, ("winograd_f4", "winograd_f6"))):
-        rng = np.random.default_rng(profiler.spec_seed(s))
+        rng = np.random.default_rng(checking.spec_seed(s))
         from fastrun.ops import kernels
 
         consts, args = kernels.random_inputs(s, rng)
-        case = profiler.check_inputs(s, args, rng)["nonfinite"]
+        case = checking.check_inputs(s, args, rng)["nonfinite"]
         ref = kernels.reference_callable(s, consts)(*case)
         for n in names:
             impl = registry.get("Conv", n)
             with np.errstate(all="ignore"):
-                out = profiler.run_candidate(kernels.build_callable(impl, s, consts), impl, s, case)
+                out = checking.run_candidate(kernels.build_callable(impl, s, consts), impl, s, case)
             assert np.count_nonzero(~np.isfinite(out)) > np.count_nonzero(~np.isfinite(ref)), n  # it does spread
-            assert profiler.compare_nonfinite(out, ref)[1] == "", n
+            assert checking.compare_nonfinite(out, ref)[1] == "", n
         timings = _measure_here(s, [registry.get("Conv", n) for n in names])
         assert all(t.ok for t in timings.values()), {k: t.reason for k, t in timings.items()}
 
@@ -72,30 +72,30 @@ def test_winograd_and_fft_spread_nonfinite_values_and_are_still_accepted():
 def test_compare_policies():
     ref = np.array([1.0, np.nan, np.inf, -np.inf, 2.0], np.float32)
     same = ref.copy()
-    assert profiler.compare(same, ref) == (0.0, "")
-    assert "NaNs differ" in profiler.compare(np.array([1, 0, np.inf, -np.inf, 2], np.float32), ref)[1]
-    assert "sign" in profiler.compare(np.array([1, np.nan, -np.inf, -np.inf, 2], np.float32), ref)[1]
-    assert profiler.compare(ref.astype(np.float64), ref)[1].startswith("output dtype")
-    assert profiler.compare(ref[:3], ref)[1].startswith("output shape")
-    assert profiler.compare([1.0], ref)[1].startswith("returned list")
+    assert checking.compare(same, ref) == (0.0, "")
+    assert "NaNs differ" in checking.compare(np.array([1, 0, np.inf, -np.inf, 2], np.float32), ref)[1]
+    assert "sign" in checking.compare(np.array([1, np.nan, -np.inf, -np.inf, 2], np.float32), ref)[1]
+    assert checking.compare(ref.astype(np.float64), ref)[1].startswith("output dtype")
+    assert checking.compare(ref[:3], ref)[1].startswith("output shape")
+    assert checking.compare([1.0], ref)[1].startswith("returned list")
     # NaN/Inf inputs: non-finite may spread (and NaN stands for Inf), but never be hidden
     spread = np.array([np.nan, np.inf, np.nan, np.nan, 2.0], np.float32)
-    assert profiler.compare_nonfinite(spread, ref) == (0.0, "")
+    assert checking.compare_nonfinite(spread, ref) == (0.0, "")
     hidden = np.array([1.0, 0.0, np.inf, -np.inf, 2.0], np.float32)
-    assert "hides NaN/Inf: 1 outputs" in profiler.compare_nonfinite(hidden, ref)[1]
+    assert "hides NaN/Inf: 1 outputs" in checking.compare_nonfinite(hidden, ref)[1]
     off = np.array([1.5, np.nan, np.inf, -np.inf, 2.0], np.float32)
-    err, why = profiler.compare_nonfinite(off, ref)
+    err, why = checking.compare_nonfinite(off, ref)
     assert not why and err == pytest.approx(0.25)
 
 
 def test_tolerance_scales_with_reduction_length_and_dtype():
     small, big = conv_spec(1, 4, 8, 8, 4, 1, 1), conv_spec(1, 256, 8, 8, 4, 3, 3)
-    assert profiler.tolerance(small) == pytest.approx(1e-4)
-    assert profiler.tolerance(big) == pytest.approx(1e-4 * math.sqrt(256 * 9 / 64))
+    assert checking.tolerance(small) == pytest.approx(1e-4)
+    assert checking.tolerance(big) == pytest.approx(1e-4 * math.sqrt(256 * 9 / 64))
     import dataclasses
 
-    assert profiler.tolerance(dataclasses.replace(small, dtype="float16")) == pytest.approx(1e-2)
-    assert profiler.tolerance(dataclasses.replace(small, dtype="float64")) < 1e-10
+    assert checking.tolerance(dataclasses.replace(small, dtype="float16")) == pytest.approx(1e-2)
+    assert checking.tolerance(dataclasses.replace(small, dtype="float64")) < 1e-10
 
 
 def _bad_builders():

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from fastrun.planning import search
-from fastrun.planning.search import Assignment, Choice, InfeasibleError, SearchNode, SearchProblem, brute_force, evaluate, greedy, restricted, solve
+from fastrun.planning.problem import Assignment, Choice, InfeasibleError, SearchNode, SearchProblem, brute_force, evaluate, greedy, restricted
+from fastrun.planning.search import solve
 
 INF = math.inf
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -64,31 +64,40 @@ from fastrun.measure import isolation, timing
 from fastrun.ops import formats, kernels, registry
 from fastrun.store.cache import Caches
 from fastrun.ops.registry import Implementation, OpSpec
-from fastrun.ir.graph import to_proto
-from fastrun.ops import layout_ops
-from fastrun.system import ortutil
 from fastrun.ops import builtin  # noqa: F401  (registers the built-in implementations this module queries)
+from fastrun.measure.checking import (CASE_WORDS, check_inputs, compare, compare_nonfinite, is_number, run_candidate, spec_seed,
+                                      tolerance)
 
 log = logging.getLogger(__name__)
 
 MIN_ROUNDS = 5
+
+
 MAX_ROUNDS = 200
+
+
 # A candidate's time is timing.TIME_PERCENTILE (the lower quartile) of samples spanning at
 # least MIN_SECONDS: noise comes in 0.1-0.5 s episodes, and the median of a short window could sit
 # inside one. Measured: predicted/measured end to end on squeezenet went from 1.45 to 0.99,
 # shufflenet 1.19 -> 0.96, zfnet512 0.78 -> 1.00 (issue 3's note).
 MIN_SECONDS = 0.25
+
+
 STABLE_SPREAD = 0.05
+
+
 DROP_FACTOR = 4.0
+
+
 EARLY_DROP_FACTOR = 16.0  # after one round: this much slower than the best cannot win
+
+
 DEFAULT_OP_LIMIT = 2.0
+
+
 DEFAULT_OP_TIMEOUT = isolation.DEFAULT_TIMEOUT
 
-TOLERANCE_BASE = {"float64": 1e-12, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
-LARGE_MAGNITUDE = 1e30
-SPECIAL_INPUTS = ("zeros", "large", "nonfinite")
-_CASE_WORDS = {"random": "random input", "zeros": "all-zero input", "large": "large-magnitude (1e30) input",
-               "nonfinite": "input with NaN/Inf"}
+
 STATUSES = ("ok", "failed")
 
 
@@ -128,12 +137,12 @@ class Timing:
             raise ValueError("impl or status missing or invalid")
         for name in ("time_ms", "limit_s"):
             v = fields.get(name)
-            if v is not None and (not _is_number(v) or not math.isfinite(v) or v < 0):
+            if v is not None and (not is_number(v) or not math.isfinite(v) or v < 0):
                 raise ValueError(f"{name} is {v!r}")
         if fields["status"] == "ok" and fields.get("time_ms") is None:
             raise ValueError("status ok without a time")
         for name in ("spread", "error"):
-            if name in fields and not _is_number(fields[name]):
+            if name in fields and not is_number(fields[name]):
                 raise ValueError(f"{name} is {fields[name]!r}")
         if "repeats" in fields and (not isinstance(fields["repeats"], int) or isinstance(fields["repeats"], bool)):
             raise ValueError(f"repeats is {fields['repeats']!r}")
@@ -144,109 +153,6 @@ class Timing:
             if name in fields and not formats.is_valid(fields[name]):
                 raise ValueError(f"{name} {fields[name]!r} is not a format")
         return cls(**fields)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def tolerance(spec: OpSpec) -> float:
-    """Relative error allowed: a base per dtype, growing with the reduction length (sqrt of it)."""
-    if spec.op_type == "Conv" and len(spec.inputs) > 1:
-        w = spec.inputs[1]
-        reduction = int(np.prod(w[1:]))
-    elif spec.op_type in ("MatMul", "Gemm"):
-        a = spec.inputs[0]
-        reduction = a[0] if spec.op_type == "Gemm" and spec.attr("transA") else a[-1]
-    else:
-        reduction = 1
-    base = TOLERANCE_BASE.get(spec.dtype, 1e-2)
-    return base * max(1.0, math.sqrt(reduction / 64))
-
-
-def _kind_problem(out, ref: np.ndarray) -> str:
-    if out is None or not isinstance(out, np.ndarray):
-        return f"returned {type(out).__name__}, not an array"
-    if out.shape != ref.shape:
-        return f"output shape {out.shape} != reference {ref.shape}"
-    if out.dtype != ref.dtype:
-        return f"output dtype {out.dtype} != reference {ref.dtype}"
-    return ""
-
-
-def compare(out: np.ndarray, ref: np.ndarray) -> tuple[float, str]:
-    """Relative max error and a reason if the candidate's output is unacceptable in kind.
-
-    For finite inputs: NaN and Inf (with its sign) exactly where the reference has them.
-    """
-    problem = _kind_problem(out, ref)
-    if problem:
-        return math.inf, problem
-    ref_nan, out_nan = np.isnan(ref), np.isnan(out)
-    if not np.array_equal(ref_nan, out_nan):
-        return math.inf, "NaNs differ from the reference"
-    ref_inf = np.isinf(ref)
-    if not np.array_equal(ref_inf, np.isinf(out)):
-        return math.inf, "infinities differ from the reference"
-    if not np.array_equal(np.signbit(ref[ref_inf]), np.signbit(out[ref_inf])):
-        return math.inf, "infinities differ in sign from the reference"
-    return _relative_error(out, ref, ~ref_nan & ~ref_inf), ""
-
-
-def compare_nonfinite(out: np.ndarray, ref: np.ndarray) -> tuple[float, str]:
-    """:func:`compare` for inputs holding NaN/Inf: propagate, never hide (see the module docstring)."""
-    problem = _kind_problem(out, ref)
-    if problem:
-        return math.inf, problem
-    ref_finite, out_finite = np.isfinite(ref), np.isfinite(out)
-    hidden = int(np.count_nonzero(~ref_finite & out_finite))
-    if hidden:
-        return math.inf, f"hides NaN/Inf: {hidden} outputs are finite where the reference's are not"
-    return _relative_error(out, ref, ref_finite & out_finite), ""
-
-
-def _relative_error(out: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
-    if not mask.any():
-        return 0.0
-    r = ref[mask].astype(np.float64)
-    scale = float(np.max(np.abs(r)))
-    err = float(np.max(np.abs(out[mask].astype(np.float64) - r)))
-    return err / max(scale, 1e-30)
-
-
-def spec_seed(spec: OpSpec, seed: int = 0) -> list[int]:
-    """Seed of a signature's random data: the same in every process and on every run."""
-    return [seed, int(spec.key()[:15], 16)]
-
-
-def check_inputs(spec: OpSpec, args: Sequence[np.ndarray], rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
-    """The runtime inputs each candidate is checked on (logical NCHW): random plus the special ones."""
-    cases = {"random": list(args)}
-    if not args:
-        return cases
-    first = args[0]
-    cases["zeros"] = [np.zeros_like(first)] + list(args[1:])
-    if first.dtype.kind == "f":
-        big = LARGE_MAGNITUDE if first.dtype.itemsize >= 4 else float(np.finfo(first.dtype).max) ** 0.25
-        cases["large"] = [(first.astype(np.float64) * big).astype(first.dtype)] + list(args[1:])
-        bad = first.copy()
-        flat = bad.reshape(-1)
-        positions = rng.choice(flat.size, size=min(4, flat.size), replace=False)
-        for pos, value in zip(positions, (np.nan, np.inf, -np.inf, np.nan)):
-            flat[pos] = value
-        cases["nonfinite"] = [bad] + list(args[1:])
-    return cases
-
-
-def run_candidate(fn: Callable[..., np.ndarray], impl: Implementation, spec: OpSpec,
-                  args: Sequence[np.ndarray]) -> np.ndarray:
-    """Call a built candidate on logical-NCHW inputs; its output back in logical NCHW."""
-    call_args = [formats.to_format(a, f) for a, f in zip(args, impl.input_formats(spec))]
-    out = fn(*call_args)
-    fout = registry.resolve_format(impl.out_format)
-    if fout != formats.NCHW and isinstance(out, np.ndarray):
-        out = formats.from_format(out, fout, spec.output[1])
-    return out
 
 
 _prepared: set[str] = set()
@@ -325,16 +231,16 @@ def _check_candidate(impl: Implementation, spec: OpSpec, consts: dict, cases: di
             with channel.running(impl.id), np.errstate(all="ignore"):  # judged by the comparison, not warnings
                 out = run_candidate(fn, impl, spec, fresh)
         except Exception as exc:
-            result.reason = (isolation.describe_exception(exc) + ("" if name == "random" else f" on {_CASE_WORDS[name]}"))[:300]
+            result.reason = (isolation.describe_exception(exc) + ("" if name == "random" else f" on {CASE_WORDS[name]}"))[:300]
             return None
         if any(not np.array_equal(a, b, equal_nan=a.dtype.kind in "fc") for a, b in zip(fresh, case)):
-            result.reason = f"modified its input in place (on {_CASE_WORDS[name]})"
+            result.reason = f"modified its input in place (on {CASE_WORDS[name]})"
             return None
         err, why = compare_nonfinite(out, refs[name]) if name == "nonfinite" else compare(out, refs[name])
         if why or err > tol:
             result.error = err if not why else result.error
             detail = why or f"relative error {err:.2e} > tolerance {tol:.1e}"
-            result.reason = f"wrong result on {_CASE_WORDS[name]}: {detail}"[:300]
+            result.reason = f"wrong result on {CASE_WORDS[name]}: {detail}"[:300]
             return None
         result.error = max(result.error, err)
     call_args = [formats.to_format(a, f) for a, f in zip(cases["random"], impl.input_formats(spec))]
@@ -558,123 +464,3 @@ def time_callable(fn: Callable[[], object], limit_s: float = 0.5, min_rounds: in
         if time.perf_counter() - start > limit_s and len(times) >= 3:
             break
     return timing.typical_ms(times)
-
-
-# ------------------------------------------------------------------ light ops and reorders
-
-def light_key(node, graph, fmt: str) -> str:
-    """Signature of a light (non-selected) node: op, attributes, shapes, small constants, opset."""
-    import hashlib
-    import json
-
-    consts = {}
-    for i, t in enumerate(node.inputs):
-        if t in graph.constants:
-            consts[i] = hashlib.sha256(np.ascontiguousarray(graph.constants[t]).tobytes()).hexdigest()[:16]
-    shapes = [(list(graph.tensors[t].shape), graph.tensors[t].dtype) if t in graph.tensors else None for t in node.inputs]
-    text = json.dumps({"op": node.op_type, "domain": node.domain, "attrs": repr(sorted(node.attrs.items())),
-                       "inputs": shapes, "consts": consts, "opset": graph.opsets.get("", 0), "fmt": fmt,
-                       "out": [list(graph.tensors[t].shape) for t in node.outputs if t in graph.tensors]},
-                      sort_keys=True)
-    return "light:" + hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-# Light nodes, reorders and the dispatch cost are all timed in onnxruntime sessions: bump this
-# when those sessions change (2: their threads spin during ``run``), so old timings are not reused.
-AUXILIARY_TIMING_VERSION = 2
-
-
-class AuxiliaryTimer:
-    """Times light nodes and reorders (the rest of the cost model), cached like operators."""
-
-    def __init__(self, profiler: Profiler):
-        self.p = profiler
-
-    def _cached_or(self, key: str, measure: Callable[[], float]) -> Optional[float]:
-        caches = self.p.caches
-        full = Caches.timing_key(self.p.fingerprint, f"{key}@aux{AUXILIARY_TIMING_VERSION}", "ms")
-        if caches is not None and not (self.p.refresh and full not in self.p._fresh):
-            hit = caches.timings.get(full)
-            if hit is not None:
-                ms = hit.get("ms")
-                if _is_number(ms) and math.isfinite(ms) and ms >= 0:
-                    return float(ms)
-                if full not in self.p._reported:
-                    self.p._reported.add(full)
-                    log.warning("ignoring a corrupt timing cache entry %s (ms is %r); measuring again", full, ms)
-        if not self.p.budget_left():
-            return None
-        try:
-            ms = measure()
-        except Exception as exc:
-            log.debug("could not time %s: %s", key, exc)
-            ms = None
-        if caches is not None and ms is not None:
-            caches.timings.set(full, {"ms": ms})
-            self.p._fresh.add(full)
-        return ms
-
-    def dispatch(self) -> float:
-        """Fixed cost of one onnxruntime ``run`` call (feeds, fetches, thread wake-up).
-
-        Standalone one-node timings include it, yet nodes merged into a segment do not pay it
-        per node, while every host kernel splits a segment and pays it once more: the planner
-        corrects candidate costs by this amount.
-        """
-        return self._cached_or("dispatch@2", self._time_dispatch) or 0.0
-
-    def _time_dispatch(self) -> float:
-        """One node alone minus one node of a chain of ``CHAIN`` identical nodes, measured side by
-        side: what a standalone session pays per call (feeds, fetches, waking the thread pool from
-        sleep) that a node inside a merged segment does not."""
-        from onnx import helper
-
-
-        chain, shape = 16, [1, 64, 28, 28]
-
-        def sess(n: int):
-            nodes = [helper.make_node("Relu", ["x" if i == 0 else f"t{i}"], ["y" if i == n - 1 else f"t{i + 1}"])
-                     for i in range(n)]
-            model = ortutil.make_model(nodes, [ortutil.value_info("x", shape)], [ortutil.value_info("y", shape)])
-            return ortutil.session(model, level="disable")
-
-        one, many = sess(1), sess(chain)
-        feed = {"x": self.p.rng.standard_normal(shape).astype(np.float32)}
-        t = timing.interleaved({"one": lambda: one.run(None, feed), "many": lambda: many.run(None, feed)},
-                                  repeats=30, max_seconds=2)
-        return max(0.0, t["one"] - t["many"] / chain)
-
-    def light(self, node, graph, fmt: str) -> Optional[float]:
-        return self._cached_or(light_key(node, graph, fmt), lambda: self._time_light(node, graph, fmt))
-
-    def reorder(self, shape: Sequence[int], src: str, dst: str, dtype: str = "float32") -> Optional[float]:
-        key = f"reorder:{'x'.join(map(str, shape))}:{dtype}:{src}>{dst}"
-        return self._cached_or(key, lambda: self._time_reorder(tuple(shape), src, dst, dtype))
-
-    def _time_light(self, node, graph, fmt: str) -> float:
-        runtime = [t for t in dict.fromkeys(node.inputs) if t and t not in graph.constants]
-        if fmt == formats.NCHW:
-            frag_nodes, inits = [to_proto(node)], {}
-        else:
-            frag = layout_ops.emit_light(node, graph, fmt)
-            frag_nodes, inits = frag.nodes, dict(frag.initializers)
-        inits.update({t: graph.constants[t] for t in node.inputs if t in graph.constants})
-        feed, vis = {}, []
-        for t in runtime:
-            info = graph.tensors[t]
-            shape = formats.physical_shape(info.shape, fmt) if fmt != formats.NCHW else info.shape
-            arr = self.p.rng.standard_normal(shape).astype(info.dtype) if info.dtype.startswith("float") \
-                else np.zeros(shape, dtype=info.dtype)
-            feed[t] = arr
-            vis.append(ortutil.value_info(t, shape, info.dtype))
-        from onnx import helper
-
-        outs = [helper.make_empty_tensor_value_info(t) for t in node.outputs if t]
-        model = ortutil.make_model(frag_nodes, vis, outs, inits, graph.opsets)
-        sess = ortutil.session(model, level="extended")
-        return time_callable(lambda: sess.run(None, feed), limit_s=0.2)
-
-    def _time_reorder(self, shape: tuple[int, ...], src: str, dst: str, dtype: str) -> float:
-        fn = layout_ops.reorder_callable(src, dst, shape)
-        x = formats.to_format(self.p.rng.standard_normal(shape).astype(dtype), src)
-        return time_callable(lambda: fn(x), limit_s=0.2)

@@ -16,11 +16,14 @@ from typing import Callable, Optional
 import numpy as np
 
 from fastrun.planning import costmodel, search
+from fastrun.planning.problem import Assignment, Choice, SearchNode, SearchProblem, evaluate, restricted
+from fastrun.planning.problem import greedy as greedy_assignment
 from fastrun.ops import formats, registry
 from fastrun.ir.graph import Graph, Node, spec_for_node
 from fastrun.system.ortutil import default_threads
 from fastrun.runtime.plan import LIGHT_IMPL, NodeChoice, Plan
-from fastrun.measure.profiler import AuxiliaryTimer, Profiler, Timing
+from fastrun.measure.auxiliary import AuxiliaryTimer
+from fastrun.measure.profiler import Profiler, Timing
 from fastrun.ops.registry import OpSpec
 from fastrun.ops import layout_ops
 from fastrun.ops import builtin  # noqa: F401  (registers the built-in implementations this module queries)
@@ -55,8 +58,8 @@ def _runtime_inputs(node: Node, graph: Graph) -> list[str]:
     return [t for t in node.inputs if t and t not in graph.constants]
 
 
-def _heavy_choice(impl: registry.Implementation, spec: OpSpec, cost: float) -> search.Choice:
-    return search.Choice(impl.id, impl.input_formats(spec), registry.resolve_format(impl.out_format), cost)
+def _heavy_choice(impl: registry.Implementation, spec: OpSpec, cost: float) -> Choice:
+    return Choice(impl.id, impl.input_formats(spec), registry.resolve_format(impl.out_format), cost)
 
 
 def light_formats(node: Node, graph: Graph, allowed: set[str]) -> list[str]:
@@ -167,23 +170,23 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
                 cost = aux.light(node, graph, fmt) if aux else costmodel.light_ms(node, graph, fmt)
                 if cost is None and fmt != formats.NCHW:
                     continue
-                choices.append(search.Choice(LIGHT_IMPL, (fmt,) * len(runtime), fmt, _in_segment(cost or 0.0, dispatch)))
-        nodes.append(search.SearchNode(node.name, runtime, [t for t in node.outputs if t], choices))
+                choices.append(Choice(LIGHT_IMPL, (fmt,) * len(runtime), fmt, _in_segment(cost or 0.0, dispatch)))
+        nodes.append(SearchNode(node.name, runtime, [t for t in node.outputs if t], choices))
 
-    problem = search.SearchProblem(nodes, {t: formats.NCHW for t in graph.inputs},
+    problem = SearchProblem(nodes, {t: formats.NCHW for t in graph.inputs},
                                    {t: formats.NCHW for t in graph.outputs if t not in graph.constants},
                                    _reorder_costs(graph, nodes, aux, dispatch))
     if progress:
         progress("solving the format assignment")
     if assignment == "heuristic" and profiler is not None:
-        result = search.evaluate(problem, _choices_like(problem, make_plan(graph, fingerprint, None, allowed)))
+        result = evaluate(problem, _choices_like(problem, make_plan(graph, fingerprint, None, allowed)))
     else:
         result = search.solve(problem)
     greedy = nchw_only = None
     if profiler is not None:
-        greedy = search.greedy(problem)
+        greedy = greedy_assignment(problem)
         try:
-            nchw_only = search.solve(search.restricted(problem, {formats.NCHW}))
+            nchw_only = search.solve(restricted(problem, {formats.NCHW}))
         except Exception as exc:
             log.debug("NCHW-only baseline unavailable: %s", exc)
             nchw_only = None
@@ -193,7 +196,7 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
                     profiled=profiler is not None)
 
 
-def _choices_like(problem: search.SearchProblem, plan: Plan) -> dict[str, int]:
+def _choices_like(problem: SearchProblem, plan: Plan) -> dict[str, int]:
     """Indices of ``plan``'s choices in ``problem`` (the cheapest choice where it has none)."""
     picked = {}
     for sn in problem.nodes:
@@ -210,7 +213,7 @@ def _in_segment(standalone_ms: float, dispatch: float) -> float:
 
 
 def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], allowed: set[str],
-                   dispatch: float = 0.0) -> list[search.Choice]:
+                   dispatch: float = 0.0) -> list[Choice]:
     by_id = {impl.id: impl for impl in h.impls}
     choices = []
     for impl_id, t in timings.items():
@@ -231,7 +234,7 @@ def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], allowed: set[str],
     return choices
 
 
-def _reorder_costs(graph: Graph, nodes: list[search.SearchNode], aux: Optional[AuxiliaryTimer],
+def _reorder_costs(graph: Graph, nodes: list[SearchNode], aux: Optional[AuxiliaryTimer],
                    dispatch: float = 0.0) -> dict[str, dict[str, float]]:
     """Reorder cost of every format pair a tensor might need (measured per shape, cached)."""
     involved: dict[str, set[str]] = {}
@@ -259,9 +262,9 @@ def _reorder_costs(graph: Graph, nodes: list[search.SearchNode], aux: Optional[A
     return costs
 
 
-def _to_plan(graph: Graph, fingerprint: str, problem: search.SearchProblem, result: search.Assignment,
+def _to_plan(graph: Graph, fingerprint: str, problem: SearchProblem, result: Assignment,
              heavy: dict[str, HeavyNode], timings: dict[str, dict[str, Timing]],
-             greedy: Optional[search.Assignment], nchw_only: Optional[search.Assignment],
+             greedy: Optional[Assignment], nchw_only: Optional[Assignment],
              partial: bool, profiled: bool) -> Plan:
     op_types = {n.name: n.op_type for n in graph.nodes}
     choices = []

@@ -27,7 +27,7 @@ from onnx import helper
 
 from fastrun.ir.graph import Graph, Node, const_inputs, spec_for_node, to_proto
 from fastrun.ops import builtin  # noqa: F401  (registers the built-in implementations plans name)
-from fastrun.ops import formats, layout_ops, registry
+from fastrun.ops import formats, layout_ops, registry, reorders
 from fastrun.ops.registry import OnnxFragment
 from fastrun.runtime.plan import LIGHT_IMPL, Plan
 from fastrun.runtime.program import Program, instantiate
@@ -124,7 +124,7 @@ def _rename(fragment: OnnxFragment, mapping: dict[str, str], prefix: str) -> Onn
 def _reorder_step(tensor: str, src: str, dst: str, shape: Sequence[int], produced: dict[str, str]) -> Step:
     out = tensor_name(tensor, dst, produced)
     src_name = tensor_name(tensor, src, produced)
-    fragment = layout_ops.reorder_fragment(src_name, out, src, dst, tuple(shape))
+    fragment = reorders.reorder_fragment(src_name, out, src, dst, tuple(shape))
     return Step(f"reorder:{out}", [src_name], [out], fragment=fragment, is_reorder=True)
 
 

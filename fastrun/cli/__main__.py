@@ -1,0 +1,4 @@
+"""``python -m fastrun.cli``: the command line."""
+from fastrun.cli.commands import main
+
+main()

@@ -1,0 +1,174 @@
+"""The ``fastrun`` command: parses arguments, calls the library, prints."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from fastrun._version import __version__
+from fastrun.cli.cache import cache, show_plans
+from fastrun.cli.options import (cache_option, fail_cleanly, parse_shape_sets, resolve_model, setup_logging, shape_option,
+                                 show_options)
+from fastrun.cli.output import print_profile, print_warmup, progress_printer, write_report
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fastrun")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Fast-Run style algorithm selection for ONNX models.
+
+    Profile every implementation of every Conv/MatMul/Gemm on this machine, keep the fastest,
+    choose one tensor format per tensor for the whole graph, and serve the cached plan.
+    """
+    setup_logging(verbose)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--example", metavar="NAME", help="Use a model shipped in the onnx wheel (resnet50, vgg19, ...).")
+@shape_option
+@cache_option
+@click.option("--budget", type=float, default=None, metavar="SECONDS",
+              help="Stop profiling new signatures after this long; the rest take the heuristic choice.")
+@click.option("--op-limit", type=float, default=2.0, show_default=True, metavar="SECONDS",
+              help="Timing budget per op signature.")
+@click.option("--op-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Kill a candidate whose build or single call takes longer; it is recorded as failed [default: 10].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a self-contained HTML report (charts of every candidate, formats, reorders).")
+@click.option("--no-measure", is_flag=True, help="Skip the end-to-end comparison with onnxruntime.")
+@click.option("--repeats", type=int, default=10, show_default=True, help="Rounds of the end-to-end comparison.")
+@click.option("--refresh", is_flag=True, help="Measure every signature again, ignoring cached timings "
+              "(e.g. after profiling on a busy machine).")
+@fail_cleanly
+def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, json_path, report_path, no_measure, repeats,
+            refresh) -> None:
+    """Profile MODEL, store its plan, print what was chosen and what it gains."""
+    from fastrun.workflows import profile as profiling
+
+    path = resolve_model(model, example)
+    show, done = progress_printer()
+    results = []
+    for shape_set in parse_shape_sets(shapes) or [None]:  # one plan per shape set
+        report = profiling.profile(path, shape_set, cache_dir=cache_dir, budget=budget, op_limit=op_limit,
+                             op_timeout=op_timeout, progress=show, measure=not no_measure, repeats=repeats,
+                             refresh=refresh)
+        done()
+        results.append(report.to_json())
+        print_profile(results[-1])
+    if json_path:
+        Path(json_path).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+        click.echo(f"wrote {json_path}")
+    if report_path:
+        for i, data in enumerate(results):
+            target = Path(report_path)
+            write_report(data, str(target.with_name(f"{target.stem}.{i + 1}{target.suffix}")) if i else report_path)
+
+
+@main.command("report")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="HTML file to write (default: RESULTS with .html).")
+@fail_cleanly
+def report_cmd(results, output) -> None:
+    """Render the HTML report of a saved `fastrun profile --json` file (one per shape set it holds)."""
+    from fastrun.errors import FastrunError
+
+    try:
+        data = json.loads(Path(results).read_text())
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    items = data if isinstance(data, list) else [data]
+    if not items or not all(isinstance(d, dict) and isinstance(d.get("nodes"), list) for d in items):
+        raise FastrunError(f"{results} is not a `fastrun profile --json` file")
+    target = Path(output or Path(results).with_suffix(".html"))
+    for i, d in enumerate(items):
+        write_report(d, str(target.with_name(f"{target.stem}.{i + 1}{target.suffix}") if i else target))
+
+
+@main.command()
+@click.option("--op", "op_type", default=None, help="Only this op type.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def impls(op_type, as_json) -> None:
+    """List registered implementations and where each applies."""
+    from fastrun.ops import registry
+
+    items = [i for i in registry.all_implementations() if op_type is None or i.op_type == op_type]
+    if as_json:
+        click.echo(json.dumps([{"op_type": i.op_type, "name": i.name, "version": i.version, "kind": i.kind,
+                                "in_format": i.in_format, "out_format": i.out_format, "rank": i.heuristic_rank,
+                                "module": i.module, "description": i.description} for i in items], indent=1))
+        return
+    width = max([len("implementation")] + [len(i.id) for i in items])
+    click.echo(f"{'op':<7} {'implementation':<{width}} {'kind':<5} {'formats':<16} {'rank':>4}  applies to")
+    for i in items:
+        fmts = i.in_format if i.in_format == i.out_format else f"{i.in_format}>{i.out_format}"
+        click.echo(f"{i.op_type:<7} {i.id:<{width}} {i.kind:<5} {fmts:<16} {i.heuristic_rank:>4}  {i.description}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the fields as JSON.")
+def fingerprint(as_json) -> None:
+    """Print this machine's hardware/software fingerprint."""
+    from fastrun.system import fingerprint as fp
+
+    fields = fp.describe()
+    if as_json:
+        click.echo(json.dumps({"fingerprint": fp.fingerprint(fields), **fields}, indent=1))
+        return
+    click.echo(fp.fingerprint(fields))
+    for k, v in fields.items():
+        click.echo(f"  {k:<12} {' '.join(v) if isinstance(v, list) else v}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDx..",
+              help="Input shape; repeat a name for several shape sets (one plan each), e.g. "
+                   "--shape x:1x3x224x224 --shape x:8x3x224x224.")
+@cache_option
+@click.option("--budget", type=float, default=None, metavar="SECONDS",
+              help="Per model and shape set: stop profiling new signatures after this long.")
+@click.option("--op-limit", type=float, default=2.0, show_default=True, metavar="SECONDS",
+              help="Timing budget per op signature.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the summary as JSON.")
+@fail_cleanly
+def warmup(paths, shapes, cache_dir, budget, op_limit, json_path) -> None:
+    """Profile what is missing for PATHS (model files, directories searched for *.onnx).
+
+    Plans already cached are not touched: a second run times nothing (a plan cut short by
+    --budget is resumed). Failed models are reported after the others finish, with exit status 1.
+    For container builds:
+
+    \b
+        RUN fastrun warmup models/ --cache-dir /opt/fastrun
+    """
+    from fastrun.workflows.warmup import warmup as run_warmup
+
+    sets = parse_shape_sets(shapes)
+    show, done = progress_printer()
+    results = run_warmup(paths, sets, cache_dir=cache_dir, progress=show, budget=budget, op_limit=op_limit)
+    done()
+    print_warmup(results)
+    if json_path:
+        Path(json_path).write_text(json.dumps([r.to_json() for r in results], indent=1))
+        click.echo(f"wrote {json_path}")
+    if any(not r.ok for r in results):
+        sys.exit(1)
+
+
+@main.command("show")
+@show_options
+def show(model, example, shapes, fmt, cache_dir) -> None:
+    """Print the cached plan of MODEL (every cached shape set unless --shape)."""
+    show_plans(model, example, shapes, fmt, cache_dir)
+
+
+main.add_command(cache)
+
+if __name__ == "__main__":
+    main()
