@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "fastrun"
 MAX_MODULE_LINES = 500
@@ -81,8 +79,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_layers_contract_is_kept():
     lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
-    if lint is None:
-        pytest.skip("import-linter is not installed (pip install -e '.[test]')")
+    assert lint, "import-linter is not installed: pip install -e '.[test]'"
     run = subprocess.run([lint, "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 

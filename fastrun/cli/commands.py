@@ -55,8 +55,8 @@ def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, jso
     results = []
     for shape_set in parse_shape_sets(shapes) or [None]:  # one plan per shape set
         report = profiling.profile(path, shape_set, cache_dir=cache_dir, budget=budget, op_limit=op_limit,
-                             op_timeout=op_timeout, progress=show, measure=not no_measure, repeats=repeats,
-                             refresh=refresh)
+                                   op_timeout=op_timeout, progress=show, measure=not no_measure, repeats=repeats,
+                                   refresh=refresh)
         done()
         results.append(report.to_json())
         print_profile(results[-1])

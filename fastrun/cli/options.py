@@ -48,11 +48,11 @@ def resolve_model(model: Optional[str], example: Optional[str]) -> str:
 
 
 cache_option = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                             help="Cache directory (default: $FASTRUN_CACHE_DIR or ./cache in a checkout).")
+                            help="Cache directory (default: $FASTRUN_CACHE_DIR or ./cache in a checkout).")
 
 
 shape_option = click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDx..",
-                             help="Concrete input shape, e.g. data:1x3x224x224 (repeatable).")
+                            help="Concrete input shape, e.g. data:1x3x224x224 (repeatable).")
 
 
 def parse_shape_sets(shapes: tuple[str, ...]) -> list[dict[str, tuple[int, ...]]]:

@@ -8,7 +8,6 @@ from typing import Optional
 import click
 
 
-
 def ms(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.3f}"
 

@@ -22,7 +22,7 @@ NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Random
 
 
 def fold_constants(nodes: list[Node], constants: dict[str, np.ndarray], outputs: list[str],
-                    opsets: dict[str, int]) -> tuple[list[Node], dict[str, np.ndarray]]:
+                   opsets: dict[str, int]) -> tuple[list[Node], dict[str, np.ndarray]]:
     """Evaluate every node whose inputs are all constant, with onnxruntime, in one session."""
     const_names = set(constants)
     folded, kept = [], []

@@ -89,7 +89,6 @@ class AuxiliaryTimer:
         sleep) that a node inside a merged segment does not."""
         from onnx import helper
 
-
         chain, shape = 16, [1, 64, 28, 28]
 
         def sess(n: int):
@@ -101,7 +100,7 @@ class AuxiliaryTimer:
         one, many = sess(1), sess(chain)
         feed = {"x": self.p.rng.standard_normal(shape).astype(np.float32)}
         t = timing.interleaved({"one": lambda: one.run(None, feed), "many": lambda: many.run(None, feed)},
-                                  repeats=30, max_seconds=2)
+                               repeats=30, max_seconds=2)
         return max(0.0, t["one"] - t["many"] / chain)
 
     def light(self, node, graph, fmt: str) -> Optional[float]:

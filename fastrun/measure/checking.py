@@ -26,7 +26,7 @@ SPECIAL_INPUTS = ("zeros", "large", "nonfinite")
 
 
 CASE_WORDS = {"random": "random input", "zeros": "all-zero input", "large": "large-magnitude (1e30) input",
-               "nonfinite": "input with NaN/Inf"}
+              "nonfinite": "input with NaN/Inf"}
 
 
 def is_number(v) -> bool:

@@ -370,7 +370,7 @@ def _emit_batchnorm(node, graph, fmt: str, out: str, tmp: Optional[str], out_sha
     inits = {f"{p}/w": w, f"{p}/b": bias, f"{p}/shape4": to4_shape(), f"{p}/shape5": to5_shape(b)}
     nodes = [make_node("Reshape", [node.inputs[0], f"{p}/shape4"], [f"{p}/x4"], f"{p}/to4"),
              make_node("Conv", [f"{p}/x4", f"{p}/w", f"{p}/b"], [f"{p}/y4"], node.name, NCHWC_DOMAIN,
-                   {"kernel_shape": [1, 1], "group": cp}),
+                       {"kernel_shape": [1, 1], "group": cp}),
              make_node("Reshape", [f"{p}/y4", f"{p}/shape5"], [out], f"{p}/to5")]
     return _finish(node, nodes, inits, tmp, dict(NCHWC_OPSETS))
 

@@ -294,4 +294,3 @@ def candidates(spec: OpSpec) -> list[Implementation]:
 def heavy_op_types() -> set[str]:
     """Op types that have registered implementations (the ones fastrun selects for)."""
     return {impl.op_type for impl in all_implementations()}
-

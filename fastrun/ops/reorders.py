@@ -35,7 +35,7 @@ def _attr_value(v: Any) -> Any:
 
 
 def make_node(op_type: str, inputs: Sequence[str], outputs: Sequence[str], name: str, domain: str = "",
-          attrs: Optional[dict] = None) -> onnx.NodeProto:
+              attrs: Optional[dict] = None) -> onnx.NodeProto:
     attrs = {k: _attr_value(v) for k, v in (attrs or {}).items() if not k.startswith("_")}
     return helper.make_node(op_type, list(inputs), list(outputs), name=name, domain=domain or None, **attrs)
 
@@ -93,10 +93,10 @@ def reorder_fragment(src_name: str, dst_name: str, src_fmt: str, dst_fmt: str,
             zshape = (n, h, w, extra) if channels_last else (n, extra, h, w)
             inits[f"{p}/zeros"] = np.zeros(zshape, dtype=np.float32)
             nodes.append(make_node("Concat", [x, f"{p}/zeros"], [f"{p}/padded"], f"{p}/pad",
-                               attrs={"axis": 3 if channels_last else 1}))
+                                   attrs={"axis": 3 if channels_last else 1}))
             x = f"{p}/padded"
         nodes.append(make_node("ReorderInput", [x], [f"{p}/y4"], f"{p}/reorder_input", NCHWC_DOMAIN,
-                           {"channels_last": channels_last}))
+                               {"channels_last": channels_last}))
         inits[f"{p}/shape5"] = to5_shape(bd)
         nodes.append(make_node("Reshape", [f"{p}/y4", f"{p}/shape5"], [dst_name], f"{p}/to5"))
         return OnnxFragment(nodes, inits, dict(NCHWC_OPSETS))
@@ -105,7 +105,7 @@ def reorder_fragment(src_name: str, dst_name: str, src_fmt: str, dst_fmt: str,
     inits[f"{p}/shape4"] = to4_shape()
     nodes.append(make_node("Reshape", [src_name, f"{p}/shape4"], [f"{p}/x4"], f"{p}/to4"))
     nodes.append(make_node("ReorderOutput", [f"{p}/x4"], [dst_name], f"{p}/reorder_output", NCHWC_DOMAIN,
-                       {"channels": c, "channels_last": 1 if dst_fmt == formats.NHWC else 0}))
+                           {"channels": c, "channels_last": 1 if dst_fmt == formats.NHWC else 0}))
     return OnnxFragment(nodes, inits, dict(NCHWC_OPSETS))
 
 

@@ -174,8 +174,8 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
         nodes.append(SearchNode(node.name, runtime, [t for t in node.outputs if t], choices))
 
     problem = SearchProblem(nodes, {t: formats.NCHW for t in graph.inputs},
-                                   {t: formats.NCHW for t in graph.outputs if t not in graph.constants},
-                                   _reorder_costs(graph, nodes, aux, dispatch))
+                            {t: formats.NCHW for t in graph.outputs if t not in graph.constants},
+                            _reorder_costs(graph, nodes, aux, dispatch))
     if progress:
         progress("solving the format assignment")
     if assignment == "heuristic" and profiler is not None:
@@ -305,4 +305,3 @@ def _to_plan(graph: Graph, fingerprint: str, problem: SearchProblem, result: Ass
                 greedy_ms=greedy.cost if greedy else None,
                 nchw_only_ms=nchw_only.cost if nchw_only else None,
                 solver=solver if profiled else {}, threads=default_threads(), policy=policy)
-

@@ -247,7 +247,7 @@ def evaluate(problem: SearchProblem, choices: dict[str, int]) -> Assignment:
 
 
 def assess(problem: SearchProblem, choices: dict[str, int], lb: Optional[float] = None,
-              status: str = "feasible", method: str = "fixed") -> Assignment:
+           status: str = "feasible", method: str = "fixed") -> Assignment:
     formats, reorders, node_costs, reorder_costs = _assemble(problem, choices)
     terms = node_costs + reorder_costs
     if any(x != x for x in terms):

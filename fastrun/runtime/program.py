@@ -89,7 +89,6 @@ def with_host_threads(program: Program, threads: int) -> Program:
     return replace(program, program=parts)
 
 
-
 def instantiate(recipe: Recipe) -> Program:
     """Create the recipe's onnxruntime sessions and build its host kernels."""
     def make(part):

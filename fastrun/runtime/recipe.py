@@ -51,4 +51,3 @@ class Recipe:
     constants: dict[str, np.ndarray]  # graph outputs that are constants
     outputs: dict[str, str]          # graph output -> name of the NCHW tensor holding it
     reorders: int = 0
-

@@ -175,7 +175,7 @@ def _measure(report: ProfileReport, graph: Graph, program: Program, data: bytes,
     ref = baseline.run(names, feed)
     report.max_error = relative_error([ours[n] for n in names], ref)
     times = timing.interleaved({"fastrun": lambda: program.run(feed), "onnxruntime": lambda: baseline.run(names, feed)},
-                                  repeats=repeats, min_seconds=MEASURE_MIN_SECONDS, max_seconds=60)
+                               repeats=repeats, min_seconds=MEASURE_MIN_SECONDS, max_seconds=60)
     report.measured_ms, report.onnxruntime_ms = times["fastrun"], times["onnxruntime"]
     report.segments, report.host_steps, report.reorders = program.segments, program.host_steps, program.reorders
 

@@ -146,7 +146,7 @@ def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
     feed = random_feed(graph)
     part_seconds: dict[int, list[list[float]]] = {n: [[] for _ in programs[n].program] for n in counts}
     times = timing.interleaved({str(n): (lambda n=n: programs[n].run(feed, part_seconds[n])) for n in counts},
-                                  repeats=max(5, repeats), max_seconds=60)
+                               repeats=max(5, repeats), max_seconds=60)
     best = _faster_by_margin(counts, {n: times[str(n)] for n in counts})
     plan.threads = best
     record: dict[str, Any] = {"chosen": best, "ms": times}

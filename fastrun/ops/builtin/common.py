@@ -68,7 +68,6 @@ def transposed(x: np.ndarray, dtype=np.float32) -> np.ndarray:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-
     rows, cols = x.shape
     out = np.empty((cols, rows), dtype)
     bs = TRANSPOSE_BLOCK
