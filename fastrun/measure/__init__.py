@@ -1,0 +1,1 @@
+"""Measuring: candidates checked and timed in a killable worker, light ops and reorders timed."""

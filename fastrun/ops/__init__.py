@@ -1,0 +1,1 @@
+"""Operators: tensor formats, the implementation registry, the built-in implementations, light ops and reorders."""

@@ -1,0 +1,1 @@
+"""Planning: timings -> the assignment problem -> its exact solution -> a plan."""

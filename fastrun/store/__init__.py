@@ -1,0 +1,1 @@
+"""Persistence: JSON-only stores of timings and plans, their keys, compiled programs on disk."""

@@ -1,0 +1,1 @@
+"""The library's workflows: profile, verify, look up, warm up, manage the cache, report."""
