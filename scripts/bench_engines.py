@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -163,7 +164,7 @@ def bench(spec: str, batch: int, variants: list[str], args: argparse.Namespace, 
     for run in runs.values():
         run()
     samples = race(runs, args.rounds, args.block)
-    row = {"model": spec, "batch": batch, "start_s": start_s, "errors": errors, "samples_ms": samples,
+    row = {"model": spec, "batch": batch, "load_avg_1min": os.getloadavg()[0], "start_s": start_s, "errors": errors, "samples_ms": samples,
            "ms": {n: statistics.median(s) for n, s in samples.items()}, "ratios": {}}
     for name, times in samples.items():
         ratios = sorted(b / t for b, t in zip(samples["ort"], times))
@@ -177,7 +178,7 @@ def bench(spec: str, batch: int, variants: list[str], args: argparse.Namespace, 
 
 
 def print_row(row: dict) -> None:
-    print(f"\n{row['model']} b{row['batch']}")
+    print(f"\n{row['model']} b{row['batch']} (load average {row['load_avg_1min']:.1f} on {os.cpu_count()} CPUs)")
     print("  contestant      median ms   vs ort (median [min, max])   max rel err   start-up s")
     for name, ms in row["ms"].items():
         med, lo, hi = row["ratios"][name]
