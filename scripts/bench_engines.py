@@ -7,8 +7,10 @@ machine noise and thread wake-ups hit all alike):
   ov_f32       OpenVINO CPU, INFERENCE_PRECISION_HINT=f32 set explicitly (its default is bf16 on CPUs with
                native bf16), PERFORMANCE_HINT=LATENCY
   ov_bf16      OpenVINO CPU, INFERENCE_PRECISION_HINT=bf16 (only when the CPU has avx512_bf16 or amx_bf16)
-``--variants`` adds others: ort_stop (onnxruntime spinning only during run), ov_default (no hints),
-ov_f16, ov_f32_t1 / ov_f32_t2 (INFERENCE_NUM_THREADS), ov_f32_nopin (ENABLE_CPU_PINNING off).
+``--variants`` adds others: ort_stop (onnxruntime spinning only during run), ort_t1 (one thread),
+ov_default (no hints), ov_f16, ov_f32_t1 / ov_f32_t2 / ov_bf16_t1 (INFERENCE_NUM_THREADS),
+ov_f32_nopin (ENABLE_CPU_PINNING off). One-thread contestants compare kernels with less noise on a
+loaded machine: their ratio against ort_t1 is printed too.
 
 Each round times every contestant for about ``--block`` seconds and keeps that block's median call;
 a ratio is ort's block median over the contestant's in the same round, and the table prints the median
@@ -45,6 +47,7 @@ OV_CONFIGS = {
     "ov_default": {},
     "ov_f32_t1": {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1},
     "ov_f32_t2": {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 2},
+    "ov_bf16_t1": {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1},
     "ov_f32_nopin": {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
                      "ENABLE_CPU_PINNING": False},
 }
@@ -98,9 +101,11 @@ def make_feed(session: ort.InferenceSession, batch: int, seed: int = 0) -> dict[
     return feed
 
 
-def ort_contestant(model_bytes: bytes, feed: dict, stop_spinning: bool) -> tuple[Callable[[], list], float]:
+def ort_contestant(model_bytes: bytes, feed: dict, stop_spinning: bool,
+                   threads: int = 0) -> tuple[Callable[[], list], float]:
     start = time.perf_counter()
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     if stop_spinning:
         options.add_session_config_entry("session.force_spinning_stop", "1")
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
@@ -139,6 +144,12 @@ def race(runs: dict[str, Callable[[], list]], rounds: int, seconds: float) -> di
     return samples
 
 
+def ratio_stats(baseline: list[float], times: list[float]) -> tuple[float, float, float]:
+    """Median, lowest and highest of the per-round speed-ups over ``baseline``."""
+    ratios = sorted(b / t for b, t in zip(baseline, times))
+    return statistics.median(ratios), ratios[0], ratios[-1]
+
+
 def relative_error(outputs: list, reference: list) -> float:
     worst = 0.0
     for y, ref in zip(outputs, reference):
@@ -158,17 +169,19 @@ def bench(spec: str, batch: int, variants: list[str], args: argparse.Namespace, 
     for name in variants:
         if name == "ort_stop":
             runs[name], start_s[name] = ort_contestant(model_bytes, feed, stop_spinning=True)
+        elif name == "ort_t1":
+            runs[name], start_s[name] = ort_contestant(model_bytes, feed, stop_spinning=True, threads=1)
         else:
             runs[name], start_s[name] = ov_contestant(core, model_bytes, feed, OV_CONFIGS[name])
     errors = {name: relative_error(run(), reference) for name, run in runs.items()}
     for run in runs.values():
         run()
     samples = race(runs, args.rounds, args.block)
-    row = {"model": spec, "batch": batch, "load_avg_1min": os.getloadavg()[0], "start_s": start_s, "errors": errors, "samples_ms": samples,
-           "ms": {n: statistics.median(s) for n, s in samples.items()}, "ratios": {}}
-    for name, times in samples.items():
-        ratios = sorted(b / t for b, t in zip(samples["ort"], times))
-        row["ratios"][name] = (statistics.median(ratios), ratios[0], ratios[-1])
+    row = {"model": spec, "batch": batch, "load_avg_1min": os.getloadavg()[0], "start_s": start_s,
+           "errors": errors, "samples_ms": samples, "ms": {n: statistics.median(s) for n, s in samples.items()},
+           "ratios": {n: ratio_stats(samples["ort"], s) for n, s in samples.items()}}
+    if "ort_t1" in samples:
+        row["ratios_t1"] = {n: ratio_stats(samples["ort_t1"], s) for n, s in samples.items() if n.endswith("t1")}
     if args.ort_alone:
         for name in variants:
             runs[name]()  # OpenVINO has just run: does onnxruntime pay for it?
@@ -184,6 +197,8 @@ def print_row(row: dict) -> None:
         med, lo, hi = row["ratios"][name]
         print(f"  {name:<14} {ms:10.2f}   {med:6.2f}x [{lo:.2f}, {hi:.2f}]        {row['errors'][name]:9.1e}"
               f"   {row['start_s'][name]:8.3f}")
+    for name, (med, lo, hi) in row.get("ratios_t1", {}).items():
+        print(f"  {name:<14} vs ort_t1: {med:.2f}x [{lo:.2f}, {hi:.2f}]")
     if "ort_alone_ms" in row:
         a = row["ort_alone_ms"]
         print(f"  ort alone: {a['before_ov']:.2f} ms before any OpenVINO run, {a['after_ov']:.2f} ms right after")
@@ -196,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--block", type=float, default=0.3, help="seconds per contestant per round")
-    p.add_argument("--variants", nargs="*", default=[], choices=["ort_stop", *OV_CONFIGS],
+    p.add_argument("--variants", nargs="*", default=[], choices=["ort_stop", "ort_t1", *OV_CONFIGS],
                    help="contestants beside ort, ov_f32 and (native bf16 only) ov_bf16")
     p.add_argument("--no-bf16", action="store_true", help="leave out ov_bf16 even on a bf16 CPU")
     p.add_argument("--ort-alone", action="store_true", help="time onnxruntime alone before and after OpenVINO")
