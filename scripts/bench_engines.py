@@ -19,7 +19,7 @@ outputs. ``--ort-alone`` also times onnxruntime by itself before any OpenVINO mo
 again after the race, to show whether OpenVINO's threads leave onnxruntime slower.
 
     python scripts/bench_engines.py --models resnet50 squeezenet --batch 1 8 --rounds 7
-    python scripts/bench_engines.py --models path/to/model.onnx --variants ov_default ov_f32_t1
+    python scripts/bench_engines.py --models tests/fixtures/bert_encoder.onnx --dim sequence=128 --batch 1 8
 """
 from __future__ import annotations
 
@@ -80,8 +80,9 @@ def load_model(spec: str, batch: int) -> onnx.ModelProto:
                              strip_softmax=True)
 
 
-def make_feed(session: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs; a symbolic first dimension gets ``batch``, any other symbolic one is an error."""
+def make_feed(session: ort.InferenceSession, batch: int, dims: dict[str, int],
+              seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs; a symbolic dimension named in ``dims`` gets that size, any other first one ``batch``."""
     rng = np.random.default_rng(seed)
     feed = {}
     for i, arg in enumerate(session.get_inputs()):
@@ -89,10 +90,12 @@ def make_feed(session: ort.InferenceSession, batch: int, seed: int = 0) -> dict[
         for axis, dim in enumerate(arg.shape):
             if isinstance(dim, int):
                 shape.append(dim)
+            elif dim in dims:
+                shape.append(dims[dim])
             elif axis == 0:
                 shape.append(batch)
             else:
-                raise SystemExit(f"input {arg.name} has symbolic dimension {dim!r} at axis {axis}")
+                raise SystemExit(f"input {arg.name} has symbolic dimension {dim!r} at axis {axis}: give --dim {dim}=N")
         dtype = ORT_TYPES[arg.type]
         if np.issubdtype(dtype, np.floating):
             feed[arg.name] = rng.standard_normal(shape).astype(dtype)
@@ -161,7 +164,7 @@ def relative_error(outputs: list, reference: list) -> float:
 
 def bench(spec: str, batch: int, variants: list[str], args: argparse.Namespace, core) -> dict:
     model_bytes = load_model(spec, batch).SerializeToString()
-    feed = make_feed(ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]), batch)
+    feed = make_feed(ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]), batch, args.dim)
     runs, start_s = {}, {}
     runs["ort"], start_s["ort"] = ort_contestant(model_bytes, feed, stop_spinning=False)
     reference = runs["ort"]()
@@ -209,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["resnet50", "squeezenet"],
                    help="light example names (fastrun.models) or .onnx paths")
     p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--dim", nargs="*", default=[], metavar="NAME=N",
+                   help="sizes of symbolic input dimensions (e.g. sequence=128)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--block", type=float, default=0.3, help="seconds per contestant per round")
     p.add_argument("--variants", nargs="*", default=[], choices=["ort_stop", "ort_t1", *OV_CONFIGS],
@@ -217,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ort-alone", action="store_true", help="time onnxruntime alone before and after OpenVINO")
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args(argv)
+    try:
+        args.dim = {k: int(v) for k, v in (item.split("=", 1) for item in args.dim)}
+    except ValueError:
+        raise SystemExit("--dim takes NAME=N pairs, e.g. --dim sequence=128")
     try:
         import openvino as ov
     except ImportError:
