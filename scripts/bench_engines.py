@@ -154,6 +154,7 @@ def ratio_stats(baseline: list[float], times: list[float]) -> tuple[float, float
 
 
 def relative_error(outputs: list, reference: list) -> float:
+    """max|y - ref| / max|ref|, the worst over all outputs: scale-free, so one number reads for every model."""
     worst = 0.0
     for y, ref in zip(outputs, reference):
         ref = np.asarray(ref, dtype=np.float64)
