@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from fastrun import models
+from fastrun.workflows import models
 
 FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
                      "amx_int8", "avx_vnni")
@@ -211,7 +211,7 @@ def print_row(row: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet50", "squeezenet"],
-                   help="light example names (fastrun.models) or .onnx paths")
+                   help="light example names (fastrun.workflows.models) or .onnx paths")
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--dim", nargs="*", default=[], metavar="NAME=N",
                    help="sizes of symbolic input dimensions (e.g. sequence=128)")
