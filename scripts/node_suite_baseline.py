@@ -62,7 +62,7 @@ def _first_line(exc: object) -> str:
 
 def node_suite(backend, **kwargs) -> unittest.TestSuite:
     """ONNX's node cases on CPU, for ``backend`` prepared with ``kwargs``."""
-    runner = onnx.backend.test.BackendTest(backend, __name__, test_kwargs=None)
+    runner = onnx.backend.test.BackendTest(backend, __name__)
     cases = runner.test_cases["OnnxBackendNodeModelTest"]
     suite = unittest.TestSuite()
     for name in unittest.TestLoader().getTestCaseNames(cases):
@@ -89,7 +89,7 @@ def run_suite(backend, **kwargs) -> tuple[dict[str, tuple[str, str]], float]:
 def write_baseline(status: dict[str, tuple[str, str]], path: Path) -> None:
     failing = sorted(name for name, (kind, _) in status.items() if kind in ("fail", "error"))
     skipped = sum(kind == "skip" for kind, _ in status.values())
-    header = [f"# ONNX backend node cases onnxruntime fails (scripts/node_suite_baseline.py)",
+    header = ["# ONNX backend node cases onnxruntime fails (scripts/node_suite_baseline.py)",
               f"# onnx {onnx.__version__}",
               f"# onnxruntime {onnxruntime.__version__}",
               f"# cases {len(status)}, failing {len(failing)}, skipped {skipped}"]
@@ -114,7 +114,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as cache_dir:
             options = {"cache_dir": cache_dir, **({"policy": args.policy} if args.policy else {})}
             status, seconds = run_suite(backend, **options)
-        (args.out or Path(os.devnull)).write_text("".join(f"{name}\t{kind}\t{message}\n" for name, (kind, message) in sorted(status.items())))
+        lines = [f"{name}\t{kind}\t{message}\n" for name, (kind, message) in sorted(status.items())]
+        (args.out or Path(os.devnull)).write_text("".join(lines))
     counts = {kind: sum(k == kind for k, _ in status.values()) for kind in ("pass", "fail", "error", "skip")}
     print(f"{args.backend}: {len(status)} cases in {seconds:.1f} s: {counts}", file=sys.stderr)
 
