@@ -71,7 +71,8 @@ def measure(name: str, rounds: int, op_limit: float) -> dict:
             return row
         row["profile_s"] = round(time.perf_counter() - start, 1)
         theirs = zoo.session(model)
-        one = _timed(lambda: theirs.run(None, feed), 3) / 3
+        _timed(lambda: theirs.run(None, feed), 3)  # warm-up: the first calls allocate
+        one = min(_timed(lambda: theirs.run(None, feed), 1) for _ in range(5))
         calls = max(1, int(0.01 / max(one, 1e-6)))  # about 10 ms of work per sample
         ratios = race(lambda: ours.run(None, feed), lambda: theirs.run(None, feed), rounds, calls)
     third = len(ratios) // 3
