@@ -33,7 +33,7 @@ SUBSET_EVERY = 8
 # Cases fastrun fails although onnxruntime passes them, by cause (names without the "_cpu" suffix).
 # Each cause is a work item: fix it, then delete its entry. The goal is an empty dict.
 KNOWN_GAPS: dict[str, set[str]] = {
-    # graph._check_declarations refuses inputs of element types missing from ortutil's dtype table (int16,
+    # ir.reader._check_declarations refuses inputs of element types missing from system.ortutil's dtype table (int16,
     # uint16, uint32, uint64)
     'integer dtype': {
         'test_add_int16', 'test_add_uint16', 'test_add_uint32', 'test_add_uint64', 'test_bitcast_uint16_to_int16',
@@ -55,7 +55,7 @@ KNOWN_GAPS: dict[str, set[str]] = {
         'test_mul_int16', 'test_mul_uint16', 'test_mul_uint32', 'test_mul_uint64', 'test_sub_int16',
         'test_sub_uint16', 'test_sub_uint32', 'test_sub_uint64',
     },
-    # graph._check_declarations refuses string inputs (no numeric dtype; the executor and feed check assume
+    # ir.reader._check_declarations refuses string inputs (no numeric dtype; the executor and feed check assume
     # arrays of numbers)
     'string dtype': {
         'test_equal_string', 'test_equal_string_broadcast', 'test_regex_full_match_basic',
@@ -66,7 +66,7 @@ KNOWN_GAPS: dict[str, set[str]] = {
         'test_string_split_no_delimiter', 'test_strnormalizer_export_monday_casesensintive_nochangecase',
         'test_strnormalizer_nostopwords_nochangecase',
     },
-    # graph._infer_shapes runs the model on all-zero inputs to learn shapes onnx cannot infer; zero sizes,
+    # ir.reader._infer_shapes runs the model on all-zero inputs to learn shapes onnx cannot infer; zero sizes,
     # scales, steps, depths make onnxruntime refuse the probe
     'shape-valued input (zeros probe)': {
         'test_affine_grid_2d_align_corners', 'test_affine_grid_2d', 'test_affine_grid_3d_align_corners',
@@ -104,7 +104,7 @@ KNOWN_GAPS: dict[str, set[str]] = {
         'test_unsqueeze_three_axes', 'test_unsqueeze_two_axes', 'test_unsqueeze_unsorted_axes',
         'test_upsample_nearest',
     },
-    # graph._infer_shapes: onnx shape inference in strict mode fails on models onnxruntime runs (expanded
+    # ir.reader._infer_shapes: onnx shape inference in strict mode fails on models onnxruntime runs (expanded
     # functions whose intermediates it cannot type; MeanVarianceNormalization's function body)
     'strict shape inference': {
         'test_affine_grid_2d_align_corners_expanded', 'test_affine_grid_2d_expanded',
@@ -118,14 +118,14 @@ KNOWN_GAPS: dict[str, set[str]] = {
         'test_linear_attention_no_past_explicit_zeros_expanded', 'test_linear_attention_prefill_with_past_expanded',
         'test_mvn',
     },
-    # graph._check refuses models importing only ai.onnx.ml
+    # ir.reader._check refuses models importing only ai.onnx.ml
     'ml-only model': {
         'test_ai_onnx_ml_array_feature_extractor', 'test_ai_onnx_ml_binarizer',
         'test_ai_onnx_ml_label_encoder_string_int', 'test_ai_onnx_ml_label_encoder_string_int_no_default',
         'test_ai_onnx_ml_label_encoder_tensor_mapping', 'test_ai_onnx_ml_label_encoder_tensor_value_only_mapping',
         'test_ai_onnx_ml_tree_ensemble_set_membership', 'test_ai_onnx_ml_tree_ensemble_single_tree',
     },
-    # graph._toposort counts the empty name of skipped optional outputs as a tensor produced twice
+    # ir.graph.toposort counts the empty name of skipped optional outputs as a tensor produced twice
     'empty optional output name': {
         'test_attention_23_fullymasked_qk_matmul_output_mode3_zero',
         'test_attention_24_fullymasked_qk_matmul_output_mode3_zero',
@@ -133,7 +133,7 @@ KNOWN_GAPS: dict[str, set[str]] = {
         'test_attention_4d_with_qk_matmul', 'test_attention_4d_with_qk_matmul_softcap',
         'test_attention_4d_with_qk_matmul_softmax', 'test_attention_local_window_gqa_rank4_mask',
     },
-    # graph._check_declarations refuses sequence and optional inputs
+    # ir.reader._check_declarations refuses sequence and optional inputs
     'non-tensor input': {
         'test_identity_opt', 'test_identity_sequence', 'test_loop13_seq', 'test_sequence_insert_at_back',
         'test_sequence_insert_at_front', 'test_sequence_map_add_2_sequences',
@@ -142,11 +142,11 @@ KNOWN_GAPS: dict[str, set[str]] = {
         'test_sequence_map_identity_1_sequence_expanded', 'test_sequence_map_identity_2_sequences',
         'test_sequence_map_identity_2_sequences_expanded',
     },
-    # graph._infer_shapes takes the probe's sequence outputs for arrays
+    # ir.reader._infer_shapes takes the probe's sequence outputs for arrays
     'sequence output': {
         'test_if_opt', 'test_if_seq', 'test_split_to_sequence_nokeepdims',
     },
-    # graph._check refuses default-domain opsets older than graph.MIN_OPSET
+    # ir.reader._check refuses default-domain opsets older than ir.reader.MIN_OPSET
     'old opset': {
         'test_not_2d', 'test_not_3d', 'test_not_4d',
     },
