@@ -1,54 +1,62 @@
-"""``fastrun.InferenceSession``: onnxruntime's call shape, running the cached plan.
+"""``fastrun.InferenceSession``: onnxruntime's session, running a cached plan where one exists.
 
-Swapping ``onnxruntime.InferenceSession(path)`` for ``fastrun.InferenceSession(path)`` is the
-whole migration. What happens when no plan is cached for the fed shapes is the policy:
+``InferenceSession(path_or_bytes, sess_options=None, providers=None, provider_options=None)``
+takes onnxruntime's arguments in onnxruntime's order and keeps one onnxruntime session of the
+original model made with them (:mod:`fastrun.runtime.original`). Each fed shape set runs one *program*:
+a cached plan's compiled program, or that original session. Which one, for a shape set without
+a plan, is the policy (keyword ``policy=`` or ``$FASTRUN_POLICY``):
 
-* ``heuristic`` (default): run the heuristic choice and log one warning;
+* ``onnxruntime`` (default): run it on the original session, as onnxruntime would; no compiling,
+  no graph parsing; one warning says how to make a plan;
+* ``heuristic``: compile the heuristic choice of implementations (one warning);
 * ``profile``: profile now and persist (like ``cudnn.benchmark``, but it survives the process);
 * ``require``: raise :class:`PlanNotFoundError` (for images that must ship warm).
 
-Plans are looked up per fed shape set, so one session serves every shape that was warmed up
-(``fastrun warmup --shape x:1x3x224x224 --shape x:8x3x224x224``); an unseen one follows the
-policy. Only ``profile`` ever writes to the cache: the others open it read-only, so a read-only
-cache directory (a container layer) serves as is.
+Compiled programs are kept per shape set, the ``max_programs`` most recently used (LRU). Only
+``profile`` ever writes to the cache: the others open it read-only, so a read-only cache
+directory (a container layer) serves as is. Non-CPU execution providers run everything on
+onnxruntime with them: plans are CPU plans.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
-from fastrun.workflows import lookup
-from fastrun.runtime import compiler
-from fastrun.runtime.program import Program, instantiate
-from fastrun.system import fingerprint as fp
-from fastrun.ir import graph as graph_mod
-from fastrun.ir import reader
-from fastrun.planning import planner
-from fastrun.store.cache import Caches
-from fastrun.errors import InputError, PlanNotFoundError
+from fastrun.errors import FastrunError, PlanNotFoundError
+from fastrun.ir import graph as graph_mod, reader
 from fastrun.ir.reader import ModelSource
+from fastrun.planning import planner
+from fastrun.runtime import compiler
+from fastrun.runtime.iobinding import IOBinding
+from fastrun.runtime.original import OriginalModel, cpu_tensor, numpy_dtype, ort_type
 from fastrun.runtime.plan import Plan
+from fastrun.runtime.program import Program, instantiate
+from fastrun.store.cache import Caches
+from fastrun.system import fingerprint as fp
+from fastrun.workflows import lookup
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("heuristic", "profile", "require")
+POLICIES = ("onnxruntime", "heuristic", "profile", "require")
+DEFAULT_POLICY = "onnxruntime"
 ENV_POLICY = "FASTRUN_POLICY"
+MAX_PROGRAMS = 8      # compiled programs a session keeps (least recently used dropped first)
+MAX_UNPLANNED = 4096  # shape sets remembered as running on the original model (no cache look-up again)
 
-_ONNX_TYPE_NAMES = {
-    "float32": "tensor(float)", "float64": "tensor(double)", "float16": "tensor(float16)",
-    "int64": "tensor(int64)", "int32": "tensor(int32)", "int8": "tensor(int8)", "uint8": "tensor(uint8)",
-    "bool": "tensor(bool)",
-}
+ShapeKey = tuple  # ((input name, shape), ...) sorted by name
 
 
 @dataclass(frozen=True)
 class NodeArg:
-    """Same fields as ``onnxruntime.NodeArg``: name, shape (ints or dim names), type string."""
+    """Same fields as ``onnxruntime.NodeArg``, for the stored interface (no onnxruntime session yet)."""
 
     name: str
     shape: list
@@ -57,67 +65,272 @@ class NodeArg:
 
 def _node_args(described: Sequence[list]) -> list[NodeArg]:
     """NodeArgs of :func:`fastrun.ir.reader.declared_interface`'s ``[name, dims, dtype]`` entries."""
-    return [NodeArg(str(name), list(dims), _ONNX_TYPE_NAMES.get(dtype, f"tensor({dtype})"))
-            for name, dims, dtype in described]
+    return [NodeArg(str(name), list(dims), ort_type(dtype)) for name, dims, dtype in described]
 
 
 class InferenceSession:
-    """Run a model with its cached fastrun plan; never profiles unless ``policy="profile"``."""
+    """onnxruntime's ``InferenceSession``; a shape set with a cached fastrun plan runs the plan."""
 
-    def __init__(self, path_or_bytes: ModelSource, cache_dir: Optional[str] = None,
-                 input_shapes: Optional[Mapping[str, Sequence[int]]] = None, policy: Optional[str] = None,
-                 op_limit: Optional[float] = None, **ort_compat):
-        if ort_compat:
-            log.debug("ignoring onnxruntime-only arguments %s", sorted(ort_compat))
-        self._policy = policy or os.environ.get(ENV_POLICY) or "heuristic"
+    def __init__(self, path_or_bytes: ModelSource, sess_options: Optional[ort.SessionOptions] = None,
+                 providers: Optional[Sequence[Any]] = None, provider_options: Optional[Sequence[dict]] = None,
+                 *, cache_dir: Optional[str] = None, policy: Optional[str] = None,
+                 input_shapes: Optional[Mapping[str, Sequence[int]]] = None, op_limit: Optional[float] = None,
+                 max_programs: int = MAX_PROGRAMS, **kwargs: Any):
+        self._policy = policy or os.environ.get(ENV_POLICY) or DEFAULT_POLICY
         if self._policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self._policy!r}")
-        # The model is parsed only when a plan must be compiled: a stored program (fastrun.store.programs)
-        # needs its hash alone, and its declared inputs and outputs are stored with it.
+        self._original = OriginalModel(path_or_bytes, sess_options, providers, provider_options, kwargs)
         self._source = path_or_bytes
-        self._data: Optional[bytes] = None
-        self._model_proto = path_or_bytes if isinstance(path_or_bytes, onnx.ModelProto) else None
-        self._hash = reader.source_hash(path_or_bytes)
         self._label = str(path_or_bytes) if isinstance(path_or_bytes, (str, os.PathLike)) else None
         self._op_limit = op_limit  # per-signature profiling time (policy="profile"); None: the default
+        self._max_programs = max(1, int(max_programs))
+        self._programs: OrderedDict[ShapeKey, tuple[Program, Plan]] = OrderedDict()
+        self._unplanned: OrderedDict[ShapeKey, None] = OrderedDict()
+        self._lock = threading.RLock()
+        self._warned = False
+        self.profiled = 0  # how many times this session had to profile (policy="profile" only)
+        self._stored_interface: Optional[tuple[list[NodeArg], list[NodeArg]]] = None
+        if self._original.device:
+            log.warning("providers %s: fastrun's plans are CPU plans, so none applies; the model runs on "
+                        "onnxruntime with these providers", self._original.device)
+            self._original.session()
+            return
+        # The model is parsed only when a plan must be compiled: a stored program needs the model's
+        # hash alone, and its declared inputs and outputs are stored with it.
+        self._data: Optional[bytes] = None
+        self._model_proto = path_or_bytes if isinstance(path_or_bytes, onnx.ModelProto) else None
+        self._initializers: dict[str, np.ndarray] = {}  # one copy of the weights for every compiled shape
+        self._hash = reader.source_hash(path_or_bytes)
         self._caches = Caches(cache_dir, writable=self._policy == "profile")
         self._fingerprint = fp.fingerprint()
-        self._inputs, self._outputs = self._interface()
-        self._programs: dict[tuple, Program] = {}
-        self.plans: dict[tuple, Plan] = {}
-        self.profiled = 0  # how many times this session had to profile (policy="profile" only)
-        self._warned = False
-        shapes = dict(input_shapes or {})
-        if all(i.name in shapes or all(isinstance(d, int) and d > 0 for d in i.shape) for i in self._inputs):
-            self._prepare({i.name: tuple(shapes.get(i.name) or i.shape) for i in self._inputs})
+        self._stored_interface = self._read_stored_interface()
+        if self._stored_interface is None:
+            self._original.session()
+        declared = self._declared_shapes(input_shapes or {})
+        if declared is None or self._program(declared) is None:
+            self._original.session()  # the shapes users will feed may have no plan: ready now, as onnxruntime is
 
-    # -- onnxruntime-compatible surface
-    def get_inputs(self) -> list[NodeArg]:
-        return list(self._inputs)
+    # -- onnxruntime's interface
+    def get_inputs(self) -> list:
+        return self._interface()[0]
 
-    def get_outputs(self) -> list[NodeArg]:
-        return list(self._outputs)
+    def get_outputs(self) -> list:
+        return self._interface()[1]
 
-    def get_providers(self) -> list[str]:
-        return ["CPUExecutionProvider"]
+    def run(self, output_names: Optional[Sequence[str]], input_feed: Mapping[str, Any], run_options: Any = None) -> list:
+        outputs = self._run_planned(output_names, input_feed)
+        return outputs if outputs is not None else self._original.run(output_names, input_feed, run_options)
 
-    def run(self, output_names: Optional[Sequence[str]], input_feed: Mapping[str, np.ndarray], run_options=None) -> list:
-        feed = self._check_feed(input_feed)
-        key = tuple(sorted((k, v.shape) for k, v in feed.items()))
-        program = self._programs.get(key) or self._prepare({k: v.shape for k, v in feed.items()})
-        names = list(output_names) if output_names else [o.name for o in self._outputs]
-        unknown = [n for n in names if n not in program.outputs]
-        if unknown:
-            raise InputError(f"unknown output name(s) {unknown}; the model's outputs are {list(program.outputs)}")
-        results = program.run(feed)
-        return [results[n] for n in names]
+    def run_with_ort_values(self, output_names: Optional[Sequence[str]], input_dict_ort_values: Mapping[str, Any],
+                            run_options: Any = None) -> list:
+        feed = {k: v.numpy() for k, v in input_dict_ort_values.items() if cpu_tensor(v)} \
+            if isinstance(input_dict_ort_values, Mapping) else {}
+        outputs = self._run_planned(output_names, feed) if len(feed) == len(input_dict_ort_values) else None
+        if outputs is None:
+            return self._original.session().run_with_ort_values(output_names, input_dict_ort_values, run_options)
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(o)) for o in outputs]
+
+    def run_async(self, output_names: Optional[Sequence[str]], input_feed: Mapping[str, Any], callback: Any,
+                  user_data: Any, run_options: Any = None) -> None:
+        if self._program_for(input_feed) is None:
+            return self._original.session().run_async(output_names, input_feed, callback, user_data, run_options)
+
+        def work() -> None:
+            try:
+                results = self.run(output_names, input_feed, run_options)
+            except Exception as exc:  # onnxruntime reports errors through the callback too
+                callback(None, user_data, str(exc))
+            else:
+                callback(results, user_data, "")
+
+        threading.Thread(target=work, daemon=True).start()
+
+    def io_binding(self) -> IOBinding:
+        return IOBinding(self)
+
+    def run_with_iobinding(self, iobinding: IOBinding, run_options: Any = None) -> None:
+        if not isinstance(iobinding, IOBinding) or iobinding._session is not self:
+            raise ValueError("IOBinding must be used with the session that created it.")
+        call = iobinding.planned_call()
+        outputs = self._run_planned(call[1], call[0]) if call is not None else None
+        if outputs is not None:
+            iobinding.fill(outputs)
+        else:
+            session = self._original.session()
+            iobinding.replay(session, run_options, session.run_with_iobinding)
+
+    def set_providers(self, providers: Optional[Sequence[Any]] = None,
+                      provider_options: Optional[Sequence[dict]] = None) -> None:
+        self._original.set_providers(providers, provider_options)
+
+    def __getattr__(self, name: str) -> Any:
+        """Every other method of ``onnxruntime.InferenceSession`` (get_modelmeta, get_session_options,
+        get_providers, end_profiling...): the original model's session answers."""
+        original = self.__dict__.get("_original")
+        if original is None or name.startswith("_") or not hasattr(ort.InferenceSession, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(original.session(), name)
 
     # -- plans
-    def plan_for(self, input_shapes: Mapping[str, Sequence[int]]) -> Plan:
-        key = tuple(sorted((k, tuple(v)) for k, v in input_shapes.items()))
-        if key not in self.plans:
-            self._prepare(dict(input_shapes))
-        return self.plans[key]
+    @property
+    def plans(self) -> dict[ShapeKey, Plan]:
+        """The plans of the programs held now, by shape set."""
+        with self._lock:
+            return {k: plan for k, (_, plan) in self._programs.items()}
+
+    def plan_for(self, input_shapes: Mapping[str, Sequence[int]]) -> Optional[Plan]:
+        """The plan serving these shapes (None: they run on the original model)."""
+        found = self._program(input_shapes)
+        return found[1] if found else None
+
+    def _run_planned(self, output_names: Optional[Sequence[str]], feed: Any) -> Optional[list]:
+        """The outputs from the plan of the feed's shapes; None when the original model must run it."""
+        found = self._program_for(feed)
+        if found is None:
+            return None
+        program = found[0]
+        names = list(output_names) if output_names else [o.name for o in self.get_outputs()]
+        if not all(n in program.outputs for n in names):
+            return None  # onnxruntime's error for an unknown output name
+        results = program.run(dict(feed))
+        return [results[n] for n in names]
+
+    def _program_for(self, feed: Any) -> Optional[tuple[Program, Plan]]:
+        """The program of a feed that a plan may take as is: every declared input, each an array of
+        the declared dtype, rank and fixed dims. Anything else is onnxruntime's to accept or refuse."""
+        if self._original.device or not isinstance(feed, Mapping):
+            return None
+        inputs = self.get_inputs()
+        if len(feed) != len(inputs):
+            return None
+        for arg in inputs:
+            value = feed.get(arg.name)
+            if not isinstance(value, np.ndarray) or value.dtype != numpy_dtype(arg.type) \
+                    or not _fits(value.shape, arg.shape):
+                return None
+        return self._program({arg.name: feed[arg.name].shape for arg in inputs})
+
+    def _program(self, shapes: Mapping[str, Sequence[int]]) -> Optional[tuple[Program, Plan]]:
+        key = tuple(sorted((k, tuple(int(d) for d in v)) for k, v in shapes.items()))
+        with self._lock:
+            if key in self._programs:
+                self._programs.move_to_end(key)
+                return self._programs[key]
+            if key in self._unplanned:
+                return None
+            found = self._load(dict(key))
+            table: OrderedDict = self._programs if found is not None else self._unplanned
+            table[key] = found
+            if len(table) > (self._max_programs if found is not None else MAX_UNPLANNED):
+                table.popitem(last=False)
+            return found
+
+    def _load(self, shapes: dict) -> Optional[tuple[Program, Plan]]:
+        """A program for these shapes, by policy; None: the original model runs them."""
+        plan = lookup.stored_plan(self._caches, self._fingerprint, self._hash, shapes, self._label or "the model")
+        stored = self._stored_program(plan) if plan is not None else None
+        if stored is not None:
+            return stored
+        if plan is None and self._policy == "require":
+            raise self._not_found(shapes)
+        if plan is None and self._policy == "onnxruntime":
+            self._warn_once("no fastrun plan for %s with shapes %s on this machine: running it on onnxruntime as "
+                            "is (make plans with `fastrun warmup MODEL --shape ...`, or policy=\"profile\")",
+                            self._label or "the model", _describe(shapes))
+            return None
+        try:
+            return self._compiled_program(shapes)
+        except FastrunError as exc:  # fastrun cannot run these shapes; onnxruntime answers (or refuses)
+            if self._policy == "require":
+                raise
+            log.warning("%s (%s): %s; running it on onnxruntime", self._label or "the model", _describe(shapes), exc)
+            return None
+
+    def _not_found(self, shapes: dict) -> PlanNotFoundError:
+        return PlanNotFoundError(
+            f"no cached plan for model {self._label or 'given as bytes'} (sha256 {self._hash[:12]}) with shapes "
+            f"{_describe(shapes)} on fingerprint {self._fingerprint} in {self._caches.root}; run `fastrun warmup` "
+            f"or `fastrun profile` first")
+
+    def _warn_once(self, message: str, *args: Any) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(message, *args)
+
+    def _stored_program(self, plan: Plan) -> Optional[tuple[Program, Plan]]:
+        """The cached plan's stored program: no model parsing, no compiling."""
+        recipe = self._caches.programs.load(plan)
+        if recipe is None:
+            return None
+        try:
+            return instantiate(recipe, self._original.thread_cap()), plan
+        except Exception as exc:  # stored data is foreign data: compile from the model instead
+            log.warning("ignoring the stored program of %s: %s", self._label or plan.model_name, exc)
+            return None
+
+    def _compiled_program(self, shapes: dict) -> tuple[Program, Plan]:
+        graph = reader.from_proto(self._model(), self._bytes(), shapes, self._initializers)
+        plan = lookup.find_plan(self._caches, self._fingerprint, graph)
+        if plan is not None:
+            try:
+                recipe = compiler.build_recipe(graph, plan)
+                program = instantiate(recipe, self._original.thread_cap())
+            except Exception as exc:  # a cached plan is foreign data: never fail serving because of it
+                log.warning("ignoring the cached plan for %s: it does not compile (%s)", graph.name, exc)
+                plan = None
+        if plan is None:
+            plan = self._new_plan(graph, shapes)
+            recipe = compiler.build_recipe(graph, plan)
+            program = instantiate(recipe, self._original.thread_cap())
+        if plan.policy != "heuristic":  # only policy="profile" opens the cache writable
+            self._caches.programs.save(plan, recipe, reader.declared_interface(self._model()))
+        return program, plan
+
+    def _new_plan(self, graph: graph_mod.Graph, shapes: dict) -> Plan:
+        """A plan for shapes the cache has none for (policy heuristic or profile; require raises)."""
+        described = _describe(shapes)
+        if self._policy in ("require", "onnxruntime"):  # a stored plan that does not fit the graph
+            raise self._not_found(shapes)
+        if self._policy == "profile":
+            log.info("no cached plan for %s (%s): profiling now", graph.name, described)
+            from fastrun.measure.profiler import Profiler
+
+            limit = {"op_limit_s": self._op_limit} if self._op_limit else {}
+            profiler = Profiler(self._caches, self._fingerprint, **limit)
+            plan = planner.make_plan(graph, self._fingerprint, profiler)
+            lookup.store_plan(self._caches, plan)
+            self.profiled += 1
+            return plan
+        self._warn_once("no cached fastrun plan for %s (%s) on this machine; using the heuristic choice "
+                        "(run `fastrun profile` to make one)", graph.name, described)
+        return planner.heuristic_plan(graph, self._fingerprint)
+
+    # -- the model
+    def _interface(self) -> tuple[list, list]:
+        if self._original.created or self._stored_interface is None:
+            session = self._original.session()
+            return list(session.get_inputs()), list(session.get_outputs())
+        return self._stored_interface
+
+    def _read_stored_interface(self) -> Optional[tuple[list[NodeArg], list[NodeArg]]]:
+        stored = self._caches.programs.interface(self._fingerprint, self._hash)
+        if stored is None:
+            return None
+        try:
+            return _node_args(stored["inputs"]), _node_args(stored["outputs"])
+        except (TypeError, ValueError, KeyError) as exc:
+            log.warning("ignoring the stored interface of %s: %s", self._label or "the model", exc)
+            return None
+
+    def _declared_shapes(self, given: Mapping[str, Sequence[int]]) -> Optional[dict]:
+        """The input shapes known before any feed: ``input_shapes`` or fixed declared dims (None: not all)."""
+        shapes = {}
+        for arg in self.get_inputs():
+            dims = given.get(arg.name) or arg.shape
+            if not all(isinstance(d, int) and d > 0 for d in dims):
+                return None
+            shapes[arg.name] = tuple(dims)
+        return shapes
 
     def _model(self) -> onnx.ModelProto:
         if self._model_proto is None:
@@ -129,104 +342,12 @@ class InferenceSession:
             self._data = reader.read_bytes(self._source)
         return self._data
 
-    def _interface(self) -> tuple[list[NodeArg], list[NodeArg]]:
-        stored = self._caches.programs.interface(self._fingerprint, self._hash)
-        if stored is not None:
-            try:
-                return _node_args(stored["inputs"]), _node_args(stored["outputs"])
-            except (TypeError, ValueError) as exc:
-                log.warning("ignoring the stored interface of %s: %s", self._label or "the model", exc)
-        declared = reader.declared_interface(self._model())
-        return _node_args(declared["inputs"]), _node_args(declared["outputs"])
 
-    def _prepare(self, shapes: Mapping[str, Sequence[int]]) -> Program:
-        shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
-        program, plan = self._stored_program(shapes)
-        if program is None:
-            program, plan = self._compiled_program(shapes)
-        key = tuple(sorted(shapes.items()))
-        self._programs[key], self.plans[key] = program, plan
-        return program
+def _fits(shape: Sequence[int], declared: Sequence[Union[int, str, None]]) -> bool:
+    """Whether a shape has the declared rank and every fixed (positive int) dim."""
+    return len(shape) == len(declared) and all(not isinstance(d, int) or d <= 0 or d == s
+                                               for s, d in zip(shape, declared))
 
-    def _stored_program(self, shapes: dict) -> tuple[Optional[Program], Optional[Plan]]:
-        """The cached plan's stored program: no model parsing, no compiling."""
-        plan = lookup.stored_plan(self._caches, self._fingerprint, self._hash, shapes, self._label or "the model")
-        recipe = self._caches.programs.load(plan) if plan is not None else None
-        if recipe is None:
-            return None, None
-        try:
-            return instantiate(recipe), plan
-        except Exception as exc:  # stored data is foreign data: compile from the model instead
-            log.warning("ignoring the stored program of %s: %s", self._label or plan.model_name, exc)
-            return None, None
 
-    def _compiled_program(self, shapes: dict) -> tuple[Program, Plan]:
-        graph = reader.from_proto(self._model(), self._bytes(), shapes)
-        plan = lookup.find_plan(self._caches, self._fingerprint, graph)
-        if plan is not None:
-            try:
-                recipe = compiler.build_recipe(graph, plan)
-                program = instantiate(recipe)
-            except Exception as exc:  # a cached plan is foreign data: never fail serving because of it
-                log.warning("ignoring the cached plan for %s: it does not compile (%s)", graph.name, exc)
-                plan = None
-        if plan is None:
-            plan = self._no_plan(graph, shapes)
-            recipe = compiler.build_recipe(graph, plan)
-            program = instantiate(recipe)
-        if plan.policy != "heuristic":  # only policy="profile" opens the cache writable
-            self._caches.programs.save(plan, recipe, reader.declared_interface(self._model()))
-        return program, plan
-
-    def _no_plan(self, graph: graph_mod.Graph, shapes: dict) -> Plan:
-        described = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
-        if self._policy == "require":
-            model = f"{self._label} (graph {graph.name!r}" if self._label else f"{graph.name} ("
-            raise PlanNotFoundError(
-                f"no cached plan for model {model}, sha256 {graph.model_hash[:12]}) with shapes {described} "
-                f"on fingerprint {self._fingerprint} in {self._caches.root}; run `fastrun warmup` or "
-                f"`fastrun profile` first")
-        if self._policy == "profile":
-            log.info("no cached plan for %s (%s): profiling now", graph.name, described)
-            from fastrun.measure.profiler import Profiler
-
-            limit = {"op_limit_s": self._op_limit} if self._op_limit else {}
-            profiler = Profiler(self._caches, self._fingerprint, **limit)
-            plan = planner.make_plan(graph, self._fingerprint, profiler)
-            lookup.store_plan(self._caches, plan)
-            self.profiled += 1
-            return plan
-        if not self._warned:
-            self._warned = True
-            log.warning("no cached fastrun plan for %s (%s) on this machine; using the heuristic choice "
-                        "(run `fastrun profile` to make one)", graph.name, described)
-        return planner.heuristic_plan(graph, self._fingerprint)
-
-    def _check_feed(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not isinstance(feed, Mapping):
-            raise InputError("input_feed must be a dict of input name -> array")
-        expected = {i.name: i for i in self._inputs}
-        unknown = sorted(set(feed) - set(expected))
-        missing = sorted(set(expected) - set(feed))
-        if unknown or missing:
-            parts = []
-            if unknown:
-                parts.append(f"unknown input(s) {unknown}")
-            if missing:
-                parts.append(f"missing input(s) {missing}")
-            raise InputError(f"{'; '.join(parts)}; the model's inputs are {list(expected)}")
-        out = {}
-        for name, value in feed.items():
-            arg = expected[name]
-            arr = np.asarray(value)
-            want = {v: k for k, v in _ONNX_TYPE_NAMES.items()}.get(arg.type)
-            if want and str(arr.dtype) != want:
-                raise InputError(f"input {name}: dtype {arr.dtype}, the model expects {want}")
-            if len(arr.shape) != len(arg.shape):
-                raise InputError(f"input {name}: rank {arr.ndim} (shape {list(arr.shape)}), the model expects "
-                                 f"rank {len(arg.shape)} {arg.shape}")
-            for i, (d, want_d) in enumerate(zip(arr.shape, arg.shape)):
-                if isinstance(want_d, int) and want_d > 0 and d != want_d and i != 0:
-                    raise InputError(f"input {name}: dim {i} is {d}, the model expects {want_d} (shape {arg.shape})")
-            out[name] = arr
-        return out
+def _describe(shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())

@@ -109,7 +109,7 @@ def read_only(root):
 # ------------------------------------------------------------------------------------ policies
 
 def test_heuristic_policy_warns_once_across_unseen_shapes(model_n, cache_dir, caplog):
-    sess = fastrun.InferenceSession(model_n, cache_dir=cache_dir)
+    sess = fastrun.InferenceSession(model_n, cache_dir=cache_dir, policy="heuristic")
     with caplog.at_level(logging.WARNING, logger="fastrun"):
         for batch in (1, 2, 3):
             (y,) = sess.run(None, {"x": np.ones((batch, 8, 12, 12), np.float32)})
@@ -179,7 +179,7 @@ def test_session_picks_the_plan_of_each_fed_shape(model_n, cache_dir):
     assert {p.policy for p in sess.plans.values()} == {"profiled"}
     with pytest.raises(PlanNotFoundError, match="x:3x8x12x12"):  # unseen shape: the policy decides
         sess.run(None, {"x": np.ones((3, 8, 12, 12), np.float32)})
-    lenient = fastrun.InferenceSession(model_n, cache_dir=cache_dir)
+    lenient = fastrun.InferenceSession(model_n, cache_dir=cache_dir, policy="heuristic")
     lenient.run(None, {"x": np.ones((3, 8, 12, 12), np.float32)})
     lenient.run(None, X1)
     policies = {k[0][1][0]: p.policy for k, p in lenient.plans.items()}
@@ -596,7 +596,7 @@ def test_a_plan_with_compiled_kernels_served_without_numba_falls_back_with_a_war
     monkeypatch.setattr(winograd, "compiled", None)
     x = {"x": np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype(np.float32)}
     with caplog.at_level(logging.WARNING):
-        sess = fastrun.InferenceSession(data, cache_dir=str(tmp_path / "cache"))
+        sess = fastrun.InferenceSession(data, cache_dir=str(tmp_path / "cache"), policy="heuristic")
         out = sess.run(None, x)
     assert any("numba" in r.getMessage() for r in caplog.records)
     assert list(sess.plans.values())[0].policy == "heuristic"

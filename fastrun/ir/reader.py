@@ -147,15 +147,24 @@ def load(source: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int]]
 
 
 def from_proto(model: onnx.ModelProto, data: bytes,
-               input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Graph:
-    """:func:`load` for a model already read (``data``: its serialized bytes, hashed as its identity)."""
+               input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+               initializers: Optional[dict[str, np.ndarray]] = None) -> Graph:
+    """:func:`load` for a model already read (``data``: its serialized bytes, hashed as its identity).
+
+    ``initializers`` (filled on first use) shares the model's weight arrays between the graphs of
+    several shape sets: one copy of the weights however many shapes a session compiles.
+    """
     _check(model, data)
     init_names = {t.name for t in model.graph.initializer}
     real_inputs = [vi for vi in model.graph.input if vi.name not in init_names]
     _check_declarations(model, real_inputs)
     shapes = _input_shapes(real_inputs, dict(input_shapes or {}))
 
-    constants = {t.name: to_array(t) for t in model.graph.initializer}
+    if initializers is None:
+        initializers = {}
+    if not initializers:
+        initializers.update((t.name, to_array(t)) for t in model.graph.initializer)
+    constants = dict(initializers)
     nodes = [node_from_proto(i, n) for i, n in enumerate(model.graph.node)]
     nodes = toposort(nodes, set(shapes) | set(constants))
     opsets = {o.domain if o.domain != "ai.onnx" else "": o.version for o in model.opset_import}

@@ -89,14 +89,26 @@ def with_host_threads(program: Program, threads: int) -> Program:
     return replace(program, program=parts)
 
 
-def instantiate(recipe: Recipe) -> Program:
-    """Create the recipe's onnxruntime sessions and build its host kernels."""
+def capped_threads(threads: int, cap: int) -> int:
+    """A part's thread count (0: all cores) under a cap (0: none): never more than the cap."""
+    if not cap:
+        return threads
+    return min(threads or ortutil.default_threads(), cap)
+
+
+def instantiate(recipe: Recipe, max_threads: int = 0) -> Program:
+    """Create the recipe's onnxruntime sessions and build its host kernels.
+
+    ``max_threads`` (0: no cap) caps every part's threads: a user's ``intra_op_num_threads``
+    bounds what a plan uses, whatever thread counts it measured best.
+    """
     def make(part):
+        threads = capped_threads(part.threads, max_threads)
         if isinstance(part, HostRecipe):
             kernel = registry.by_id(part.spec.op_type, part.impl).build(part.spec, part.consts)
-            return HostCall(part.inputs, part.output, kernel, part.threads, part.name)
+            return HostCall(part.inputs, part.output, kernel, threads, part.name)
         try:
-            sess = ortutil.session(part.model, level=part.level, threads=part.threads or None,
+            sess = ortutil.session(part.model, level=part.level, threads=threads or None,
                                    external=part.weights)
         except Exception as exc:
             raise RuntimeError(f"onnxruntime rejected a segment of {part.steps} steps ({part.label}): "
