@@ -111,3 +111,57 @@ def _strip_final_softmax(model: onnx.ModelProto) -> None:
             for o in model.graph.output:
                 if o.name == node.output[0]:
                     o.name = node.input[0]
+
+
+def dynamic_encoder(hidden: int = 64, heads: int = 4, layers: int = 2, vocab: int = 1000,
+                    seed: int = 0) -> onnx.ModelProto:
+    """A BERT-style encoder with symbolic batch and sequence dims (``input_ids``: int64
+    ``[batch, sequence]`` -> ``hidden_states``: float ``[batch, sequence, hidden]``), random weights.
+
+    What serving meets with text models: every request length is a new shape set.
+    """
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def weight(name: str, *shape: int) -> str:
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name))
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    head_dim = hidden // heads
+    inits += [numpy_helper.from_array(np.array([0, 0, heads, head_dim], np.int64), "split_heads"),
+              numpy_helper.from_array(np.array([0, 0, hidden], np.int64), "merge_heads"),
+              numpy_helper.from_array(np.array(1 / np.sqrt(head_dim), np.float32), "scale"),
+              numpy_helper.from_array(np.ones(hidden, np.float32), "ln_scale"),
+              numpy_helper.from_array(np.zeros(hidden, np.float32), "ln_bias")]
+    x = node("Gather", [weight("embedding", vocab, hidden), "input_ids"], "embedded")
+    for i in range(layers):
+        p = f"layer{i}"
+        normed = node("LayerNormalization", [x, "ln_scale", "ln_bias"], f"{p}.ln", axis=-1)
+        qkv = {}
+        for part in ("q", "k", "v"):
+            projected = node("MatMul", [normed, weight(f"{p}.w{part}", hidden, hidden)], f"{p}.{part}")
+            split = node("Reshape", [projected, "split_heads"], f"{p}.{part}.heads")
+            qkv[part] = node("Transpose", [split], f"{p}.{part}.t", perm=[0, 2, 3, 1] if part == "k" else [0, 2, 1, 3])
+        scores = node("Mul", [node("MatMul", [qkv["q"], qkv["k"]], f"{p}.qk"), "scale"], f"{p}.scores")
+        attended = node("MatMul", [node("Softmax", [scores], f"{p}.probs", axis=-1), qkv["v"]], f"{p}.attended")
+        merged = node("Reshape", [node("Transpose", [attended], f"{p}.merged.t", perm=[0, 2, 1, 3]), "merge_heads"],
+                      f"{p}.merged")
+        x = node("Add", [x, node("MatMul", [merged, weight(f"{p}.wo", hidden, hidden)], f"{p}.out")], f"{p}.res1")
+        up = node("Relu", [node("MatMul", [x, weight(f"{p}.w1", hidden, 4 * hidden)], f"{p}.up")], f"{p}.act")
+        x = node("Add", [x, node("MatMul", [up, weight(f"{p}.w2", 4 * hidden, hidden)], f"{p}.down")], f"{p}.res2")
+    nodes[-1].output[0] = "hidden_states"
+    graph = helper.make_graph(nodes, "encoder",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+                              [helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT,
+                                                             ["batch", "sequence", hidden])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
