@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -57,6 +58,14 @@ def blas_name() -> str:
         return "unknown"
 
 
+def installed_version(distribution: str) -> str:
+    """An installed package's version without importing it ("" when it is not installed)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 def describe() -> dict:
     """The fingerprint's fields, readable (what ``fastrun fingerprint`` prints)."""
     flags = cpu_flags()
@@ -69,6 +78,7 @@ def describe() -> dict:
         "blas": blas_name(),
         "numpy": np.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "openvino": installed_version("openvino"),  # a whole-model engine plans may choose
         "fastrun": __version__,
         "python": platform.python_version(),
     }
