@@ -9,6 +9,7 @@ compile.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -25,39 +26,51 @@ log = logging.getLogger(__name__)
 
 COMPILE_TIMEOUT = 300.0  # seconds a first compile may take (VGG-19 on a loaded machine: ~20)
 ENGINES = {OpenVINOEngine.name: OpenVINOEngine}
-PROBE_MODULE = __name__  # the module whose probe_main() the fresh process runs
+
+# The fresh process imports OpenVINO only (importing fastrun too took 12 s on a loaded machine)
+# and compiles as :meth:`OpenVINOEngine.compile` does, with the same configuration.
+PROBE_SCRIPT = """
+import json, sys
+args = json.loads(sys.argv[1])
+import openvino
+core = openvino.Core()
+try:
+    model = core.read_model(args["model"])
+    ports = {name: i for i, port in enumerate(model.inputs) for name in port.get_names()}
+    if args["shapes"]:
+        model.reshape({ports[name]: shape for name, shape in args["shapes"].items()})
+    core.compile_model(model, "CPU", args["config"])
+except Exception as exc:
+    print(f"raised {type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0])
+"""
+
+_probed: dict[tuple, str] = {}
 
 
 def compile_problem(engine: str, model: ModelInput, shapes: Mapping[str, Sequence[int]], precision: str,
                     threads: int, timeout: float = COMPILE_TIMEOUT) -> str:
-    """Why ``engine`` cannot compile ``model`` ("" when it can), found in a fresh process so that a
-    crash or a hang of the engine ends that process, not this one."""
+    """Why OpenVINO (``engine``) cannot compile ``model`` ("" when it can), found once per process
+    in a fresh one, so that a crash or a hang of the engine ends that process, not this one."""
+    identity = model if isinstance(model, str) else hashlib.sha256(model).hexdigest()
+    key = (engine, identity, tuple(sorted((k, tuple(v)) for k, v in shapes.items())), precision, threads)
+    if key not in _probed:
+        _probed[key] = _probe(model, shapes, ENGINES[engine].config(precision, threads), timeout)
+    return _probed[key]
+
+
+def _probe(model: ModelInput, shapes: Mapping[str, Sequence[int]], config: dict, timeout: float) -> str:
     with tempfile.TemporaryDirectory(prefix="fastrun-probe-") as tmp:
         if isinstance(model, bytes):
             path = Path(tmp) / "model.onnx"
             path.write_bytes(model)
             model = str(path)
-        args = json.dumps({"engine": engine, "model": str(model), "precision": precision, "threads": threads,
-                           "shapes": {k: list(v) for k, v in shapes.items()}})
-        code = f"from {PROBE_MODULE} import probe_main; probe_main()"
+        args = json.dumps({"model": model, "config": config, "shapes": {k: list(v) for k, v in shapes.items()}})
         try:
-            done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True,
+            done = subprocess.run([sys.executable, "-c", PROBE_SCRIPT, args], capture_output=True, text=True,
                                   timeout=timeout)
         except subprocess.TimeoutExpired:
             return f"its compile timed out after {timeout:g} s"
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [""])[-1]
         return f"its compile {isolation.exit_reason(done.returncode)}" + (f": {last}" if done.returncode > 0 and last else "")
-    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-
-
-def probe_main() -> None:
-    """The fresh process of :func:`compile_problem`: prints "" or why the compile failed."""
-    args = json.loads(sys.argv[-1])
-    engine = ENGINES[args["engine"]]()
-    try:
-        engine.compile(args["model"], args["shapes"], args["precision"], args["threads"])
-    except Exception as exc:
-        print(isolation.describe_exception(exc))
-        return
-    print("")
+    return done.stdout.strip()
