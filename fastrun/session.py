@@ -38,10 +38,12 @@ from fastrun.runtime import compiler
 from fastrun.runtime.iobinding import IOBinding
 from fastrun.runtime.original import OriginalModel, cpu_tensor, numpy_dtype, ort_type
 from fastrun.runtime.plan import Plan
+from fastrun.runtime import engines
+from fastrun.runtime.engines import OriginalModelSource
 from fastrun.runtime.program import Program, instantiate
 from fastrun.store.cache import Caches
 from fastrun.system import fingerprint as fp
-from fastrun.workflows import lookup
+from fastrun.workflows import fallback, lookup
 
 log = logging.getLogger(__name__)
 
@@ -263,28 +265,49 @@ class InferenceSession:
         if recipe is None:
             return None
         try:
-            return instantiate(recipe, self._original.thread_cap()), plan
+            return instantiate(recipe, self._original.thread_cap(), self._original_source()), plan
         except Exception as exc:  # stored data is foreign data: compile from the model instead
             log.warning("ignoring the stored program of %s: %s", self._label or plan.model_name, exc)
             return None
 
     def _compiled_program(self, shapes: dict) -> tuple[Program, Plan]:
-        graph = reader.from_proto(self._model(), self._bytes(), shapes, self._initializers)
+        try:
+            graph = reader.from_proto(self._model(), self._bytes(), shapes, self._initializers)
+        except Exception as exc:  # the front end cannot take it: the original model runs, as a plan
+            return self._original_program(shapes, exc)
         plan = lookup.find_plan(self._caches, self._fingerprint, graph)
         if plan is not None:
             try:
                 recipe = compiler.build_recipe(graph, plan)
-                program = instantiate(recipe, self._original.thread_cap())
+                program = instantiate(recipe, self._original.thread_cap(), self._original_source())
             except Exception as exc:  # a cached plan is foreign data: never fail serving because of it
                 log.warning("ignoring the cached plan for %s: it does not compile (%s)", graph.name, exc)
                 plan = None
         if plan is None:
             plan = self._new_plan(graph, shapes)
             recipe = compiler.build_recipe(graph, plan)
-            program = instantiate(recipe, self._original.thread_cap())
+            program = instantiate(recipe, self._original.thread_cap(), self._original_source())
         if plan.policy != "heuristic":  # only policy="profile" opens the cache writable
             self._caches.programs.save(plan, recipe, reader.declared_interface(self._model()))
         return program, plan
+
+    def _original_program(self, shapes: dict, exc: Exception) -> tuple[Program, Plan]:
+        """The plan that runs the original model on this session's onnxruntime session, for shapes
+        fastrun's front end cannot take (stored under policy="profile", so that require serves it)."""
+        if self._policy in ("require", "onnxruntime"):
+            raise self._not_found(shapes)
+        reason = fallback.front_end_reason(exc)
+        self._warn_once("%s (%s): fastrun's front end cannot take it (%s); the original model runs on "
+                        "onnxruntime as is", self._label or "the model", _describe(shapes), reason)
+        plan, recipe = fallback.original_plan(self._model(), self._hash, shapes, self._fingerprint, reason)
+        if self._policy == "profile":
+            lookup.store_plan(self._caches, plan)
+            self._caches.programs.save(plan, recipe, reader.declared_interface(self._model()))
+        return instantiate(recipe, self._original.thread_cap(), self._original_source()), plan
+
+    def _original_source(self) -> OriginalModelSource:
+        """The original model for plans that run it whole; onnxruntime's engine runs it on this session's own."""
+        return OriginalModelSource(engines.model_source(self._original.source), shared=self._original.run)
 
     def _new_plan(self, graph: graph_mod.Graph, shapes: dict) -> Plan:
         """A plan for shapes the cache has none for (policy heuristic or profile; require raises)."""
@@ -335,6 +358,8 @@ class InferenceSession:
     def _model(self) -> onnx.ModelProto:
         if self._model_proto is None:
             self._model_proto = reader.parse_model(self._bytes(), self._label or "the given bytes")
+            if self._label is not None:  # external data beside the model file, wherever the process runs
+                reader.resolve_external_data(self._model_proto, self._label)
         return self._model_proto
 
     def _bytes(self) -> bytes:

@@ -42,7 +42,8 @@ def test_profile_says_when_the_plan_is_onnxruntimes_own_session(tmp_path, tiny_m
     from fastrun.workflows import verify
 
     monkeypatch.setattr(verify, "_race_blocks", lambda graph, programs, repeats: [
-        {"optimal": 10.0, "heuristic": 10.0, "onnxruntime": onnxruntime_ms}] * verify.VERIFY_BLOCKS)
+        {"optimal": 10.0, "heuristic": 10.0, "onnxruntime": onnxruntime_ms, "onnxruntime-original": 60.0}]
+        * verify.VERIFY_BLOCKS)
     out = tmp_path / "r.json"
     res = run("profile", tiny_model, "--cache-dir", str(tmp_path / "c"), "--op-limit", "0.05", "--repeats", "2",
               "--json", str(out))

@@ -87,12 +87,28 @@ def print_profile(d: dict) -> None:
                    f"reorders {d['reorders']} (greedy: {solver.get('greedy_reorders', '-')})")
     click.echo(f"predicted: {ms(d['predicted_ms'])} ms   greedy: {ms(d['greedy_ms'])} ms   "
                f"NCHW-only: {ms(d['nchw_only_ms'])} ms")
+    _print_winner(d)
     if d["measured_ms"] is not None:
         click.echo(f"measured:  fastrun {d['measured_ms']:.3f} ms   onnxruntime (ORT_ENABLE_ALL) {d['onnxruntime_ms']:.3f} ms   "
                    f"speed-up {d['speedup']:.2f}x   max rel. error {d['max_error']:.1e}")
-        if d.get("whole_model"):
+        if d.get("whole_model") or d.get("engine", "fastrun") != "fastrun":
             click.echo("  (the plan is that onnxruntime session: the difference is the machine's noise)")
     click.echo(f"done in {d['seconds']:.1f} s")
+
+
+def _print_winner(d: dict) -> None:
+    """What runs the model when it is not fastrun's program, and why."""
+    verified = (d.get("solver") or {}).get("verified") or {}
+    if d.get("fallback_reason"):
+        click.echo(f"left to onnxruntime: the original model runs as onnxruntime runs it "
+                   f"({d['fallback_reason']})")
+    elif d.get("winner", "fastrun") != "fastrun":
+        what = ("onnxruntime on the original model" if d["winner"] == "onnxruntime-original" else
+                "onnxruntime on fastrun's specialised graph" if d["winner"] == "onnxruntime" else d["winner"])
+        click.echo(f"runs: {what} (fastest eligible in the end-to-end race)")
+    if verified.get("errors"):
+        errors = "  ".join(f"{k} {v:.1e}" for k, v in verified["errors"].items())
+        click.echo(f"race: {verified.get('rule', '')}: bound {verified.get('bound', 0):.1e}; errors: {errors}")
 
 
 def shapes_text(shapes: dict) -> str:

@@ -30,8 +30,9 @@ from fastrun.ops import builtin  # noqa: F401  (registers the built-in implement
 from fastrun.ops import formats, layout_ops, registry, reorders
 from fastrun.ops.registry import OnnxFragment
 from fastrun.runtime.plan import LIGHT_IMPL, Plan
+from fastrun.runtime.engines import OriginalModelSource
 from fastrun.runtime.program import Program, instantiate
-from fastrun.runtime.recipe import WHOLE_MODEL_LEVEL, HostRecipe, Recipe, SegmentRecipe
+from fastrun.runtime.recipe import WHOLE_MODEL_LEVEL, HostRecipe, ModelRecipe, Recipe, SegmentRecipe
 from fastrun.system import ortutil
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,23 @@ def tensor_name(tensor: str, fmt: str, produced: dict[str, str]) -> str:
     return tensor if produced.get(tensor, formats.NCHW) == fmt else f"{tensor}@{fmt}"
 
 
-def compile_plan(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Program:
-    """The runnable program of a plan (``threads`` overrides its onnxruntime intra-op thread count)."""
-    return instantiate(build_recipe(graph, plan, threads))
+def compile_plan(graph: Graph, plan: Plan, threads: Optional[int] = None,
+                 original: Optional[OriginalModelSource] = None) -> Program:
+    """The runnable program of a plan (``threads`` overrides its onnxruntime intra-op thread count;
+    ``original`` is the model a plan of a whole-model engine runs)."""
+    return instantiate(build_recipe(graph, plan, threads), original=original)
+
+
+def model_recipe(plan: Plan, inputs: Sequence[str], outputs: Sequence[str], threads: Optional[int] = None) -> Recipe:
+    """The recipe of a plan that runs the original model whole on its engine (no graph needed)."""
+    part = ModelRecipe(plan.engine, list(inputs), list(outputs), threads or plan.threads)
+    return Recipe(parts=[part], constants={}, outputs={t: t for t in outputs})
 
 
 def build_recipe(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Recipe:
     """Build every ONNX step (weights transformed once) and merge them into segments."""
+    if plan.runs_original:
+        return model_recipe(plan, graph.inputs, graph.outputs, threads)
     produced = {t: formats.NCHW for t in graph.inputs}
     produced.update({t: f for t, f in plan.tensor_formats.items()})
     choices = {c.name: c for c in plan.nodes}

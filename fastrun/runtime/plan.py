@@ -17,6 +17,12 @@ from fastrun._version import SCHEMA, __version__
 
 LIGHT_IMPL = "onnxruntime"  # the impl name of nodes that run as their own ONNX node
 
+# What runs a plan (``Plan.engine``): fastrun's program of segments and host kernels (an
+# assignment, or with ``whole_model`` its specialised graph as one onnxruntime session), or the
+# ORIGINAL model on a whole-model engine (:mod:`fastrun.runtime.engines`).
+ENGINE_FASTRUN = "fastrun"
+ENGINE_ORIGINAL = "onnxruntime-original"
+
 
 @dataclass
 class NodeChoice:
@@ -55,7 +61,11 @@ class Plan:
     # layouts and fusions): when no assignment beat that end to end (api.verify_plan), or, without
     # profiling, when no host kernel is predicted to save enough (planner.heuristic_plan).
     whole_model: bool = False
-    policy: str = "profiled"        # "profiled" | "heuristic" | "partial" (budget ran out)
+    policy: str = "profiled"        # "profiled" | "heuristic" | "partial" (budget ran out) | "fallback"
+    # ENGINE_FASTRUN, or a whole-model engine of the original model (ENGINE_ORIGINAL, ...): see runtime.engines
+    engine: str = ENGINE_FASTRUN
+    # Why the original model runs as is, when fastrun's front end could not take it ("" otherwise)
+    fallback_reason: str = ""
     fastrun_version: str = __version__
     onnxruntime_version: str = onnxruntime.__version__
     schema: int = SCHEMA
@@ -67,9 +77,23 @@ class Plan:
     def assignment(self) -> tuple:
         """What the plan runs, knobs aside: the whole model on onnxruntime, or each node's
         implementation and formats. Plans with equal assignments run the same operators."""
+        if self.engine != ENGINE_FASTRUN:
+            return ("original model", self.engine)
         if self.whole_model:
             return ("whole model",)
         return tuple((n.name, n.impl, tuple(n.in_formats), n.out_format) for n in self.nodes)
+
+    @property
+    def runs_original(self) -> bool:
+        """Whether the plan runs the original model on a whole-model engine (no graph of fastrun's)."""
+        return self.engine != ENGINE_FASTRUN
+
+    @property
+    def winner(self) -> str:
+        """What the plan runs, by name: "fastrun", "onnxruntime" (the specialised graph) or an engine."""
+        if self.runs_original:
+            return self.engine
+        return "onnxruntime" if self.whole_model else ENGINE_FASTRUN
 
     def node(self, name: str) -> NodeChoice:
         for n in self.nodes:

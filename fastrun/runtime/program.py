@@ -10,7 +10,9 @@ import numpy as np
 
 from fastrun.ops import builtin  # noqa: F401  (registers the built-in implementations recipes name)
 from fastrun.ops import registry
-from fastrun.runtime.recipe import HostRecipe, Recipe
+from fastrun.runtime import engines
+from fastrun.runtime.engines import OriginalModelSource
+from fastrun.runtime.recipe import HostRecipe, ModelRecipe, Recipe
 from fastrun.system import allocator, hostthreads, ortutil
 
 
@@ -42,8 +44,22 @@ class HostCall:
 
 
 @dataclass
+class ModelCall:
+    """The original model run whole by an engine (:mod:`fastrun.runtime.engines`)."""
+
+    inputs: list[str]
+    outputs: list[str]
+    runner: Callable[[list, dict], list]
+    engine: str = ""
+
+    def __call__(self, values: dict[str, np.ndarray]) -> None:
+        results = self.runner(self.outputs, {k: values[k] for k in self.inputs})
+        values.update(zip(self.outputs, results))
+
+
+@dataclass
 class Program:
-    program: list  # Segment | HostCall, in execution order
+    program: list  # Segment | HostCall | ModelCall, in execution order
     constants: dict[str, np.ndarray]
     outputs: dict[str, str]  # graph output -> name of the NCHW tensor holding it
     reorders: int = 0
@@ -96,14 +112,19 @@ def capped_threads(threads: int, cap: int) -> int:
     return min(threads or ortutil.default_threads(), cap)
 
 
-def instantiate(recipe: Recipe, max_threads: int = 0) -> Program:
+def instantiate(recipe: Recipe, max_threads: int = 0, original: Optional[OriginalModelSource] = None) -> Program:
     """Create the recipe's onnxruntime sessions and build its host kernels.
 
     ``max_threads`` (0: no cap) caps every part's threads: a user's ``intra_op_num_threads``
-    bounds what a plan uses, whatever thread counts it measured best.
+    bounds what a plan uses, whatever thread counts it measured best. ``original`` is the
+    original model, which a whole-model part (:class:`ModelRecipe`) runs.
     """
     def make(part):
         threads = capped_threads(part.threads, max_threads)
+        if isinstance(part, ModelRecipe):
+            if original is None:
+                raise RuntimeError(f"the plan runs the original model on {part.engine}, and it was not given")
+            return ModelCall(part.inputs, part.outputs, engines.build(original, part), part.engine)
         if isinstance(part, HostRecipe):
             kernel = registry.by_id(part.spec.op_type, part.impl).build(part.spec, part.consts)
             return HostCall(part.inputs, part.output, kernel, threads, part.name)

@@ -44,10 +44,20 @@ class HostRecipe:
 
 
 @dataclass
+class ModelRecipe:
+    """The ORIGINAL model run whole by an engine of :mod:`fastrun.runtime.engines` (no graph of fastrun's)."""
+
+    engine: str                      # e.g. "onnxruntime-original"
+    inputs: list[str]
+    outputs: list[str]
+    threads: int = 0                 # intra-op threads; 0: the engine's default (all cores)
+
+
+@dataclass
 class Recipe:
     """A compiled plan as data: everything :func:`instantiate` needs, no graph, no live sessions."""
 
-    parts: list                      # SegmentRecipe | HostRecipe, in execution order
+    parts: list                      # SegmentRecipe | HostRecipe | ModelRecipe, in execution order
     constants: dict[str, np.ndarray]  # graph outputs that are constants
     outputs: dict[str, str]          # graph output -> name of the NCHW tensor holding it
     reorders: int = 0

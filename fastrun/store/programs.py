@@ -39,7 +39,7 @@ import numpy as np
 
 from fastrun.system import ortutil
 from fastrun.store.keys import shapes_text, software_tag
-from fastrun.runtime.recipe import HostRecipe, Recipe, SegmentRecipe
+from fastrun.runtime.recipe import HostRecipe, ModelRecipe, Recipe, SegmentRecipe
 from fastrun.runtime.plan import Plan
 from fastrun.ops.registry import OpSpec
 
@@ -283,6 +283,9 @@ def _write(recipe: Recipe, path: Path) -> dict:
                               "model": blob.add(np.frombuffer(p.model, np.uint8)),
                               "weights": {k: blob.add(v) for k, v in p.weights.items()},
                               "steps": p.steps, "label": p.label, "threads": p.threads, "level": p.level})
+            elif isinstance(p, ModelRecipe):
+                parts.append({"kind": "model", "engine": p.engine, "inputs": p.inputs, "outputs": p.outputs,
+                              "threads": p.threads})
             else:
                 parts.append({"kind": "host", "name": p.name, "impl": p.impl, "spec": p.spec.to_json(),
                               "consts": {str(i): blob.add(v) for i, v in p.consts.items()},
@@ -334,6 +337,8 @@ def _read(manifest: dict, data: np.ndarray) -> Recipe:
             parts.append(HostRecipe(str(p["name"]), str(p["impl"]), OpSpec.from_json(p["spec"]),
                                     {int(i): array(v) for i, v in p["consts"].items()},
                                     list(p["inputs"]), str(p["output"]), int(p["threads"])))
+        elif p["kind"] == "model":
+            parts.append(ModelRecipe(str(p["engine"]), list(p["inputs"]), list(p["outputs"]), int(p["threads"])))
         else:
             raise ValueError(f"unknown part kind {p['kind']!r}")
     return Recipe(parts, {k: array(v) for k, v in manifest["constants"].items()}, dict(manifest["outputs"]),

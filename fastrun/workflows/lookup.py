@@ -50,6 +50,8 @@ def stored_plan(caches: Caches, fingerprint: str, model_hash: str, shapes: Mappi
 
 
 def _mismatch(plan: Plan, graph: Graph) -> Optional[str]:
+    if plan.runs_original:
+        return None
     names = {n.name for n in graph.nodes}
     if {n.name for n in plan.nodes} != names:
         return "its nodes do not match the model's"

@@ -24,7 +24,11 @@ from fastrun.runtime.plan import Plan
 from fastrun.measure.profiler import DEFAULT_OP_LIMIT, Profiler, Stats
 from fastrun.ops import builtin  # noqa: F401  (registers the built-in implementations this module queries)
 from fastrun.workflows.lookup import store_plan
-from fastrun.workflows.verify import choose_threads, onnxruntime_baseline, random_feed, relative_error, verify_plan
+from fastrun.runtime import engines
+from fastrun.runtime.engines import OriginalModelSource
+from fastrun.system import ortutil
+from fastrun.workflows import eligibility
+from fastrun.workflows.verify import choose_threads, model_reference, random_feed, relative_error, verify_plan
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,9 @@ class ProfileReport:
             "segment_threads": plan.segment_threads,
             "host_threads": plan.host_threads,
             "whole_model": plan.whole_model,
+            "engine": plan.engine,
+            "winner": plan.winner,
+            "fallback_reason": plan.fallback_reason,
             "kernel_ceiling_ms": list(ceiling) if ceiling else None,
             "max_error": self.max_error,
             "segments": self.segments,
@@ -142,11 +149,14 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     profiler = Profiler(caches, fingerprint, budget_s=budget, op_limit_s=op_limit, op_timeout=op_timeout,
                         isolate=isolate, refresh=refresh)
     plan = planner.make_plan(graph, fingerprint, profiler, progress=progress)
+    original = OriginalModelSource(engines.model_source(model if isinstance(model, (str, Path)) else data))
     if verify and plan.policy == "profiled":
         if progress:
-            progress("verifying the plan end to end against the heuristic assignment")
-        plan = verify_plan(graph, plan, profiler, fingerprint, repeats)
-        plan = choose_threads(graph, plan, repeats)
+            progress("racing the plan end to end against the whole-model candidates")
+        reference = model_reference(graph, original, bool(eligibility.quantized_ops(model_proto)))
+        plan = verify_plan(graph, plan, profiler, fingerprint, repeats, original, reference)
+        if not plan.runs_original:
+            plan = choose_threads(graph, plan, repeats)
     if not store_plan(caches, plan):
         log.warning("the plan could not be stored in %s (read-only?)", caches.root)
     recipe = compiler.build_recipe(graph, plan)
@@ -156,7 +166,7 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     if measure:
         if progress:
             progress("measuring the plan end to end against onnxruntime")
-        _measure(report, graph, instantiate(recipe), data, repeats)
+        _measure(report, graph, instantiate(recipe, original=original), original, repeats)
     report.seconds = time.perf_counter() - start
     caches.close()
     return report
@@ -167,8 +177,9 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
 MEASURE_MIN_SECONDS = 2.0
 
 
-def _measure(report: ProfileReport, graph: Graph, program: Program, data: bytes, repeats: int) -> None:
-    baseline = onnxruntime_baseline(graph, data)
+def _measure(report: ProfileReport, graph: Graph, program: Program, original: OriginalModelSource,
+             repeats: int) -> None:
+    baseline = ortutil.session(original.source, level="all")
     feed = random_feed(graph)
     names = list(program.outputs)
     ours = program.run(feed)

@@ -15,11 +15,12 @@ from fastrun.planning import planner
 from fastrun.ir.graph import Graph
 from fastrun.runtime.plan import Plan
 from fastrun.measure.profiler import Profiler
+from fastrun.runtime.engines import OriginalModelSource
+from fastrun.workflows import candidates
+from fastrun.workflows.eligibility import MODEL_TOLERANCE, Reference, make_reference, max_relative_error  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-# Whole-model outputs must match onnxruntime's within this (max abs error relative to max |ref|).
-MODEL_TOLERANCE = 1e-3
 
 
 def random_feed(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
@@ -34,18 +35,17 @@ def random_feed(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
     return feed
 
 
-def onnxruntime_baseline(graph: Graph, model_bytes: bytes, level: str = "all"):
-    """onnxruntime's own session of the original model (same threading policy as ours)."""
-    return ortutil.session(model_bytes, level=level)
+relative_error = max_relative_error
 
 
-def relative_error(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> float:
-    worst = 0.0
-    for o, r in zip(outs, refs):
-        o, r = np.asarray(o, dtype=np.float64), np.asarray(r, dtype=np.float64)
-        scale = max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-30)
-        worst = max(worst, float(np.max(np.abs(o - r))) / scale if r.size else 0.0)
-    return worst
+def model_reference(graph: Graph, original: OriginalModelSource, quantized: bool) -> Reference:
+    """The outputs of the original model that whole-model candidates must match, on a random feed
+    (:mod:`fastrun.workflows.eligibility`)."""
+    feed = random_feed(graph)
+    names = list(graph.outputs)
+    default = ortutil.session(original.source, level="all").run(names, feed)
+    semantics = ortutil.session(original.source, level="disable").run(names, feed) if quantized else ()
+    return make_reference(feed, names, default, semantics)
 
 
 def _races(graph: Graph, programs: dict[str, Program], rounds: int, max_seconds: float,
@@ -75,18 +75,22 @@ WHOLE_MODEL_MARGIN = 0.02  # an assignment must beat onnxruntime alone by this m
 VERIFY_BLOCKS = 3  # ...in each of this many consecutive races
 
 
-def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, repeats: int) -> Plan:
-    """The fastest, measured end to end (interleaved), of ``plan``, the heuristic assignment and
-    the whole model on onnxruntime (:func:`fastrun.planning.planner.whole_model_plan`).
+def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, repeats: int,
+                original: Optional[OriginalModelSource] = None, reference: Optional[Reference] = None) -> Plan:
+    """The fastest eligible one, measured end to end (interleaved), of ``plan``, the heuristic
+    assignment and the whole-model candidates (:mod:`fastrun.workflows.candidates`: onnxruntime on
+    the ``original`` model, onnxruntime on fastrun's specialised graph, any registered engine).
 
-    Of the optimum and the heuristic assignment the measured faster is kept (the optimum is a
-    prediction from per-operator times; VGG-19's ran 2-6% slower end to end than the heuristic
-    assignment in three runs out of three); the better of the two must then beat onnxruntime alone
-    by WHOLE_MODEL_MARGIN in each of VERIFY_BLOCKS consecutive races, or the plan runs the whole
-    model on onnxruntime: the default is what a user had without fastrun, and a plan replaces it
-    only on a win larger than the noise of one race (~1-3% here) that lasts. One race was not
-    enough: Inception v2 b8's plan of 42 host steps won one by 5% and ran 0.87-1.12x onnxruntime's
-    time in 15 later races (docs/benchmarks.md).
+    Eligible: outputs within ``reference``'s bound (:mod:`fastrun.workflows.eligibility`; without a
+    reference every candidate is). Of the optimum and the heuristic assignment the measured faster
+    is kept (the optimum is a prediction from per-operator times; VGG-19's ran 2-6% slower end to
+    end than the heuristic assignment in three runs out of three). The default is the baseline
+    candidate (onnxruntime on the original model; without it, on the specialised graph): what a
+    user had without fastrun. Another whole-model candidate replaces it only by beating it by
+    WHOLE_MODEL_MARGIN in each of VERIFY_BLOCKS consecutive races, and the assignment must then beat
+    the whole-model winner the same way: a win larger than the noise of one race (~1-3% here) that
+    lasts. One race was not enough: Inception v2 b8's plan of 42 host steps won one by 5% and ran
+    0.87-1.12x onnxruntime's time in 15 later races (docs/benchmarks.md).
     """
     saved = copy.deepcopy(profiler.stats)  # re-planning reads the cache; don't count it twice
     alternative = planner.make_plan(graph, fingerprint, profiler, assignment="heuristic")
@@ -94,30 +98,61 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
     contenders = {"optimal": plan}
     if plan.assignment() != alternative.assignment():
         contenders["heuristic"] = alternative
-    whole = planner.whole_model_plan(graph, plan)
-    if whole is not None:
-        contenders["onnxruntime"] = whole
-    if len(contenders) == 1:
-        plan.solver["verified"] = {"kept": "optimal", "note": "no alternative to time"}
-        return plan
-    blocks = _race_blocks(graph, {k: compiler.compile_plan(graph, p) for k, p in contenders.items()}, repeats)
-    times = {k: float(np.median([block[k] for block in blocks])) for k in contenders}
-    kept = "optimal"
-    if "heuristic" in times and times["heuristic"] < (1 - VERIFY_MARGIN) * times["optimal"]:
-        kept = "heuristic"
-    if "onnxruntime" in times and not all(block[kept] < (1 - WHOLE_MODEL_MARGIN) * block["onnxruntime"]
-                                          for block in blocks):
-        kept = "onnxruntime"
+    whole = _whole_model_plans(graph, plan, original is not None)
+    contenders.update(whole)
+    programs = {k: compiler.compile_plan(graph, p, original=original) for k, p in contenders.items()}
+    errors = {k: reference.error(p.run(dict(reference.feed))) for k, p in programs.items()} if reference else {}
+    eligible = [k for k in programs if k == candidates.BASELINE or not reference or errors[k] <= reference.bound]
+    eligible = eligible or ["optimal"]  # no baseline to fall back on: the plan as before
+    record = {"errors": errors, **(reference.describe() if reference else {})}
+    if len(eligible) == 1:
+        chosen = contenders[eligible[0]]
+        chosen.solver = dict(plan.solver, verified={"kept": eligible[0], "note": "no alternative to time", **record})
+        return chosen
+    blocks = _race_blocks(graph, {k: programs[k] for k in eligible}, repeats)
+    times = {k: float(np.median([block[k] for block in blocks])) for k in eligible}
+    kept = _winner(times, blocks, [k for k in eligible if k in whole])
     chosen = contenders[kept]
-    chosen.solver = dict(plan.solver, verified={"kept": kept, **{f"{k}_ms": v for k, v in times.items()}})
-    if kept == "heuristic":
-        log.info("the heuristic assignment measured faster end to end (%.2f vs %.2f ms for the predicted "
-                 "optimum): keeping it", times[kept], times["optimal"])
-    elif kept == "onnxruntime":
-        log.info("no assignment beat the whole model on onnxruntime (%.2f ms; the predicted optimum ran %.2f ms) "
-                 "by %.0f%% in each of %d races: running it that way", times[kept], times["optimal"],
-                 100 * WHOLE_MODEL_MARGIN, VERIFY_BLOCKS)
+    chosen.solver = dict(plan.solver, verified={"kept": kept, **{f"{k}_ms": v for k, v in times.items()}, **record})
+    if kept != "optimal":
+        log.info("kept %s (%.2f ms; the predicted optimum ran %s ms)", kept, times[kept],
+                 f"{times['optimal']:.2f}" if "optimal" in times else "n/a, ineligible")
     return chosen
+
+
+def _whole_model_plans(graph: Graph, plan: Plan, have_original: bool) -> dict[str, Plan]:
+    """The plan of every whole-model candidate that applies (those of the original need its source)."""
+    plans = {}
+    for c in candidates.candidates():
+        if c.needs_original and not have_original:
+            continue
+        made = c.make_plan(graph, plan)
+        if made is not None:
+            plans[c.name] = made
+    return plans
+
+
+def _beats(a: str, b: str, blocks: list[dict[str, float]]) -> bool:
+    return all(block[a] < (1 - WHOLE_MODEL_MARGIN) * block[b] for block in blocks)
+
+
+def _winner(times: dict[str, float], blocks: list[dict[str, float]], whole: list[str]) -> str:
+    """The race's winner among eligible contenders (see :func:`verify_plan`)."""
+    assignments = [k for k in ("optimal", "heuristic") if k in times]
+    kept = None
+    if assignments:
+        kept = assignments[0]
+        if "heuristic" in times and "optimal" in times and times["heuristic"] < (1 - VERIFY_MARGIN) * times["optimal"]:
+            kept = "heuristic"
+    if not whole:
+        return kept
+    baseline = candidates.BASELINE if candidates.BASELINE in whole else whole[0]
+    best = baseline
+    for name in sorted((w for w in whole if w != baseline), key=times.get):
+        if _beats(name, baseline, blocks):
+            best = name
+            break
+    return kept if kept is not None and _beats(kept, best, blocks) else best
 
 
 THREADS_MARGIN = 0.03  # fewer threads must be this much faster to replace all of them
