@@ -19,26 +19,7 @@ FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2
 
 # Cases on which fastrun does not yet answer as onnxruntime does, with the reason it fails today.
-OUTER_SCOPE = ("initializers read only inside Loop/If bodies (outer scope: W, b, kernel) are dropped as unused "
-               "(constant folding and unused-constant pruning count top-level node inputs only), so shape inference "
-               "fails: InputError '... input 'W' of node MatMul is not output of any previous nodes'")
-QDQ_WEIGHTS_FOLDED = ("constant folding turns the weights' DequantizeLinear nodes (42 of 75) into float initializers, "
-                      "so onnxruntime sees float Convs instead of QDQ groups it runs as QLinearConv: fastrun is "
-                      "1.3e-2 (batch 1) / 6.4e-3 (batch 3) from the model's semantics, onnxruntime 0")
-FP16_BATCHNORM = ("folding BatchNormalization into Conv writes float32 weights into a float16 graph: ModelError "
-                  "'Conv /conv1/Conv: its inputs must share one element type (image is float16, ...W is float32)'")
-UNSORTED_GRAPH = ("onnx.checker refuses the graph convert_float_to_float16(keep_io_types=True) writes (input Casts "
-                  "placed after their consumers), which onnxruntime runs: ModelError 'Nodes in a graph must be "
-                  "topologically sorted, however input graph_input_cast_0 ...'")
-EXTERNAL_DATA = ("the model is checked and parsed from its bytes, without its directory: ModelError 'Data of "
-                 "TensorProto (conv1.weight) should be stored in weights.bin, but it is not regular file'")
-KNOWN_FAILURES: dict[str, str] = {
-    "control_flow": OUTER_SCOPE,
-    "resnet_qdq": QDQ_WEIGHTS_FOLDED,
-    "resnet_fp16": FP16_BATCHNORM,
-    "resnet_fp16_io32": UNSORTED_GRAPH,
-    "resnet_external_data": EXTERNAL_DATA,
-}
+KNOWN_FAILURES: dict[str, str] = {}
 PROFILE_KNOWN_FAILURES: dict[str, str] = dict(KNOWN_FAILURES)
 # A session compiling the heuristic plan runs what fastrun refuses (the errors above) on onnxruntime.
 HEURISTIC_KNOWN_FAILURES: dict[str, str] = {"resnet_qdq": QDQ_WEIGHTS_FOLDED}

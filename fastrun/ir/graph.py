@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -20,6 +20,19 @@ from fastrun.ops import builtin  # noqa: F401  (registers the built-in implement
 FUSABLE_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh")
 
 
+# Op types of quantized models (QDQ, QOperator, dynamic quantization). The front end never folds
+# them: onnxruntime's quantization fusions must see the graph's Q/DQ groups as they are.
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+    "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "MatMulIntegerToFloat", "QGemm", "QAttention",
+    "QEmbedLayerNormalization", "MatMulNBits", "MatMulBnb4", "QOrderedMatMul",
+})
+
+
+def is_quantized_op(op_type: str) -> bool:
+    return op_type in QUANTIZED_OPS or op_type.startswith("QLinear")
+
+
 @dataclass
 class Node:
     name: str
@@ -30,6 +43,12 @@ class Node:
     attrs: dict[str, Any]
     activation: Optional[str] = None
     activation_params: tuple = ()
+    outer_reads: list[str] = field(default_factory=list)  # read by its subgraphs (If/Loop/Scan bodies)
+
+    @property
+    def reads(self) -> list[str]:
+        """Every tensor the node reads: its inputs and its subgraphs' outer-scope reads."""
+        return self.inputs + self.outer_reads if self.outer_reads else self.inputs
 
 
 @dataclass
@@ -57,6 +76,10 @@ class Graph:
                 if t:
                     users[t].append(node)
         return users
+
+    def outer_reads(self) -> set[str]:
+        """Tensors some node's subgraph reads from this graph's scope: names that must stay as they are."""
+        return {t for node in self.nodes for t in node.outer_reads}
 
     def producer(self) -> dict[str, Node]:
         return {t: node for node in self.nodes for t in node.outputs}
@@ -103,7 +126,29 @@ def node_from_proto(index: int, proto: onnx.NodeProto) -> Node:
         raise ModelError(f"node {proto.name or proto.op_type!r}: a string attribute is not valid UTF-8") from None
     return Node(name=proto.name or f"{proto.op_type}_{index}", op_type=proto.op_type,
                 domain=proto.domain if proto.domain != "ai.onnx" else "", inputs=list(proto.input),
-                outputs=list(proto.output), attrs=attrs)
+                outputs=list(proto.output), attrs=attrs, outer_reads=outer_scope_reads(proto))
+
+
+def outer_scope_reads(proto: onnx.NodeProto) -> list[str]:
+    """Names a node's subgraphs read from the enclosing scope (not defined inside them)."""
+    reads: list[str] = []
+    for attr in proto.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            reads.extend(_free_names(attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for g in attr.graphs:
+                reads.extend(_free_names(g))
+    return list(dict.fromkeys(reads))
+
+
+def _free_names(g: onnx.GraphProto) -> list[str]:
+    defined = {i.name for i in g.input} | {t.name for t in g.initializer} | \
+        {t.values.name for t in g.sparse_initializer}
+    free = []
+    for node in g.node:
+        free.extend(t for t in list(node.input) + outer_scope_reads(node) if t and t not in defined)
+        defined.update(node.output)
+    return free
 
 
 def to_proto(node: Node) -> onnx.NodeProto:
@@ -120,7 +165,7 @@ def toposort(nodes: list[Node], available: set[str]) -> list[Node]:
                 raise ModelError(f"tensor {t!r} is produced more than once")
             produced_by[t] = node
     for node in nodes:
-        for t in node.inputs:
+        for t in node.reads:
             if t and t not in produced_by and t not in available:
                 raise ModelError(f"node {node.name!r} reads {t!r}, which no node, input or initializer provides")
     order, state = [], {}
@@ -138,7 +183,7 @@ def toposort(nodes: list[Node], available: set[str]) -> list[Node]:
                 continue
             state[node.name] = 1
             stack.append((node, True))
-            for t in node.inputs:
+            for t in node.reads:
                 dep = produced_by.get(t)
                 if dep is None:
                     continue

@@ -13,7 +13,8 @@ from onnx import helper
 
 from fastrun.system import ortutil
 from fastrun.errors import ModelError
-from fastrun.ir.graph import FUSABLE_ACTIVATIONS, Graph, Node, first_line, quiet_run_options, to_proto, toposort
+from fastrun.ir.graph import (FUSABLE_ACTIVATIONS, Graph, Node, first_line, is_quantized_op, quiet_run_options, to_proto,
+                              toposort)
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,14 @@ def fold_constants(nodes: list[Node], constants: dict[str, np.ndarray], outputs:
     folded, kept = [], []
     for node in nodes:
         if node.op_type not in NONDETERMINISTIC and all((not t) or t in const_names for t in node.inputs) \
-                and not _has_subgraph(node):
+                and not _has_subgraph(node) and not is_quantized_op(node.op_type):
             folded.append(node)
             const_names.update(node.outputs)
         else:
             kept.append(node)
     if not folded:
         return nodes, constants
-    needed = {t for node in kept for t in node.inputs if t} | set(outputs)
+    needed = {t for node in kept for t in node.reads if t} | set(outputs)
     wanted = [t for node in folded for t in node.outputs if t in needed]
     fold_inputs = {t for node in folded for t in node.inputs}
     if wanted:
@@ -49,7 +50,7 @@ def fold_constants(nodes: list[Node], constants: dict[str, np.ndarray], outputs:
         constants = dict(constants)
         constants.update(zip(wanted, values))
     log.debug("folded %d constant nodes", len(folded))
-    used = {t for node in kept for t in node.inputs} | set(outputs)
+    used = {t for node in kept for t in node.reads} | set(outputs)
     return kept, {k: v for k, v in constants.items() if k in used}
 
 
@@ -88,11 +89,12 @@ def _rename_input(graph: Graph, old: str, new: str) -> None:
 
 def remove_identities(graph: Graph) -> None:
     """Dropout (inference) and Identity forward their input unless they produce a graph output."""
-    used = {t for node in graph.nodes for t in node.inputs} | set(graph.outputs)
+    used = {t for node in graph.nodes for t in node.reads} | set(graph.outputs)
+    kept_names = set(graph.outputs) | graph.outer_reads()  # names a subgraph reads must stay
     kept = []
     for node in graph.nodes:
         is_noop = node.op_type == "Identity" or (node.op_type == "Dropout" and not any(o in used for o in node.outputs[1:]))
-        if is_noop and node.outputs[0] not in graph.outputs and node.inputs[0] not in graph.constants:
+        if is_noop and node.outputs[0] not in kept_names and node.inputs[0] not in graph.constants:
             _rename_input(graph, node.outputs[0], node.inputs[0])
             continue
         kept.append(node)
@@ -100,7 +102,7 @@ def remove_identities(graph: Graph) -> None:
 
 
 def _single_consumer(graph: Graph, tensor: str, users: dict[str, list[Node]]) -> Optional[Node]:
-    if tensor in graph.outputs or len(users.get(tensor, [])) != 1:
+    if tensor in graph.outputs or len(users.get(tensor, [])) != 1 or tensor in graph.outer_reads():
         return None
     return users[tensor][0]
 
@@ -118,9 +120,11 @@ def _conv_params(conv: Node, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _absorb(graph: Graph, conv: Node, follower: Node, w: np.ndarray, b: np.ndarray) -> None:
-    """Give ``conv`` new float32 weights and bias and make it produce ``follower``'s output."""
+    """Give ``conv`` new weights and bias, in its weights' own element type (float16 stays float16),
+    and make it produce ``follower``'s output."""
+    dtype = graph.constants[conv.inputs[1]].dtype
     w_name, b_name = f"{conv.name}/{follower.name}/W", f"{conv.name}/{follower.name}/B"
-    graph.constants[w_name], graph.constants[b_name] = w.astype(np.float32, copy=False), b.astype(np.float32)
+    graph.constants[w_name], graph.constants[b_name] = w.astype(dtype, copy=False), b.astype(dtype)
     conv.inputs = [conv.inputs[0], w_name, b_name]
     conv.outputs = [o for o in follower.outputs if o][:1]
 
@@ -142,7 +146,9 @@ def fold_batchnorm(graph: Graph) -> None:
         factor = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
         # The per-channel factor in float64, the weights scaled in their own precision (one
         # rounding, as onnxruntime's fusion): a float64 copy of ResNet-50's weights cost 25 ms at load.
-        w_scaled = w * factor.astype(w.dtype).reshape(-1, *([1] * (w.ndim - 1)))
+        # float16 weights are scaled in float32 and rounded once, back to float16.
+        work = np.float32 if w.dtype == np.float16 else w.dtype
+        w_scaled = w.astype(work, copy=False) * factor.astype(work).reshape(-1, *([1] * (w.ndim - 1)))
         _absorb(graph, conv, bn, w_scaled, (b.astype(np.float64) - mean) * factor + bias)
         removed.add(id(bn))
     graph.nodes = [n for n in graph.nodes if id(n) not in removed]
@@ -175,7 +181,7 @@ def fold_channel_affine(graph: Graph) -> None:
 
 def _per_channel(value: Optional[np.ndarray], channels: int, rank: int) -> Optional[np.ndarray]:
     """A constant that broadcasts against [N, K, ...] only along K (or is a scalar), as a [K] vector."""
-    if value is None or value.dtype != np.float32 or value.ndim > rank:
+    if value is None or value.dtype not in (np.float32, np.float16) or value.ndim > rank:
         return None
     shape = (1,) * (rank - value.ndim) + value.shape
     if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, channels):
@@ -260,5 +266,5 @@ def _activation_params(act: Node, graph: Graph) -> Optional[tuple]:
 
 
 def drop_unused_constants(graph: Graph) -> None:
-    used = {t for node in graph.nodes for t in node.inputs} | set(graph.outputs)
+    used = {t for node in graph.nodes for t in node.reads} | set(graph.outputs)
     graph.constants = {k: v for k, v in graph.constants.items() if k in used}

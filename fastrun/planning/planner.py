@@ -159,6 +159,7 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
     dispatch = aux.dispatch() if aux else 0.0
 
     nodes = []
+    outer_reads = graph.outer_reads()  # read by name inside subgraphs: produced in NCHW under that name
     for node in graph.nodes:
         runtime = _runtime_inputs(node, graph)
         h = heavy.get(node.name)
@@ -171,6 +172,8 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
                 if cost is None and fmt != formats.NCHW:
                     continue
                 choices.append(Choice(LIGHT_IMPL, (fmt,) * len(runtime), fmt, _in_segment(cost or 0.0, dispatch)))
+        if outer_reads.intersection(node.outputs):
+            choices = [c for c in choices if c.out_format == formats.NCHW] or choices
         nodes.append(SearchNode(node.name, runtime, [t for t in node.outputs if t], choices))
 
     problem = SearchProblem(nodes, {t: formats.NCHW for t in graph.inputs},

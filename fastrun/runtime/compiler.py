@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import onnx
 from onnx import helper
 
-from fastrun.ir.graph import Graph, Node, const_inputs, spec_for_node, to_proto
+from fastrun.ir.graph import Graph, Node, const_inputs, outer_scope_reads, spec_for_node, to_proto
 from fastrun.ops import builtin  # noqa: F401  (registers the built-in implementations plans name)
 from fastrun.ops import formats, layout_ops, registry, reorders
 from fastrun.ops.registry import OnnxFragment
@@ -101,7 +101,8 @@ def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str], host_
         rename = dict(zip(runtime, in_names))
         for n in fragment.nodes:
             n.input[:] = [rename.get(x, x) for x in n.input]
-        return Step(node.name, in_names, list(node.outputs), fragment=fragment)
+        outer = [t for t in node.outer_reads if t not in graph.constants and t not in in_names]
+        return Step(node.name, in_names + outer, list(node.outputs), fragment=fragment)
     impl = registry.by_id(node.op_type, choice.impl)
     spec = spec_for_node(node, graph)
     if impl.kind == "host":  # built when the program is instantiated
@@ -187,7 +188,7 @@ def _segment(batch: list[Step], graph: Graph, available: set[str], needed: set[s
         inits.update(s.fragment.initializers)
         for d, v in s.fragment.opsets.items():
             opsets[d] = max(opsets.get(d, 0), v)
-    reads = [x for n in nodes for x in n.input if x]
+    reads = [x for n in nodes for x in list(n.input) + outer_scope_reads(n) if x]
     seg_inputs = []
     for x in dict.fromkeys(reads):
         if x in inside or x in inits:

@@ -20,21 +20,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx
 
+from fastrun.ir.graph import is_quantized_op
+
 # Whole-model outputs must match onnxruntime's within this (max abs error relative to max |ref|).
 MODEL_TOLERANCE = 1e-3
 QUANTIZED_SLACK = 1.1
 QUANTIZED_ABS_SLACK = 1e-4
-
-QUANTIZED_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-    "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "MatMulIntegerToFloat", "QGemm", "QAttention",
-    "QEmbedLayerNormalization", "MatMulNBits", "MatMulBnb4", "QOrderedMatMul",
-})
-
-
-def is_quantized_op(op_type: str) -> bool:
-    return op_type in QUANTIZED_OPS or op_type.startswith("QLinear")
-
 
 def quantized_ops(model: onnx.ModelProto) -> list[str]:
     """The quantization op types of a model, subgraphs included (empty: a float model)."""
