@@ -124,7 +124,7 @@ def print_warmup(results) -> None:
     click.echo(f"{'model':<34} {'shapes':<24} {'plan':<9} {'timed':>6} {'reused':>6} {'pred. ms':>9} {'x ort':>6} "
                f"{'program':<8}")
     for r in results:
-        plan = r.status if r.status != "profiled" or r.plan_policy != "partial" else "partial"
+        plan = r.status if r.status != "profiled" or r.plan_policy not in ("partial", "fallback") else r.plan_policy
         gain = f"{r.speedup:.2f}x" if r.speedup else "-"
         click.echo(f"{cut(r.model, 34):<34} {cut(shapes_text(r.shapes), 24):<24} {plan:<9} {r.measured:>6} "
                    f"{r.reused:>6} {ms(r.predicted_ms):>9} {gain:>6} {r.program or '-':<8}")
@@ -139,6 +139,9 @@ def print_warmup(results) -> None:
     else:
         click.echo(f"{len(results)} plan(s): {len(profiled)} profiled now ({measured} timings measured, "
                    f"{sum(r.reused for r in results)} reused), {cached} already cached, {len(failed)} failed")
+    for r in results:
+        if r.note:
+            click.echo(f"{r.model}: {r.note}")
     for r in failed:
         click.echo(f"error: {r.model}{' (' + shapes_text(r.shapes) + ')' if r.shapes else ''}: {r.error}", err=True)
 

@@ -327,6 +327,14 @@ def _drop_dead_nodes(nodes: list[Node], outputs: Sequence[str]) -> list[Node]:
     return kept[::-1]
 
 
+def input_shapes(model: onnx.ModelProto,
+                 given: Optional[Mapping[str, Sequence[int]]] = None) -> dict[str, tuple[int, ...]]:
+    """The runtime inputs' shapes: ``given`` for symbolic dims, the declared ones otherwise
+    (:class:`InputError` when a shape is missing or does not fit the declaration)."""
+    init_names = {t.name for t in model.graph.initializer}
+    return _input_shapes([vi for vi in model.graph.input if vi.name not in init_names], dict(given or {}))
+
+
 def _input_shapes(real_inputs: Sequence[onnx.ValueInfoProto], given: dict[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
     names = [vi.name for vi in real_inputs]
     unknown = sorted(set(given) - set(names))

@@ -27,7 +27,7 @@ from fastrun.workflows.lookup import store_plan
 from fastrun.runtime import engines
 from fastrun.runtime.engines import OriginalModelSource
 from fastrun.system import ortutil
-from fastrun.workflows import eligibility
+from fastrun.workflows import eligibility, fallback
 from fastrun.workflows.verify import choose_threads, model_reference, random_feed, relative_error, verify_plan
 
 log = logging.getLogger(__name__)
@@ -143,13 +143,20 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     """
     start = time.perf_counter()
     model_proto, data = reader.read_model(model)
-    graph = reader.from_proto(model_proto, data, input_shapes)
+    original = OriginalModelSource(engines.model_source(model if isinstance(model, (str, Path)) else data))
     caches = Caches(cache_dir)
     fingerprint = fp.fingerprint()
+    reader.input_shapes(model_proto, input_shapes)  # the caller's shapes must fit the model: their error
+    try:
+        graph = reader.from_proto(model_proto, data, input_shapes)
+    except Exception as exc:  # the front end cannot take it: onnxruntime decides, and runs the original
+        report = _fallback(model, model_proto, data, original, input_shapes, caches, fingerprint, exc)
+        report.seconds = time.perf_counter() - start
+        caches.close()
+        return report
     profiler = Profiler(caches, fingerprint, budget_s=budget, op_limit_s=op_limit, op_timeout=op_timeout,
                         isolate=isolate, refresh=refresh)
     plan = planner.make_plan(graph, fingerprint, profiler, progress=progress)
-    original = OriginalModelSource(engines.model_source(model if isinstance(model, (str, Path)) else data))
     if verify and plan.policy == "profiled":
         if progress:
             progress("racing the plan end to end against the whole-model candidates")
@@ -170,6 +177,20 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     report.seconds = time.perf_counter() - start
     caches.close()
     return report
+
+
+def _fallback(model: ModelSource, model_proto, data: bytes, original: OriginalModelSource,
+              input_shapes: Optional[Mapping[str, Sequence[int]]], caches: Caches, fingerprint: str,
+              exc: Exception) -> ProfileReport:
+    """Store the plan that runs the original model on onnxruntime (or raise onnxruntime's refusal)."""
+    log.debug("front end failed", exc_info=exc)
+    plan, recipe = fallback.original_model_plan(model_proto, reader.model_hash(data), original, input_shapes,
+                                                fingerprint, fallback.front_end_reason(exc))
+    if not store_plan(caches, plan):
+        log.warning("the plan could not be stored in %s (read-only?)", caches.root)
+    caches.programs.save(plan, recipe, reader.declared_interface(model_proto))
+    label = str(model) if isinstance(model, (str, Path)) else (model_proto.graph.name or "model")
+    return ProfileReport(model=label, plan=plan, stats=Stats(), seconds=0.0)
 
 
 # The closing measurement races at least this long: 10 rounds of a 5 ms model are 0.1 s, in which

@@ -72,6 +72,7 @@ class WarmupResult:
     speedup: Optional[float] = None    # :func:`predicted_speedup`
     program: str = ""                  # stored program: "cached" | "compiled" (now) | "missing" (not stored)
     error: str = ""
+    note: str = ""                     # what was left to onnxruntime, and why
     seconds: float = 0.0
 
     @property
@@ -130,7 +131,11 @@ def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches:
     result = WarmupResult(model=str(path), shapes={k: list(v) for k, v in (shapes or {}).items()})
     try:
         model, data = reader.read_model(path)
-        graph = reader.from_proto(model, data, shapes)
+        reader.input_shapes(model, shapes)  # the caller's shapes must fit the model
+        try:
+            graph = reader.from_proto(model, data, shapes)
+        except Exception:  # the front end cannot take it: profile stores onnxruntime's plan, or its refusal
+            return _fall_back(path, shapes, caches, result, start, options)
         result.shapes = {k: list(v) for k, v in graph.input_shapes().items()}
         plan = _complete_plan(caches, fingerprint, graph)
         result.status = "cached"
@@ -138,7 +143,7 @@ def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches:
             with caches.profiling_lock():
                 plan = _complete_plan(caches, fingerprint, graph)  # made meanwhile by another process?
                 if plan is None:
-                    report = profiling.profile(data, shapes, cache_dir=caches.root, progress=progress, **options)
+                    report = profiling.profile(path, shapes, cache_dir=caches.root, progress=progress, **options)
                     result.status, result.measured, result.reused = "profiled", report.stats.measured, report.stats.from_cache
                     plan = lookup.find_plan(caches, fingerprint, graph)
                     if plan is None:
@@ -150,6 +155,22 @@ def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches:
     except Exception as exc:  # a bug on one model must not stop the others
         log.debug("warm-up of %s failed", path, exc_info=True)
         result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _fall_back(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches: Caches, result: WarmupResult,
+               start: float, options: dict[str, Any]) -> WarmupResult:
+    """A model the front end cannot take: the plan that runs it on onnxruntime as is (or its refusal)."""
+    try:
+        report = profiling.profile(path, shapes, cache_dir=caches.root, **options)
+    except FastrunError as exc:
+        result.status, result.error = "failed", str(exc)
+    else:
+        plan = report.plan
+        result.shapes = {k: list(v) for k, v in plan.input_shapes.items()}
+        result.status, result.plan_policy, result.program = "profiled", plan.policy, "compiled"
+        result.note = f"left to onnxruntime (the original model runs as is): {plan.fallback_reason}"
     result.seconds = time.perf_counter() - start
     return result
 
