@@ -45,7 +45,12 @@ def _serve_stored(path: str, cache_dir: str, graph, caches, plan) -> list:
     caches.close()
     session = fastrun.InferenceSession(path, cache_dir=cache_dir, policy="require")
     feed = verify.random_feed(graph)
-    return session.run(None, feed), ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)
+    ours = session.run(None, feed)
+    ((program, served),) = session._programs.values()
+    assert served.engine == plan.engine
+    if plan.engine == ENGINE_ORIGINAL:  # the session's own onnxruntime session of the model runs it
+        assert program.program[0].runner == session._original.run
+    return ours, ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)
 
 
 def test_the_original_model_on_onnxruntime_wins_and_is_served(tiny_model, cache_dir, monkeypatch):

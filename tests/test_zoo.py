@@ -21,8 +21,7 @@ FP16_TOLERANCE = 1e-2
 # Cases on which fastrun does not yet answer as onnxruntime does, with the reason it fails today.
 KNOWN_FAILURES: dict[str, str] = {}
 PROFILE_KNOWN_FAILURES: dict[str, str] = dict(KNOWN_FAILURES)
-# A session compiling the heuristic plan runs what fastrun refuses (the errors above) on onnxruntime.
-HEURISTIC_KNOWN_FAILURES: dict[str, str] = {"resnet_qdq": QDQ_WEIGHTS_FOLDED}
+HEURISTIC_KNOWN_FAILURES: dict[str, str] = dict(KNOWN_FAILURES)
 
 
 # Profiling these takes under ~6 s each here; the CNNs take 10-130 s (every Conv signature is timed).
@@ -73,11 +72,13 @@ def test_session_answers_as_onnxruntime(name, cache_dir):
 
 @pytest.mark.parametrize("name", _params(HEURISTIC_KNOWN_FAILURES))
 def test_heuristic_session_answers_as_onnxruntime(name, cache_dir):
-    """A session compiling the heuristic plan for every fed shape (no plan cached)."""
-    check_session(zoo.CASES[name], cache_dir, policy="heuristic")
+    """A session compiling the heuristic plan for every fed shape (no plan cached): fastrun's
+    specialised graph, not the original model left to onnxruntime."""
+    sess = check_session(zoo.CASES[name], cache_dir, policy="heuristic")
+    assert sess.plans and all(plan.engine == "fastrun" for plan in sess.plans.values())
 
 
-def check_session(case: zoo.Case, cache_dir: str, policy: str) -> None:
+def check_session(case: zoo.Case, cache_dir: str, policy: str) -> fastrun.InferenceSession:
     model = _model_path(case)
     sess = fastrun.InferenceSession(model, cache_dir=cache_dir, policy=policy)
     ref = zoo.session(model)
@@ -85,6 +86,7 @@ def check_session(case: zoo.Case, cache_dir: str, policy: str) -> None:
     assert [o.name for o in sess.get_outputs()] == [o.name for o in ref.get_outputs()]
     for feed in case.feeds():
         check_outputs(case, model, sess.run(None, feed), feed)
+    return sess
 
 
 @pytest.mark.parametrize("name", _params(PROFILE_KNOWN_FAILURES, frozenset(zoo.CASES) - QUICK_TO_PROFILE))

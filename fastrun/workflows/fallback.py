@@ -54,8 +54,14 @@ def original_model_plan(model: onnx.ModelProto, model_hash: str, original: Origi
     _check_runs(original, model, shapes, reason)
     log.warning("fastrun's front end cannot take %s (%s): the original model runs on onnxruntime as is",
                 model.graph.name or "the model", reason)
+    return original_plan(model, model_hash, shapes, fingerprint, reason)
+
+
+def original_plan(model: onnx.ModelProto, model_hash: str, shapes: Mapping[str, Sequence[int]], fingerprint: str,
+                  reason: str) -> tuple[Plan, Recipe]:
+    """The plan (and its recipe) that runs the original model whole on onnxruntime, saying why."""
     plan = Plan(model_hash=model_hash, model_name=model.graph.name or "model", fingerprint=fingerprint,
-                input_shapes={k: list(v) for k, v in shapes.items()}, nodes=[], policy="fallback",
+                input_shapes={k: [int(d) for d in v] for k, v in shapes.items()}, nodes=[], policy="fallback",
                 engine=ENGINE_ORIGINAL, fallback_reason=reason)
     interface = reader.declared_interface(model)
     recipe = compiler.model_recipe(plan, [i[0] for i in interface["inputs"]], [o[0] for o in interface["outputs"]])
