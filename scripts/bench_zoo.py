@@ -63,7 +63,8 @@ def measure(name: str, rounds: int, op_limit: float) -> dict:
         try:
             report = fastrun.profile(model, input_shapes=zoo.input_shapes(case), cache_dir=cache_dir,
                                      op_limit=op_limit, measure=False)
-            row["plan"] = report.plan.policy
+            row["plan"] = report.plan.winner  # fastrun | onnxruntime (specialised graph) | onnxruntime-original
+            row["policy"] = report.plan.policy
             ours = fastrun.InferenceSession(model, cache_dir=cache_dir, policy="require")
             ours.run(None, feed)
         except Exception as exc:  # a case fastrun cannot serve yet: report why and go on
@@ -90,7 +91,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
-    print(f"{'case':22s} {'plan':10s} {'ort ms':>8s} {'ratio':>6s} {'p10-p90':>12s}  blocks")
+    print(f"{'case':22s} {'runs':20s} {'ort ms':>8s} {'ratio':>6s} {'p10-p90':>12s}  blocks")
     for name in args.cases:
         row = measure(name, args.rounds, args.op_limit)
         rows.append(row)
@@ -98,7 +99,7 @@ def main() -> None:
             print(f"{name:22s} fails: {row['error']}")
             continue
         mark = "  slower" if row["median"] < SLOW_BELOW else ""
-        print(f"{name:22s} {row['plan']:10s} {row['ort_ms']:8.3f} {row['median']:6.3f} "
+        print(f"{name:22s} {row['plan']:20s} {row['ort_ms']:8.3f} {row['median']:6.3f} "
               f"{row['p10']:5.3f}-{row['p90']:5.3f}  {' '.join(f'{b:.3f}' for b in row['blocks'])}{mark}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
