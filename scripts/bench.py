@@ -30,7 +30,8 @@ import onnxruntime as ort
 from fastrun.workflows import lookup, verify, models
 from fastrun.workflows import profile as profiling
 from fastrun.measure import timing as benchmark
-from fastrun.planning import costmodel, planner
+from fastrun.ops.builtin import estimates
+from fastrun.planning import planner
 from fastrun.runtime import compiler
 from fastrun.system import fingerprint, ortutil
 from fastrun.ir import graph as G
@@ -42,7 +43,7 @@ log = logging.getLogger("bench")
 
 
 def direct_gflop(graph: G.Graph) -> float:
-    return sum(costmodel.direct_flops(spec_for_node(h.node, graph)) for h in planner.heavy_nodes(graph)) / 1e9
+    return sum(estimates.direct_flops(spec_for_node(h.node, graph)) for h in planner.heavy_nodes(graph)) / 1e9
 
 
 def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: float) -> dict:

@@ -92,7 +92,7 @@ def bench_layer(spec: OpSpec, repeats: int, budget_s: float) -> list[tuple[str, 
         y = fn(*a)  # warm-up (numba compiles here), and the correctness figure
         if len(spec.output) == 4:
             y = formats.from_format(y, fmt_out, spec.output[1])
-        if impl.name == "ort":
+        if ref is None and impl.is_onnxruntime_kernel:
             ref = y
         fns[impl.name], args[impl.name] = (fn, y), a
     errors = {name: float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)) if ref is not None else float("nan")
@@ -125,7 +125,8 @@ def main(argv=None) -> int:
         if wanted and not any(w in name for w in wanted):
             continue
         rows = bench_layer(spec, opts.repeats, opts.budget)
-        ort_ms = dict((n, ms) for n, ms, _ in rows).get("ort")
+        ort = registry.onnxruntime_nchw_kernel(registry.candidates(spec))
+        ort_ms = dict((n, ms) for n, ms, _ in rows).get(ort.name if ort else None)
         best = min(ms for _, ms, _ in rows)
         for impl, ms, err in sorted(rows, key=lambda r: r[1]):
             ratio = f"{ort_ms / ms:.2f}x" if ort_ms else "-"

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from fastrun.ir import reader
-from fastrun.ops import formats
-from fastrun.planning import planner
+from fastrun.ops import formats, registry
+from fastrun.ops.builtin import estimates
+from fastrun.planning import costmodel, planner
 from fastrun.runtime.plan import Plan
 from fastrun.workflows import models
+from tests.conftest import tiny_conv_model
 
 PINNED = Path(__file__).parent / "data" / "heuristic_plans.json"
 MODELS = ("resnet50", "vgg19", "squeezenet")
@@ -42,6 +44,29 @@ def test_heuristic_plan_is_the_pinned_one(name, batch, block, monkeypatch):
     monkeypatch.setattr(formats, "native_block_size", lambda: block)
     expected = json.loads(PINNED.read_text())[f"{name} b{batch} NCHWc{block}"]
     assert _plans(name, batch) == expected
+
+
+def test_an_implementation_is_priced_by_its_own_estimator():
+    """``cost=`` in a registration is what the heuristic plan pays for the implementation; one
+    without an estimator is priced as a direct algorithm slowed by its rank."""
+    model = tiny_conv_model(c=16, k=16, hw=12)
+    graph = reader.from_proto(model, model.SerializeToString(), {"x": (1, 16, 12, 12)})
+
+    def build(spec, consts):
+        """Stands in for a kernel: the plan is made, never run."""
+        raise AssertionError("not built")
+
+    try:
+        registry.implementation("Conv", "test_priced", heuristic_rank=90, cost=lambda spec: 1e-6)(build)
+        registry.implementation("Conv", "test_unpriced", heuristic_rank=90)(build)
+        spec = planner.heavy_nodes(graph)[0].spec
+        assert costmodel.impl_ms(registry.get("Conv", "test_priced"), spec) == 1e-6
+        assert costmodel.impl_ms(registry.get("Conv", "test_unpriced"), spec) == estimates.direct_ms(spec, 90)
+        assert planner.make_plan(graph, "fingerprint").nodes[0].impl == registry.get("Conv", "test_priced").id
+    finally:
+        registry.unregister("Conv", "test_priced")
+        registry.unregister("Conv", "test_unpriced")
+    assert not planner.make_plan(graph, "fingerprint").nodes[0].impl.startswith("test_")
 
 
 if __name__ == "__main__":  # regenerate the pinned plans after a deliberate cost-model change

@@ -38,7 +38,7 @@ def build_callable(impl: Implementation, spec: OpSpec, consts: dict[int, np.ndar
                    threads: Optional[int] = None) -> Callable[..., np.ndarray]:
     """Build ``impl`` for ``spec`` and return a callable over the runtime inputs."""
     built = impl.build(spec, consts)
-    if impl.kind == "onnx":
+    if impl.is_onnxruntime_kernel:
         return fragment_callable(built, spec, impl.input_formats(spec), resolve_format(impl.out_format),
                                  threads=threads)
     return built

@@ -3,9 +3,11 @@
 An implementation is data plus a builder. Registering one is a single decorated function::
 
     from fastrun import implementation, OpSpec
+    from fastrun.ops.builtin import estimates
 
     @implementation("Conv", "my_conv", version=1, in_format="NCHW", out_format="NCHW",
-                    applies=lambda spec: spec.attr("group") == 1)
+                    applies=lambda spec: spec.attr("group") == 1,
+                    cost=lambda spec: estimates.direct_flops(spec) / 50e6)  # ms at 50 GFLOP/s
     def build_my_conv(spec: OpSpec, consts: dict[int, np.ndarray]):
         w = consts[1]                     # pre-transform weights here, once
         def run(x):                       # x arrives in ``in_format``
@@ -165,6 +167,13 @@ class Implementation:
     module: str
     sum_input: bool = False
     prepare: Optional[Callable[[], None]] = None  # one-time process-wide setup (JIT compilation)
+    cost: Optional[Callable[[OpSpec], float]] = None  # estimated ms for the heuristic plan
+
+    @property
+    def is_onnxruntime_kernel(self) -> bool:
+        """Whether onnxruntime computes it (its kernels, any layout): the baseline host kernels
+        are compared with, and what runs merged into onnxruntime sessions."""
+        return self.kind == "onnx"
 
     def input_formats(self, spec: OpSpec) -> tuple[str, ...]:
         """Format of each runtime input: the first in ``in_format``, a fused residual in
@@ -222,6 +231,7 @@ def implementation(
     heuristic_rank: int = 100,
     sum_input: bool = False,
     prepare: Optional[Callable[[], None]] = None,
+    cost: Optional[Callable[[OpSpec], float]] = None,
     replace: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register the decorated builder as an implementation of ``op_type``.
@@ -233,6 +243,9 @@ def implementation(
     in the output format, added before the activation). ``prepare`` is called once per process
     before the implementation is profiled, outside any time limit (and before the profiler forks
     its workers, which inherit its work): for one-time setup such as JIT compilation.
+    ``cost(spec) -> ms`` estimates its time for the heuristic plan, made when nothing was
+    measured (``fastrun.ops.builtin.estimates`` has the units); without one it is priced as a
+    direct algorithm at the nominal rate, slowed by ``heuristic_rank`` percent.
     """
     if kind not in ("host", "onnx"):
         raise ValueError(f"kind must be 'host' or 'onnx', not {kind!r}")
@@ -257,6 +270,7 @@ def implementation(
             module=builder.__module__,
             sum_input=sum_input,
             prepare=prepare,
+            cost=cost,
         )
         return builder
 
@@ -284,6 +298,21 @@ def by_id(op_type: str, impl_id: str) -> Implementation:
     if impl.id != impl_id:
         raise KeyError(f"implementation {impl_id} changed version (now {impl.id})")
     return impl
+
+
+def is_onnxruntime_kernel(op_type: str, impl_id: str) -> bool:
+    """Whether a plan's or a timing's implementation id names one of onnxruntime's kernels
+    (False for one no longer registered)."""
+    try:
+        return by_id(op_type, impl_id).is_onnxruntime_kernel
+    except KeyError:
+        return False
+
+
+def onnxruntime_nchw_kernel(impls: list[Implementation]) -> Optional[Implementation]:
+    """The one of ``impls`` that is onnxruntime's kernel in plain NCHW: the node as an onnxruntime
+    session of the original model runs it, before its own layout rewrites."""
+    return next((i for i in impls if i.is_onnxruntime_kernel and i.in_format == i.out_format == formats.NCHW), None)
 
 
 def candidates(spec: OpSpec) -> list[Implementation]:

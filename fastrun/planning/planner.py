@@ -97,12 +97,12 @@ def heuristic_plan(graph: Graph, fingerprint: str) -> Plan:
 def host_gain(graph: Graph, plan: Plan) -> float:
     """Estimated share of the heavy nodes' time (on onnxruntime's kernels) that ``plan``'s host
     kernels save (cost model estimates); 0 without enumerating candidates when it has none."""
-    host = {n.name for n in plan.nodes if n.spec and registry.by_id(n.op_type, n.impl).kind == "host"}  # spec: heavy
+    host = {n.name for n in plan.nodes if n.spec and not registry.by_id(n.op_type, n.impl).is_onnxruntime_kernel}  # spec: heavy
     if not host:
         return 0.0
     total = saved = 0.0
     for h in heavy_nodes(graph):
-        onnx_ms = [costmodel.impl_ms(i, h.spec) for i in h.impls if i.kind == "onnx"]
+        onnx_ms = [costmodel.impl_ms(i, h.spec) for i in h.impls if i.is_onnxruntime_kernel]
         if not onnx_ms:
             continue
         total += min(onnx_ms)
@@ -122,7 +122,7 @@ def whole_model_plan(graph: Graph, plan: Plan) -> Optional[Plan]:
     """
     ort_impl = {}
     for h in heavy_nodes(graph):
-        impl = next((i for i in h.impls if i.name == "ort"), None)
+        impl = registry.onnxruntime_nchw_kernel(h.impls)
         if impl is None:
             return None
         ort_impl[h.node.name] = impl.id
@@ -223,7 +223,7 @@ def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], allowed: set[str],
         impl = by_id.get(impl_id)
         if impl is None or not t.ok:
             continue
-        cost = _in_segment(t.time_ms, dispatch) if impl.kind == "onnx" else t.time_ms + dispatch
+        cost = _in_segment(t.time_ms, dispatch) if impl.is_onnxruntime_kernel else t.time_ms + dispatch
         c = _heavy_choice(impl, h.spec, cost)
         if c.out_format in allowed and all(f in allowed for f in c.in_formats):
             choices.append(c)
@@ -289,8 +289,8 @@ def _to_plan(graph: Graph, fingerprint: str, problem: SearchProblem, result: Ass
                 others = [(ms, k) for ms, k in ok if k != c.impl]
                 if others:
                     nc.runner_up_ms, nc.runner_up = others[0]
-                ort = [v.time_ms for k, v in t.items() if v.ok and k.startswith("ort@")]
-                nc.ort_ms = ort[0] if ort else None
+                ort = [v.time_ms for k, v in t.items() if v.ok and registry.is_onnxruntime_kernel(nc.op_type, k)]
+                nc.ort_ms = min(ort) if ort else None
             elif profiled:
                 nc.time_ms = None
         elif profiled:

@@ -105,7 +105,7 @@ def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str], host_
         return Step(node.name, in_names + outer, list(node.outputs), fragment=fragment)
     impl = registry.by_id(node.op_type, choice.impl)
     spec = spec_for_node(node, graph)
-    if impl.kind == "host":  # built when the program is instantiated
+    if not impl.is_onnxruntime_kernel:  # a host kernel: built when the program is instantiated
         host = HostRecipe(node.name, impl.id, spec, const_inputs(node, graph), in_names, node.outputs[0],
                           host_threads)
         return Step(node.name, in_names, [node.outputs[0]], host=host)

@@ -110,18 +110,11 @@ def kernel_ceiling(plan: Plan) -> Optional[tuple[float, float]]:
     best = ort = 0.0
     for n in plan.nodes:
         times = {k: v for k, v in n.candidates.items() if isinstance(v, (int, float))}
-        ort_times = [v for k, v in times.items() if _is_onnxruntime_kernel(n.op_type, k)]
+        ort_times = [v for k, v in times.items() if registry.is_onnxruntime_kernel(n.op_type, k)]
         if ort_times:
             best += min(times.values())
             ort += min(ort_times)
     return (best, ort) if ort else None
-
-
-def _is_onnxruntime_kernel(op_type: str, impl_id: str) -> bool:
-    try:
-        return registry.by_id(op_type, impl_id).kind == "onnx"
-    except KeyError:  # no longer registered: not onnxruntime's
-        return False
 
 
 def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,

@@ -1,7 +1,8 @@
 """A self-contained HTML report of one ``fastrun profile`` run (``--report FILE``).
 
 ``render_html`` is a pure function of the JSON that ``ProfileReport.to_json()`` returns (or that
-``fastrun profile --json`` saved), so a report can be rendered again later from a saved file.
+``fastrun profile --json`` saved), so a report can be rendered again later from a saved file
+(the registry only says which candidates are onnxruntime's kernels).
 The page needs no network: charts are inline SVG drawn here, styles are inline, there is no
 script, and a Content-Security-Policy forbids loading anything.
 
@@ -18,6 +19,8 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
+
+from fastrun.ops import registry
 
 WIDTH = 1200          # drawing width of a full-width chart, px (the page is laid out for 1280)
 FONT = "system-ui, 'Segoe UI', 'Liberation Sans', 'DejaVu Sans', Arial, sans-serif"
@@ -45,11 +48,6 @@ def fmt_ms(v: Optional[float]) -> str:
 def _clip(text: str, px: float, char_w: float = CHAR_W) -> str:
     n = max(1, int(px / char_w))
     return text if len(text) <= n else text[: n - 1] + "\u2026"
-
-
-def is_ort_kernel(impl: str) -> bool:
-    """onnxruntime's standard kernel for the op (the baseline each node is compared with)."""
-    return impl.startswith("ort@")
 
 
 # ------------------------------------------------------------------------------ bar charts
@@ -269,7 +267,7 @@ def candidate_groups(nodes: Sequence[dict]) -> list[tuple[str, list[Bar]]]:
         bars = []
         for ms, impl in ok:
             win = impl in chosen
-            tag = " (onnxruntime)" if is_ort_kernel(impl) else ""
+            tag = " (onnxruntime)" if registry.is_onnxruntime_kernel(op, impl) else ""
             note = ""
             if win:
                 note = "\u25c0 chosen" + (f" for {', '.join(chosen[impl])}" if len(chosen) > 1 else "")

@@ -18,6 +18,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from fastrun.ops.registry import OpSpec, implementation
+from fastrun.ops.builtin import estimates
 from fastrun.ops.builtin.common import activation, conv_geometry, is_conv2d, is_depthwise
 
 HOST_ACTIVATIONS = (None, "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh")
@@ -229,7 +230,8 @@ def _depthwise_applies(spec: OpSpec) -> bool:
     return host_conv_ok(spec) and is_depthwise(spec)
 
 
-@implementation("Conv", "depthwise_taps", heuristic_rank=50, applies=_depthwise_applies)
+@implementation("Conv", "depthwise_taps", heuristic_rank=50, applies=_depthwise_applies,
+                cost=estimates.direct(50, depthwise_traffic=7.0))  # time / traffic ~7 on depthwise
 def build_depthwise(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Depthwise conv (any channel multiplier): sum over the R*S taps of broadcast multiplies."""
     g = conv_geometry(spec)

@@ -12,6 +12,7 @@ import numpy as np
 from onnx import helper
 
 from fastrun.ops.registry import OnnxFragment, OpSpec, implementation
+from fastrun.ops.builtin import estimates
 
 MS_DOMAIN = "com.microsoft"
 FUSABLE = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid")
@@ -38,8 +39,10 @@ def _conv_attrs(spec: OpSpec) -> dict:
             for k in ("kernel_shape", "strides", "pads", "dilations", "group")}
 
 
+# Depthwise convolutions: time / traffic (estimates.direct_ms) ~2.8 for this NCHW kernel.
 @implementation("Conv", "ort", version=2, kind="onnx", heuristic_rank=10, sum_input=True,
-                applies=lambda spec: spec.activation in (None,) + FUSABLE)
+                applies=lambda spec: spec.activation in (None,) + FUSABLE,
+                cost=estimates.direct(10, depthwise_traffic=2.8))
 def ort_conv(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragment:
     """onnxruntime's default (MLAS) convolution in NCHW, with the activation (and residual) fused."""
     names, inits = _io_names(spec, consts)

@@ -52,6 +52,7 @@ from numpy.lib.stride_tricks import as_strided
 from fastrun.system import blas
 from fastrun.ops import formats
 from fastrun.ops.registry import OpSpec, implementation, resolve_format
+from fastrun.ops.builtin import estimates
 from fastrun.ops.builtin.common import activation, conv_geometry, transposed
 from fastrun.ops.builtin.conv_host import SCRATCH, bias_of, host_conv_ok, padded
 
@@ -304,19 +305,31 @@ def _compiled_run(spec: OpSpec, u: np.ndarray, bias, m: int, tp_n: int, tq_n: in
     return run
 
 
-@implementation("Conv", "winograd_f2", heuristic_rank=13, applies=winograd_applies)
+# Cost estimates (estimates.winograd: product GFLOP/s, ns per transformed element), fitted on the
+# profiled 3x3 layers (scripts/bench_kernels.py --only 3x3, scripts/bench.py caches; 2-core AVX2 VM,
+# batch 1 and 8). The numpy-transform variants: ~100 GFLOP/s and ~2.5 ns; against onnxruntime's
+# blocked kernel this called win or loss right on 11 of 12 shapes (64..512 channels, 14..224
+# pixels): Winograd pays where channels are many (>= 256) and the image not tiny, never at 64
+# channels. The compiled engine (NCHWc / NHWC), on its 352 timings over the 3x3 layers of VGG-19,
+# ResNet-50, Inception v1/v2 and DenseNet-121: ~150 GFLOP/s and ~1 ns, 83 of 88 shapes called
+# right; the fused engine on its 88 timings: ~150 GFLOP/s and ~0.5 ns, 43 of 50 shapes right.
+
+@implementation("Conv", "winograd_f2", heuristic_rank=13, applies=winograd_applies,
+                cost=estimates.winograd(2, 100.0, 2.5, rank=13))
 def build_winograd_f2(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(2x2,3x3): 2.25x fewer multiplies, GEMM-based chunked transforms."""
     return build_winograd(spec, consts, 2)
 
 
-@implementation("Conv", "winograd_f4", heuristic_rank=11, applies=winograd_applies)
+@implementation("Conv", "winograd_f4", heuristic_rank=11, applies=winograd_applies,
+                cost=estimates.winograd(4, 100.0, 2.5, rank=11))
 def build_winograd_f4(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3): 4x fewer multiplies, GEMM-based chunked transforms."""
     return build_winograd(spec, consts, 4)
 
 
-@implementation("Conv", "winograd_f6", heuristic_rank=12, applies=winograd_applies)
+@implementation("Conv", "winograd_f6", heuristic_rank=12, applies=winograd_applies,
+                cost=estimates.winograd(6, 100.0, 2.5, rank=12))
 def build_winograd_f6(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3): 5.06x fewer multiplies, least exact (~1e-4 relative)."""
     return build_winograd(spec, consts, 6)
@@ -329,42 +342,48 @@ def _prepare_compiled() -> None:
 
 
 @implementation("Conv", "winograd_f4_nchwc", version=3, in_format="NCHWc", heuristic_rank=14,
-                applies=winograd_compiled_applies, prepare=_prepare_compiled)
+                applies=winograd_compiled_applies, prepare=_prepare_compiled,
+                cost=estimates.winograd(4, 150.0, 1.0, rank=14))
 def build_winograd_f4_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) on blocked NCHWc activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 4, fmt=resolve_format("NCHWc"))
 
 
 @implementation("Conv", "winograd_f6_nchwc", version=3, in_format="NCHWc", heuristic_rank=14,
-                applies=winograd_compiled_applies, prepare=_prepare_compiled)
+                applies=winograd_compiled_applies, prepare=_prepare_compiled,
+                cost=estimates.winograd(6, 150.0, 1.0, rank=14))
 def build_winograd_f6_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on blocked NCHWc activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 6, fmt=resolve_format("NCHWc"))
 
 
 @implementation("Conv", "winograd_f4_nhwc", version=3, in_format="NHWC", heuristic_rank=14,
-                applies=winograd_compiled_applies, prepare=_prepare_compiled)
+                applies=winograd_compiled_applies, prepare=_prepare_compiled,
+                cost=estimates.winograd(4, 150.0, 1.0, rank=14))
 def build_winograd_f4_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) on channels-last activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 4, fmt=formats.NHWC)
 
 
 @implementation("Conv", "winograd_f6_nhwc", version=3, in_format="NHWC", heuristic_rank=14,
-                applies=winograd_compiled_applies, prepare=_prepare_compiled)
+                applies=winograd_compiled_applies, prepare=_prepare_compiled,
+                cost=estimates.winograd(6, 150.0, 1.0, rank=14))
 def build_winograd_f6_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on channels-last activations, compiled transforms (needs numba)."""
     return build_winograd(spec, consts, 6, fmt=formats.NHWC)
 
 
 @implementation("Conv", "winograd_f4_fused_nhwc", version=3, in_format="NHWC", heuristic_rank=15,
-                applies=lambda spec: winograd_fused_applies(spec, 4), prepare=_prepare_compiled)
+                applies=lambda spec: winograd_fused_applies(spec, 4), prepare=_prepare_compiled,
+                cost=estimates.winograd(4, 150.0, 0.5, rank=15))
 def build_winograd_f4_fused_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3) on NHWC, each thread all stages on its own tiles (small filters; needs numba)."""
     return build_winograd(spec, consts, 4, fmt=formats.NHWC, fused=True)
 
 
 @implementation("Conv", "winograd_f6_fused_nhwc", version=3, in_format="NHWC", heuristic_rank=15,
-                applies=lambda spec: winograd_fused_applies(spec, 6), prepare=_prepare_compiled)
+                applies=lambda spec: winograd_fused_applies(spec, 6), prepare=_prepare_compiled,
+                cost=estimates.winograd(6, 150.0, 0.5, rank=15))
 def build_winograd_f6_fused_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3) on NHWC, each thread all stages on its own tiles (small filters; needs numba)."""
     return build_winograd(spec, consts, 6, fmt=formats.NHWC, fused=True)
