@@ -16,6 +16,7 @@ import numpy as np
 from fastrun.ops import formats, kernels, registry, reorders
 from fastrun.ops.builtin import nchwc  # noqa: F401  (registers the nchwc implementations)
 from fastrun.ops.registry import OpSpec, resolve_format
+from fastrun.shapes import dims_text
 
 
 def conv_spec(n, c, hw, k, r, stride=1, group=1, act="Relu"):
@@ -76,7 +77,7 @@ def main() -> None:
                          (blocked, formats.NHWC), (formats.NCHW, formats.NHWC), (formats.NHWC, formats.NCHW)]:
             run = reorders.reorder_callable(src, dst, shape)
             row.append(f"{src}->{dst} {median_ms(run, formats.to_format(x, src), args.repeat):.3f}")
-        print(f"reorder {'x'.join(map(str, shape))}: " + ", ".join(row) + " ms")
+        print(f"reorder {dims_text(shape)}: " + ", ".join(row) + " ms")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def make_graph(nodes, tensors, constants=None, opset=13):
 def run_light(node, graph, fmt, feeds):
     """Run ``emit_light(node, graph, fmt)`` on logical NCHW ``feeds``; return the logical output."""
     frag = layout_ops.emit_light(node, graph, fmt)
-    runtime = [t for t in node.inputs if t and t not in graph.constants]
+    runtime = graph.runtime_inputs(node)
     out = node.outputs[0]
     out_shape = graph.tensors[out].shape
     inputs = [ortutil.value_info(t, formats.physical_shape(graph.tensors[t].shape, fmt)) for t in runtime]
@@ -176,7 +176,7 @@ def check_light(node, graph, expect_formats, seed=0):
     offered = layout_ops.light_formats(node, graph)
     assert sorted(offered) == sorted(expect_formats), (node.op_type, offered)
     feeds = {t: rng.standard_normal(graph.tensors[t].shape).astype(np.float32)
-             for t in node.inputs if t and t not in graph.constants}
+             for t in graph.runtime_inputs(node)}
     ref = run_light(node, graph, formats.NCHW, feeds)
     for fmt in offered:
         got = run_light(node, graph, fmt, feeds)

@@ -7,7 +7,7 @@ import sys
 import click
 
 from fastrun.cli.options import cache_option, fail_cleanly, parse_shape_sets, resolve_model, show_options
-from fastrun.cli.output import cut, ms, print_plan, shapes_text
+from fastrun.cli.output import cut, ms, print_plan, shapes_cell
 
 
 def show_plans(model, example, shapes, fmt, cache_dir) -> None:
@@ -28,7 +28,7 @@ def show_plans(model, example, shapes, fmt, cache_dir) -> None:
     if not plans:
         where = f"on fingerprint {fp.fingerprint()} in {caches.root}"
         if everything:
-            cached = "; ".join(shapes_text(p.input_shapes) for p in everything)
+            cached = "; ".join(shapes_cell(p.input_shapes) for p in everything)
             raise FastrunError(f"no cached plan for {path} with shapes {', '.join(shapes)} {where} (cached: {cached})")
         raise FastrunError(f"no cached plan for {path} {where}; run `fastrun warmup {path}`")
     if fmt == "json":

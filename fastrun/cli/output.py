@@ -7,6 +7,8 @@ from typing import Optional
 
 import click
 
+from fastrun.shapes import shapes_text
+
 
 def ms(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.3f}"
@@ -38,7 +40,7 @@ def write_report(data: dict, path: str) -> None:
 def print_profile(d: dict) -> None:
     rows = [n for n in d["nodes"] if n["spec"]]
     click.echo(f"model: {d['model']}   fingerprint: {d['fingerprint']}   shapes: "
-               + ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in d["input_shapes"].items()))
+               + shapes_cell(d["input_shapes"]))
     header = f"{'node':<22} {'op':<5} {'signature':<30} {'winner':<18} {'ms':>8} {'runner-up':<18} {'ms':>8} {'vs ort':>7} fmt"
     click.echo(header)
     click.echo("-" * len(header))
@@ -111,8 +113,9 @@ def _print_winner(d: dict) -> None:
         click.echo(f"race: {verified.get('rule', '')}: bound {verified.get('bound', 0):.1e}; errors: {errors}")
 
 
-def shapes_text(shapes: dict) -> str:
-    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items()) or "-"
+def shapes_cell(shapes: dict) -> str:
+    """Input shapes in a table cell (``-`` for none)."""
+    return shapes_text(shapes) or "-"
 
 
 def cut(text: str, width: int) -> str:
@@ -126,7 +129,7 @@ def print_warmup(results) -> None:
     for r in results:
         plan = r.status if r.status != "profiled" or r.plan_policy not in ("partial", "fallback") else r.plan_policy
         gain = f"{r.speedup:.2f}x" if r.speedup else "-"
-        click.echo(f"{cut(r.model, 34):<34} {cut(shapes_text(r.shapes), 24):<24} {plan:<9} {r.measured:>6} "
+        click.echo(f"{cut(r.model, 34):<34} {cut(shapes_cell(r.shapes), 24):<24} {plan:<9} {r.measured:>6} "
                    f"{r.reused:>6} {ms(r.predicted_ms):>9} {gain:>6} {r.program or '-':<8}")
     profiled = [r for r in results if r.status == "profiled"]
     cached = sum(r.status == "cached" for r in results)
@@ -143,7 +146,7 @@ def print_warmup(results) -> None:
         if r.note:
             click.echo(f"{r.model}: {r.note}")
     for r in failed:
-        click.echo(f"error: {r.model}{' (' + shapes_text(r.shapes) + ')' if r.shapes else ''}: {r.error}", err=True)
+        click.echo(f"error: {r.model}{' (' + shapes_cell(r.shapes) + ')' if r.shapes else ''}: {r.error}", err=True)
 
 
 def print_plan(plan, problem: str = "") -> None:
@@ -151,7 +154,7 @@ def print_plan(plan, problem: str = "") -> None:
     from collections import Counter
 
     click.echo(f"model: {cut(plan.model_name, 30)}   sha256 {plan.model_hash[:12]}   shapes: "
-               f"{cut(shapes_text(plan.input_shapes), 40)}")
+               f"{cut(shapes_cell(plan.input_shapes), 40)}")
     click.echo(f"fingerprint: {plan.fingerprint}   plan: {plan.policy}   fastrun {plan.fastrun_version}   "
                f"onnxruntime {plan.onnxruntime_version}")
     if problem:

@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 from fastrun.errors import InputError, ModelError
 from fastrun.ops.registry import OpSpec
 from fastrun.ops.registry import heavy_op_types
+from fastrun.shapes import dims_text
 from fastrun.ops import builtin  # noqa: F401  (registers the built-in implementations this module queries)
 
 
@@ -87,9 +88,9 @@ class Graph:
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: self.tensors[name].shape for name in self.inputs}
 
-
-def dims_text(shape: Sequence[int]) -> str:
-    return "x".join(str(d) for d in shape)
+    def runtime_inputs(self, node: Node) -> list[str]:
+        """The inputs of ``node`` that arrive at run time, in order: not omitted, not constants."""
+        return [t for t in node.inputs if t and t not in self.constants]
 
 
 _RAW_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,

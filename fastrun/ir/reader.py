@@ -21,7 +21,8 @@ from onnx import external_data_helper, helper
 
 from fastrun.system import ortutil
 from fastrun.errors import InputError, ModelError
-from fastrun.ir.graph import (Graph, Node, TensorInfo, check_heavy_nodes, dims_text, dtype_name, first_line, node_from_proto, normalize_attrs, outer_scope_reads, quiet_run_options, to_array, to_proto, toposort)
+from fastrun.shapes import as_shape, dims_text
+from fastrun.ir.graph import (Graph, Node, TensorInfo, check_heavy_nodes, dtype_name, first_line, node_from_proto, normalize_attrs, outer_scope_reads, quiet_run_options, to_array, to_proto, toposort)
 from fastrun.ir.rewrites import (drop_unused_constants, fold_batchnorm, fold_channel_affine, fold_constants, fuse_activations, fuse_residual_adds, remove_identities)
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     if not sep or not name or not dims:
         raise InputError(f"bad shape {text!r}: expected NAME:D1xD2x... (e.g. data:1x3x224x224)")
     try:
-        shape = tuple(int(d) for d in dims.lower().split("x"))
+        shape = as_shape(dims.lower().split("x"))
     except ValueError:
         raise InputError(f"bad shape {text!r}: dimensions must be integers separated by 'x'") from None
     if any(d <= 0 for d in shape):
@@ -345,7 +346,7 @@ def _input_shapes(real_inputs: Sequence[onnx.ValueInfoProto], given: dict[str, S
         dims = vi.type.tensor_type.shape.dim
         declared = [d.dim_value if d.HasField("dim_value") else None for d in dims]
         if vi.name in given:
-            shape = tuple(int(d) for d in given[vi.name])
+            shape = as_shape(given[vi.name])
             if vi.type.tensor_type.HasField("shape") and len(shape) != len(declared):
                 raise InputError(f"input {vi.name}: shape {dims_text(shape)} has rank {len(shape)}, the model declares rank {len(declared)}")
             for i, (want, got) in enumerate(zip(declared, shape)):
@@ -354,7 +355,7 @@ def _input_shapes(real_inputs: Sequence[onnx.ValueInfoProto], given: dict[str, S
         else:
             if any(d is None or d <= 0 for d in declared):
                 raise InputError(f"input {vi.name} has symbolic dims {_declared(dims)}; give them with "
-                                 f"--shape {vi.name}:{'x'.join(str(d or 1) for d in declared)} (API: input_shapes=)")
+                                 f"--shape {vi.name}:{dims_text(d or 1 for d in declared)} (API: input_shapes=)")
             shape = tuple(declared)
         shapes[vi.name] = shape
     return shapes

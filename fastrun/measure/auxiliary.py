@@ -18,6 +18,7 @@ from fastrun.ops import layout_ops, reorders
 from fastrun.system import ortutil
 from fastrun.measure.checking import is_number
 from fastrun.measure.profiler import Profiler, time_callable
+from fastrun.shapes import dims_text
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,11 @@ class AuxiliaryTimer:
         return self._cached_or(light_key(node, graph, fmt), lambda: self._time_light(node, graph, fmt))
 
     def reorder(self, shape: Sequence[int], src: str, dst: str, dtype: str = "float32") -> Optional[float]:
-        key = f"reorder:{'x'.join(map(str, shape))}:{dtype}:{src}>{dst}"
+        key = f"reorder:{dims_text(shape)}:{dtype}:{src}>{dst}"
         return self._cached_or(key, lambda: self._time_reorder(tuple(shape), src, dst, dtype))
 
     def _time_light(self, node, graph, fmt: str) -> float:
-        runtime = [t for t in dict.fromkeys(node.inputs) if t and t not in graph.constants]
+        runtime = list(dict.fromkeys(graph.runtime_inputs(node)))
         if fmt == formats.NCHW:
             frag_nodes, inits = [to_proto(node)], {}
         else:

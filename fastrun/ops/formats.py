@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 from fastrun.system.fingerprint import cpu_flags
+from fastrun.shapes import as_shape
 
 NCHW = "NCHW"
 NHWC = "NHWC"
@@ -60,7 +61,7 @@ def machine_formats() -> list[str]:
 
 def physical_shape(shape: Sequence[int], fmt: str) -> tuple[int, ...]:
     """Shape of the array that holds a logical NCHW tensor of ``shape`` in ``fmt``."""
-    shape = tuple(int(d) for d in shape)
+    shape = as_shape(shape)
     if fmt == NCHW:
         return shape
     if len(shape) != 4:

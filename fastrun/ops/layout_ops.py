@@ -41,6 +41,7 @@ import numpy as np
 
 from fastrun.ops import formats
 from fastrun.ops.registry import OnnxFragment
+from fastrun.shapes import as_shape
 from fastrun.ops.reorders import NCHWC_DOMAIN, NCHWC_OPSETS, make_node, to4_shape, to5_shape
 
 # f(finite) stays finite and of the same order: safe on the (arbitrary, finite) padding lanes.
@@ -82,10 +83,6 @@ def _dtype(graph, name: str) -> str:
     return info.dtype if info is not None else "float32"
 
 
-def _runtime_inputs(node, graph) -> list[str]:
-    return [t for t in node.inputs if t and t not in graph.constants]
-
-
 def _used_outputs(node) -> list[str]:
     return [t for t in node.outputs if t]
 
@@ -125,7 +122,7 @@ def _out_name(node) -> tuple[str, Optional[str]]:
 
 def _broadcast4(shape: Sequence[int]) -> Optional[tuple[int, ...]]:
     """A shape right-aligned to rank 4 (None if its rank exceeds 4)."""
-    shape = tuple(int(d) for d in shape)
+    shape = as_shape(shape)
     if len(shape) > 4:
         return None
     return (1,) * (4 - len(shape)) + shape
@@ -178,7 +175,7 @@ def light_formats(node, graph) -> list[str]:
     out_shape = _shape(graph, node.outputs[0])
     if out_shape is None or len(out_shape) != 4:
         return []
-    runtime = _runtime_inputs(node, graph)
+    runtime = graph.runtime_inputs(node)
     if not runtime:
         return []
     if node.activation is not None and node.activation not in SAFE_UNARY:

@@ -37,10 +37,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from fastrun.ops import formats
+from fastrun.shapes import Shape, dims_text
 
 log = logging.getLogger(__name__)
-
-Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -113,14 +112,14 @@ class OpSpec:
 
     def describe(self) -> str:
         """Short human-readable form for tables."""
-        shapes = "x".join(str(d) for d in self.inputs[0]) if self.inputs else "?"
+        shapes = dims_text(self.inputs[0]) if self.inputs else "?"
         if self.op_type == "Conv" and len(self.inputs) > 1:
             w = self.inputs[1]
-            extra = f" k{'x'.join(map(str, w[2:]))} s{self.attr('strides', [1])[0]}"
+            extra = f" k{dims_text(w[2:])} s{self.attr('strides', [1])[0]}"
             g = self.attr("group", 1)
             return f"{shapes} -> {w[0]}ch{extra}" + (f" g{g}" if g != 1 else "")
         if len(self.inputs) > 1:
-            return f"{shapes} @ {'x'.join(map(str, self.inputs[1]))}"
+            return f"{shapes} @ {dims_text(self.inputs[1])}"
         return shapes
 
 

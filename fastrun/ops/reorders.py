@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 from fastrun.ops import formats
 from fastrun.system import ortutil
+from fastrun.shapes import as_shape
 from fastrun.ops.registry import OnnxFragment
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
@@ -58,7 +59,7 @@ def reorder_fragment(src_name: str, dst_name: str, src_fmt: str, dst_fmt: str,
     to be a multiple of it). Only default-domain ops whose signature is the same in every opset
     from 7 on (Reshape, Transpose, Concat, Identity) are used.
     """
-    shape = tuple(int(d) for d in shape)
+    shape = as_shape(shape)
     p = f"{dst_name}/reorder"
     if src_fmt == dst_fmt:
         return OnnxFragment([make_node("Identity", [src_name], [dst_name], p)])

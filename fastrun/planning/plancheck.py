@@ -80,7 +80,7 @@ def _problem(graph: Graph, plan: Plan) -> Optional[str]:
     heavy_types = registry.heavy_op_types()
     for node in graph.nodes:
         c = choices[node.name]
-        runtime = [t for t in node.inputs if t and t not in graph.constants]
+        runtime = graph.runtime_inputs(node)
         if not isinstance(c.in_formats, list) or len(c.in_formats) != len(runtime) or not _fmt_ok(c.out_format):
             return f"node {node.name!r} has malformed formats"
         for t, f in zip(runtime, c.in_formats):

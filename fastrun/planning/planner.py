@@ -54,10 +54,6 @@ def heavy_nodes(graph: Graph) -> list[HeavyNode]:
     return out
 
 
-def _runtime_inputs(node: Node, graph: Graph) -> list[str]:
-    return [t for t in node.inputs if t and t not in graph.constants]
-
-
 def _heavy_choice(impl: registry.Implementation, spec: OpSpec, cost: float) -> Choice:
     return Choice(impl.id, impl.input_formats(spec), registry.resolve_format(impl.out_format), cost)
 
@@ -161,7 +157,7 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
     nodes = []
     outer_reads = graph.outer_reads()  # read by name inside subgraphs: produced in NCHW under that name
     for node in graph.nodes:
-        runtime = _runtime_inputs(node, graph)
+        runtime = graph.runtime_inputs(node)
         h = heavy.get(node.name)
         if h is not None:
             choices = _heavy_choices(h, timings.get(h.spec.key(), {}), allowed, dispatch)

@@ -90,7 +90,7 @@ def build_recipe(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Rec
 
 
 def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str], host_threads: int) -> Step:
-    runtime = [t for t in node.inputs if t and t not in graph.constants]
+    runtime = graph.runtime_inputs(node)
     in_names = [tensor_name(t, f, produced) for t, f in zip(runtime, choice.in_formats)]
     if choice.impl == LIGHT_IMPL:
         fmt = choice.out_format
@@ -110,8 +110,7 @@ def _node_step(node: Node, graph: Graph, choice, produced: dict[str, str], host_
                           host_threads)
         return Step(node.name, in_names, [node.outputs[0]], host=host)
     built = impl.build(spec, const_inputs(node, graph))
-    runtime_idx = [i for i, t in enumerate(node.inputs) if t and t not in graph.constants]
-    mapping = {f"in{i}": name for i, name in zip(runtime_idx, in_names)}
+    mapping = {f"in{i}": name for i, name in zip(spec.runtime_inputs, in_names)}
     mapping["out"] = node.outputs[0]
     return Step(node.name, in_names, [node.outputs[0]], fragment=_rename(built, mapping, node.name))
 

@@ -8,6 +8,7 @@ from typing import Any
 import onnxruntime
 
 from fastrun import _version
+from fastrun.shapes import shapes_text as shape_list
 
 ENV_DIR = "FASTRUN_CACHE_DIR"
 
@@ -47,7 +48,7 @@ def plan_key(fingerprint: str, model_hash: str, shapes: dict[str, tuple[int, ...
 
 def shapes_text(shapes: dict[str, Any]) -> str:
     """``{"x": (1, 3)}`` -> ``"x:1x3"`` (the ``--shape`` syntax, sorted by input name)."""
-    return ",".join(f"{k}:{'x'.join(map(str, v))}" for k, v in sorted(shapes.items()))
+    return shape_list(dict(sorted(shapes.items())), sep=",")
 
 
 def fingerprint_of(key: str) -> str:

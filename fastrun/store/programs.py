@@ -42,6 +42,7 @@ from fastrun.store.keys import shapes_text, software_tag
 from fastrun.runtime.recipe import HostRecipe, ModelRecipe, Recipe, SegmentRecipe
 from fastrun.runtime.plan import Plan
 from fastrun.ops.registry import OpSpec
+from fastrun.shapes import as_shape
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class ProgramStore:
         return self.directory / fingerprint / model_hash
 
     def path_for(self, plan: Plan, digest: Optional[str] = None) -> Path:
-        shapes = shapes_text({k: tuple(v) for k, v in plan.input_shapes.items()})
+        shapes = shapes_text(plan.input_shapes)
         shapes_id = hashlib.sha256(shapes.encode()).hexdigest()[:12]
         return self._model_dir(plan.fingerprint, plan.model_hash) / f"{shapes_id}.{digest or plan_digest(plan)}"
 
@@ -125,7 +126,7 @@ class ProgramStore:
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
             manifest = _write(recipe, tmp / DATA)
             manifest.update(format=FORMAT, version=VERSION, fingerprint=plan.fingerprint, model_hash=plan.model_hash,
-                            shapes=shapes_text({k: tuple(v) for k, v in plan.input_shapes.items()}),
+                            shapes=shapes_text(plan.input_shapes),
                             digest=plan_digest(plan), software=software_tag(), code=code_digest())
             (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
             try:
@@ -320,7 +321,7 @@ def _level(level) -> str:
 def _read(manifest: dict, data: np.ndarray) -> Recipe:
     def array(ref: dict) -> np.ndarray:
         dtype = np.dtype(ref["dtype"])
-        shape = tuple(int(d) for d in ref["shape"])
+        shape = as_shape(ref["shape"])
         start = int(ref["offset"])
         end = start + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
         if not 0 <= start <= end <= len(data) or dtype.hasobject:

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from fastrun.shapes import as_shape
+
 EXAMPLES = ("resnet50", "vgg19", "densenet121", "inception_v1", "inception_v2", "shufflenet", "squeezenet",
             "bvlc_alexnet", "zfnet512")
 ALIASES = {"alexnet": "bvlc_alexnet", "zfnet": "zfnet512", "densenet": "densenet121", "vgg": "vgg19",
@@ -52,7 +54,7 @@ def randomized(path: "str | Path", seed: int = 0, batch: int | None = None,
     keep, new_inits = [], []
     for node in model.graph.node:
         if node.op_type == "ConstantOfShape" and node.input and node.input[0] in shapes:
-            shape = tuple(int(d) for d in shapes[node.input[0]])
+            shape = as_shape(shapes[node.input[0]])
             new_inits.append(numpy_helper.from_array(_random_param(node.output[0], shape, rng), node.output[0]))
         else:
             keep.append(node)

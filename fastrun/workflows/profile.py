@@ -207,7 +207,7 @@ def _measure(report: ProfileReport, graph: Graph, program: Program, original: Or
 
 def _edges(graph: Graph) -> dict:
     """Each node's runtime input and output tensors (the report places reorders with them)."""
-    return {n.name: {"inputs": [t for t in n.inputs if t and t not in graph.constants], "outputs": list(n.outputs)}
+    return {n.name: {"inputs": graph.runtime_inputs(n), "outputs": list(n.outputs)}
             for n in graph.nodes}
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from fastrun.ops import registry
+from fastrun.shapes import shapes_text
 
 WIDTH = 1200          # drawing width of a full-width chart, px (the page is laid out for 1280)
 FONT = "system-ui, 'Segoe UI', 'Liberation Sans', 'DejaVu Sans', Arial, sans-serif"
@@ -415,7 +416,7 @@ def render_html(d: dict) -> str:
     nodes = d.get("nodes") or []
     model = str(d.get("model", "model"))
     name = os.path.basename(model) or model
-    shapes = ", ".join(f"{k}: {'x'.join(map(str, v))}" for k, v in (d.get("input_shapes") or {}).items())
+    shapes = shapes_text(d.get("input_shapes") or {})
     fields = d.get("fingerprint_fields") or {}
     versions = " \u00b7 ".join(f"{k} {fields[k]}" for k in ("fastrun", "onnxruntime", "numpy") if k in fields)
     machine = " \u00b7 ".join(str(fields[k]) for k in ("cpu", "cores") if k in fields)

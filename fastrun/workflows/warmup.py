@@ -25,6 +25,7 @@ from fastrun.ir import reader
 from fastrun.store.cache import Caches
 from fastrun.errors import FastrunError, InputError
 from fastrun.runtime.plan import Plan
+from fastrun.shapes import shapes_text
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def warmup(paths: Sequence[os.PathLike], shapes_list: Sequence[Mapping[str, Sequ
                     results.append(WarmupResult(model=str(path), error=problem))
                     break
                 if progress:
-                    progress(f"{path}: {_describe(shapes) if shapes else 'declared shapes'}")
+                    progress(f"{path}: {shapes_text(shapes) if shapes else 'declared shapes'}")
                 results.append(_warm_one(path, shapes, caches, fingerprint, progress, profile_options))
     finally:
         caches.close()
@@ -187,7 +188,3 @@ def _complete_plan(caches: Caches, fingerprint: str, graph: graph_mod.Graph) -> 
     """The cached plan, unless there is none or its profiling ran out of budget (then it resumes)."""
     plan = lookup.find_plan(caches, fingerprint, graph)
     return None if plan is None or plan.policy == "partial" else plan
-
-
-def _describe(shapes: Mapping[str, Sequence[int]]) -> str:
-    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
