@@ -1,10 +1,13 @@
 """The command line: output, JSON, and one clear line plus a non-zero exit for user errors."""
 import json
+import logging
 
+import click
 import pytest
 from click.testing import CliRunner
 
-from fastrun.cli import main
+from fastrun.cli import cache as cli_cache
+from fastrun.cli import main, options
 from fastrun.ops import registry
 
 
@@ -84,3 +87,109 @@ def test_impls_and_fingerprint():
     assert {"Conv", "MatMul", "Gemm"} <= {d["op_type"] for d in data}
     fp = json.loads(run("fingerprint", "--json").output)
     assert fp["fingerprint"] and fp["cores"] >= 1 and "onnxruntime" in fp
+
+
+# ------------------------------------------------------------------------------- conventions
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield prefix + (name,), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, prefix + (name,))
+
+
+def test_every_command_takes_verbosity_after_its_name_and_fails_in_one_line():
+    """-v/-q are options of every command (not only of ``fastrun``), and every command runs inside
+    the group that turns user errors into one ``error:`` line."""
+    for path, cmd in _commands(main):
+        assert isinstance(cmd, (options.Command, options.Group)), path
+        names = {opt for p in cmd.params for opt in p.opts}
+        assert {"-v", "-q"} <= names, path
+
+
+@pytest.mark.parametrize("args,level", [(["impls", "-vv"], logging.DEBUG), (["-v", "impls"], logging.INFO),
+                                        (["impls", "-q"], logging.ERROR), (["-v", "impls", "-q"], logging.WARNING)])
+def test_verbosity_counts_before_and_after_the_command(args, level):
+    root = logging.getLogger()
+    before = root.level
+    try:
+        assert run(*args).exit_code == 0
+        assert root.level == level
+    finally:
+        root.setLevel(before)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["report", "{tmp}/bad.json"], "is not a `fastrun profile --json` file"),
+    (["warmup", "{tmp}/none.onnx"], "none.onnx"),
+    (["cache", "import", "{tmp}/none.json", "--cache-dir", "{tmp}/c"], "none.json"),
+    (["fingerprint", "--json", "{tmp}/no/such/dir/fp.json"], "No such file or directory"),
+    (["impls", "--json", "{tmp}"], "Is a directory"),
+])
+def test_user_errors_of_other_commands_are_one_line_too(args, needle, tmp_path):
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    res = CliRunner().invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("error: ") or "\nerror: " in res.output, res.output
+    assert needle in res.output and "Traceback" not in res.output
+
+
+def test_json_means_stdout_without_a_file_and_the_file_with_one(tmp_path):
+    """``--json`` prints the result alone on stdout; ``--json FILE`` writes FILE (saying so on stderr)."""
+    cache = str(tmp_path / "c")
+    for args in (["impls"], ["fingerprint"], ["cache", "ls", "--cache-dir", cache]):
+        res = run(*args, "--json")
+        assert res.exit_code == 0 and json.loads(res.stdout), args
+        target = tmp_path / f"{args[0]}.json"
+        res = run(*args, "--json", str(target))
+        assert res.exit_code == 0 and res.stdout == "" and f"wrote {target}" in res.stderr, args
+        assert json.loads(target.read_text()) == json.loads(run(*args, "--json", "-").stdout)
+
+
+def test_profile_and_show_print_json_alone_on_stdout(tmp_path, tiny_model):
+    cache = str(tmp_path / "c")
+    res = run("profile", tiny_model, "--cache-dir", cache, "--op-limit", "0.05", "--no-measure", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["nodes"] and "winner" not in res.stdout
+    plans = json.loads(run("show", tiny_model, "--cache-dir", cache, "--json").stdout)
+    assert plans == json.loads(run("cache", "show", tiny_model, "--cache-dir", cache, "--format", "json").stdout)
+    assert len(plans) == 1 and plans[0]["nodes"]
+    res = run("warmup", tiny_model, "--cache-dir", cache, "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)[0]["measured"] == 0
+
+
+def _profiled_cache(tmp_path, tiny_model) -> str:
+    cache = str(tmp_path / "c")
+    assert run("warmup", tiny_model, "--cache-dir", cache, "--op-limit", "0.05").exit_code == 0
+    return cache
+
+
+def _plans(cache: str) -> int:
+    return sum(len(f["plans"]) for f in json.loads(run("cache", "ls", "--cache-dir", cache, "--json").stdout)["fingerprints"])
+
+
+def test_cache_clear_refuses_without_a_terminal_unless_told_yes(tmp_path, tiny_model):
+    cache = _profiled_cache(tmp_path, tiny_model)
+    res = CliRunner().invoke(main, ["cache", "clear", "--cache-dir", cache], input="y\n")
+    assert res.exit_code == 1 and "pass --yes" in res.output and "Traceback" not in res.output
+    assert _plans(cache) == 1
+    res = run("cache", "clear", "--cache-dir", cache, "--yes")
+    assert res.exit_code == 0 and "removed 1 plan(s)" in res.output
+    assert _plans(cache) == 0
+
+
+@pytest.mark.parametrize("answer,kept", [("n\n", 1), ("\n", 1), ("y\n", 0)])
+def test_cache_clear_asks_a_person_first(tmp_path, tiny_model, monkeypatch, answer, kept):
+    cache = _profiled_cache(tmp_path, tiny_model)
+    monkeypatch.setattr(cli_cache, "interactive", lambda: True)
+    res = CliRunner().invoke(main, ["cache", "clear", "--cache-dir", cache], input=answer)
+    assert res.exit_code == 0 and "delete every plan" in res.output
+    assert _plans(cache) == kept
+
+
+def test_cache_clear_of_one_fingerprint_does_not_ask(tmp_path, tiny_model):
+    cache = _profiled_cache(tmp_path, tiny_model)
+    fingerprint = json.loads(run("fingerprint", "--json").stdout)["fingerprint"]
+    res = CliRunner().invoke(main, ["cache", "clear", "--fingerprint", fingerprint, "--cache-dir", cache])
+    assert res.exit_code == 0 and "removed 1 plan(s)" in res.output

@@ -144,7 +144,7 @@ def test_ls_counts_programs_and_clear_removes_them(profiled, cache_dir):
     runner = CliRunner()
     res = runner.invoke(main, ["cache", "ls", "--cache-dir", cache_dir])
     assert "1 compiled program(s)" in res.output and "no compiled program" not in res.output
-    res = runner.invoke(main, ["cache", "clear", "--cache-dir", cache_dir])
+    res = runner.invoke(main, ["cache", "clear", "--yes", "--cache-dir", cache_dir])
     assert res.exit_code == 0 and "and 1 program(s)" in res.output
     assert program_dirs(cache_dir) == []
 

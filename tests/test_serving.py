@@ -299,7 +299,7 @@ def test_read_only_cache_never_raises_and_never_writes(tiny_model, tmp_path, cap
         assert sess.profiled == 1  # profiled, could not persist, served anyway
         assert fastrun.load_plan(tiny_model, cache_dir=str(cache)) is not None
         assert cli("cache", "ls", "--cache-dir", cache).exit_code == 0
-        res = cli("cache", "clear", "--cache-dir", cache)
+        res = cli("cache", "clear", "--yes", "--cache-dir", cache)
         assert res.exit_code == 1 and "read-only" in res.output and "Traceback" not in res.output
     assert tree_digest(cache) == before
     assert any("not persisted" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)

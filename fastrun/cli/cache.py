@@ -1,16 +1,15 @@
 """``fastrun cache ...`` and ``fastrun show``: listing, showing, bundling, verifying and clearing the cache."""
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from fastrun.cli.options import cache_option, fail_cleanly, parse_shape_sets, resolve_model, show_options
-from fastrun.cli.output import cut, ms, print_plan, shapes_cell
+from fastrun.cli.options import Group, cache_option, interactive, json_option, parse_shape_sets, resolve_model, show_options
+from fastrun.cli.output import cut, emit_json, ms, print_plan, shapes_cell
 
 
-def show_plans(model, example, shapes, fmt, cache_dir) -> None:
+def show_plans(model, example, shapes, fmt, json_to, cache_dir) -> None:
     from fastrun.workflows import cachetool
     from fastrun.system import fingerprint as fp
     from fastrun.store.cache import Caches
@@ -31,8 +30,8 @@ def show_plans(model, example, shapes, fmt, cache_dir) -> None:
             cached = "; ".join(shapes_cell(p.input_shapes) for p in everything)
             raise FastrunError(f"no cached plan for {path} with shapes {', '.join(shapes)} {where} (cached: {cached})")
         raise FastrunError(f"no cached plan for {path} {where}; run `fastrun warmup {path}`")
-    if fmt == "json":
-        click.echo(json.dumps([p.to_json() for p in plans], indent=1))
+    if json_to or fmt == "json":
+        emit_json([p.to_json() for p in plans], json_to or "-")
         return
     for i, plan in enumerate(plans):
         if i:
@@ -40,16 +39,15 @@ def show_plans(model, example, shapes, fmt, cache_dir) -> None:
         print_plan(plan, cachetool.plan_problem(plan, fp.fingerprint()))
 
 
-@click.group()
+@click.group(cls=Group)
 def cache() -> None:
     """Inspect and manage the plan and timing cache."""
 
 
 @cache.command("ls")
 @cache_option
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-@fail_cleanly
-def cache_ls(cache_dir, as_json) -> None:
+@json_option("The listing")
+def cache_ls(cache_dir, json_to) -> None:
     """Plans and timing counts per fingerprint."""
     from dataclasses import asdict
 
@@ -61,8 +59,8 @@ def cache_ls(cache_dir, as_json) -> None:
         infos = cachetool.listing(caches)
     finally:
         caches.close()
-    if as_json:
-        click.echo(json.dumps({"cache": str(caches.root), "fingerprints": [asdict(i) for i in infos]}, indent=1))
+    if json_to:
+        emit_json({"cache": str(caches.root), "fingerprints": [asdict(i) for i in infos]}, json_to)
         return
     if not infos:
         click.echo(f"cache {caches.root} is empty")
@@ -80,16 +78,15 @@ def cache_ls(cache_dir, as_json) -> None:
 
 @cache.command("show")
 @show_options
-def cache_show(model, example, shapes, fmt, cache_dir) -> None:
+def cache_show(model, example, shapes, fmt, json_to, cache_dir) -> None:
     """Print the cached plan of MODEL (every cached shape set unless --shape)."""
-    show_plans(model, example, shapes, fmt, cache_dir)
+    show_plans(model, example, shapes, fmt, json_to, cache_dir)
 
 
 @cache.command("export")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--fingerprint", "fingerprint_id", default=None, help="Export this fingerprint (default: this machine's).")
 @cache_option
-@fail_cleanly
 def cache_export(file, fingerprint_id, cache_dir) -> None:
     """Write the plans and timings of one fingerprint to a portable JSON bundle.
 
@@ -110,7 +107,6 @@ def cache_export(file, fingerprint_id, cache_dir) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Import a bundle of another fingerprint (kept under its own).")
 @cache_option
-@fail_cleanly
 def cache_import(file, force, cache_dir) -> None:
     """Store the entries of a bundle written by `fastrun cache export`."""
     from fastrun.workflows import cachetool
@@ -132,7 +128,6 @@ def cache_import(file, force, cache_dir) -> None:
 @click.argument("models", nargs=-1, type=click.Path())
 @click.option("--fix", is_flag=True, help="Delete the stale and corrupt entries.")
 @cache_option
-@fail_cleanly
 def cache_verify(models, fix, cache_dir) -> None:
     """Check every entry (schema, plan keys, versions, implementations); with MODELS (files or
     directories), plans of any other model count as stale. Exit status 1 if problems remain."""
@@ -156,13 +151,26 @@ def cache_verify(models, fix, cache_dir) -> None:
 
 @cache.command("clear")
 @click.option("--fingerprint", "fingerprint_id", default=None, help="Only the entries of this fingerprint.")
+@click.option("-y", "--yes", is_flag=True, help="Delete everything without asking (for scripts).")
 @cache_option
-@fail_cleanly
-def cache_clear(fingerprint_id, cache_dir) -> None:
-    """Delete cached plans, timings and compiled programs (all of them, or one fingerprint's)."""
+def cache_clear(fingerprint_id, yes, cache_dir) -> None:
+    """Delete cached plans, timings and compiled programs (all of them, or one fingerprint's).
+
+    Deleting everything asks first; --yes answers for scripts (without a terminal, or under CI,
+    it is required)."""
     from fastrun.workflows import cachetool
     from fastrun.store.cache import Caches
+    from fastrun.store.keys import default_cache_dir
+    from fastrun.errors import FastrunError
 
+    if not fingerprint_id and not yes:
+        root = cache_dir or default_cache_dir()
+        if not interactive():
+            raise FastrunError(f"`fastrun cache clear` deletes every plan, timing and program in {root}: "
+                               "pass --yes to confirm (no terminal to ask)")
+        if not click.confirm(f"delete every plan, timing and compiled program in {root}?", default=False):
+            click.echo("nothing deleted")
+            return
     caches = Caches(cache_dir)
     try:
         counts = cachetool.clear(caches, fingerprint_id)

@@ -9,21 +9,23 @@ import click
 
 from fastrun._version import __version__
 from fastrun.cli.cache import cache, show_plans
-from fastrun.cli.options import (cache_option, fail_cleanly, parse_shape_sets, resolve_model, setup_logging, shape_option,
-                                 show_options)
-from fastrun.cli.output import print_profile, print_warmup, progress_printer, write_report
+from fastrun.cli.options import (Group, cache_option, json_option, parse_shape_sets, resolve_model, setup_logging,
+                                 shape_option, show_options, verbosity)
+from fastrun.cli.output import emit_json, print_profile, print_warmup, progress_printer, write_report
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fastrun")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def main(verbose: int) -> None:
+def main() -> None:
     """Fast-Run style algorithm selection for ONNX models.
 
     Profile every implementation of every Conv/MatMul/Gemm on this machine, keep the fastest,
     choose one tensor format per tensor for the whole graph, and serve the cached plan.
+
+    Every command takes -v/-q (more or less output), and --json [FILE] where it has a result:
+    JSON written to FILE, or printed instead of the table when no FILE is given.
     """
-    setup_logging(verbose)
+    setup_logging(verbosity())
 
 
 @main.command()
@@ -37,21 +39,20 @@ def main(verbose: int) -> None:
               help="Timing budget per op signature.")
 @click.option("--op-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Kill a candidate whose build or single call takes longer; it is recorded as failed [default: 10].")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
+@json_option("The results")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write a self-contained HTML report (charts of every candidate, formats, reorders).")
 @click.option("--no-measure", is_flag=True, help="Skip the end-to-end comparison with onnxruntime.")
 @click.option("--repeats", type=int, default=10, show_default=True, help="Rounds of the end-to-end comparison.")
 @click.option("--refresh", is_flag=True, help="Measure every signature again, ignoring cached timings "
               "(e.g. after profiling on a busy machine).")
-@fail_cleanly
-def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, json_path, report_path, no_measure, repeats,
+def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, json_to, report_path, no_measure, repeats,
             refresh) -> None:
     """Profile MODEL, store its plan, print what was chosen and what it gains."""
     from fastrun.workflows import profile as profiling
 
     path = resolve_model(model, example)
-    show, done = progress_printer()
+    show, done = progress_printer(enabled=verbosity() >= 0)
     results = []
     for shape_set in parse_shape_sets(shapes) or [None]:  # one plan per shape set
         report = profiling.profile(path, shape_set, cache_dir=cache_dir, budget=budget, op_limit=op_limit,
@@ -59,10 +60,10 @@ def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, jso
                                    refresh=refresh)
         done()
         results.append(report.to_json())
-        print_profile(results[-1])
-    if json_path:
-        Path(json_path).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
-        click.echo(f"wrote {json_path}")
+        if json_to != "-":
+            print_profile(results[-1])
+    if json_to:
+        emit_json(results[0] if len(results) == 1 else results, json_to)
     if report_path:
         for i, data in enumerate(results):
             target = Path(report_path)
@@ -73,7 +74,6 @@ def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, jso
 @click.argument("results", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="HTML file to write (default: RESULTS with .html).")
-@fail_cleanly
 def report_cmd(results, output) -> None:
     """Render the HTML report of a saved `fastrun profile --json` file (one per shape set it holds)."""
     from fastrun.errors import FastrunError
@@ -92,16 +92,16 @@ def report_cmd(results, output) -> None:
 
 @main.command()
 @click.option("--op", "op_type", default=None, help="Only this op type.")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def impls(op_type, as_json) -> None:
+@json_option("The implementations")
+def impls(op_type, json_to) -> None:
     """List registered implementations and where each applies."""
     from fastrun.ops import registry
 
     items = [i for i in registry.all_implementations() if op_type is None or i.op_type == op_type]
-    if as_json:
-        click.echo(json.dumps([{"op_type": i.op_type, "name": i.name, "version": i.version, "kind": i.kind,
-                                "in_format": i.in_format, "out_format": i.out_format, "rank": i.heuristic_rank,
-                                "module": i.module, "description": i.description} for i in items], indent=1))
+    if json_to:
+        emit_json([{"op_type": i.op_type, "name": i.name, "version": i.version, "kind": i.kind,
+                    "in_format": i.in_format, "out_format": i.out_format, "rank": i.heuristic_rank,
+                    "module": i.module, "description": i.description} for i in items], json_to)
         return
     width = max([len("implementation")] + [len(i.id) for i in items])
     click.echo(f"{'op':<7} {'implementation':<{width}} {'kind':<5} {'formats':<16} {'rank':>4}  applies to")
@@ -111,14 +111,14 @@ def impls(op_type, as_json) -> None:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the fields as JSON.")
-def fingerprint(as_json) -> None:
+@json_option("The fingerprint and its fields")
+def fingerprint(json_to) -> None:
     """Print this machine's hardware/software fingerprint."""
     from fastrun.system import fingerprint as fp
 
     fields = fp.describe()
-    if as_json:
-        click.echo(json.dumps({"fingerprint": fp.fingerprint(fields), **fields}, indent=1))
+    if json_to:
+        emit_json({"fingerprint": fp.fingerprint(fields), **fields}, json_to)
         return
     click.echo(fp.fingerprint(fields))
     for k, v in fields.items():
@@ -135,9 +135,8 @@ def fingerprint(as_json) -> None:
               help="Per model and shape set: stop profiling new signatures after this long.")
 @click.option("--op-limit", type=float, default=2.0, show_default=True, metavar="SECONDS",
               help="Timing budget per op signature.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the summary as JSON.")
-@fail_cleanly
-def warmup(paths, shapes, cache_dir, budget, op_limit, json_path) -> None:
+@json_option("The summary")
+def warmup(paths, shapes, cache_dir, budget, op_limit, json_to) -> None:
     """Profile what is missing for PATHS (model files, directories searched for *.onnx).
 
     Plans already cached are not touched: a second run times nothing (a plan cut short by
@@ -150,22 +149,22 @@ def warmup(paths, shapes, cache_dir, budget, op_limit, json_path) -> None:
     from fastrun.workflows.warmup import warmup as run_warmup
 
     sets = parse_shape_sets(shapes)
-    show, done = progress_printer()
+    show, done = progress_printer(enabled=verbosity() >= 0)
     results = run_warmup(paths, sets, cache_dir=cache_dir, progress=show, budget=budget, op_limit=op_limit)
     done()
-    print_warmup(results)
-    if json_path:
-        Path(json_path).write_text(json.dumps([r.to_json() for r in results], indent=1))
-        click.echo(f"wrote {json_path}")
+    if json_to != "-":
+        print_warmup(results)
+    if json_to:
+        emit_json([r.to_json() for r in results], json_to)
     if any(not r.ok for r in results):
         sys.exit(1)
 
 
 @main.command("show")
 @show_options
-def show(model, example, shapes, fmt, cache_dir) -> None:
+def show(model, example, shapes, fmt, json_to, cache_dir) -> None:
     """Print the cached plan of MODEL (every cached shape set unless --shape)."""
-    show_plans(model, example, shapes, fmt, cache_dir)
+    show_plans(model, example, shapes, fmt, json_to, cache_dir)
 
 
 main.add_command(cache)

@@ -1,34 +1,113 @@
-"""Options and argument handling shared by the commands; user errors become one line on stderr."""
+"""Options and conventions shared by the commands.
+
+Every command of a :class:`Group` (``fastrun`` and ``fastrun cache``) takes ``-v``/``-q`` after
+its name as well as before it, and turns user errors (and files it cannot read or write) into one
+``error:`` line on stderr with exit status 1, never a traceback. ``--json [FILE]`` means the same
+everywhere: the command's result as JSON, written to FILE, or printed to stdout instead of the
+table when no FILE (or ``-``) is given.
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 import click
 
 from fastrun.errors import FastrunError
 
+VERBOSITY = "fastrun.verbosity"
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """User errors become one line on stderr and exit code 1 (130 on Ctrl-C), never a traceback."""
+    try:
+        yield
+    except BrokenPipeError:  # the reader went away (`fastrun impls | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except (FastrunError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
 
 def fail_cleanly(fn):
-    """User errors become one line on stderr and exit code 1, never a traceback."""
+    """:func:`user_errors` around one command (every command of a :class:`Group` has it already)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with user_errors():
             return fn(*args, **kwargs)
-        except FastrunError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
     return wrapper
 
 
-def setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+def setup_logging(verbosity: int) -> None:
+    """Log to stderr: warnings by default, -v info, -vv debug, -q errors only."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(max(logging.DEBUG, min(logging.ERROR, logging.WARNING - 10 * verbosity)))
+
+
+def verbosity() -> int:
+    """The -v count minus the -q count given so far, before and after the command's name."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.find_root().meta.get(VERBOSITY, 0) if ctx else 0
+
+
+def _count_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value:
+        meta = ctx.find_root().meta
+        meta[VERBOSITY] = meta.get(VERBOSITY, 0) + (value if param.name == "verbose" else -value)
+        setup_logging(meta[VERBOSITY])
+    return value
+
+
+def verbosity_options() -> list[click.Option]:
+    return [click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_count_verbosity,
+                         help="More logging (-v info, -vv debug)."),
+            click.Option(["-q", "--quiet"], count=True, expose_value=False, callback=_count_verbosity,
+                         help="Less output: errors only, no progress lines.")]
+
+
+class Command(click.Command):
+    """A fastrun command: -v/-q are accepted after its name too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(verbosity_options())
+
+
+class Group(click.Group):
+    """A group of fastrun commands, each with -v/-q and one-line user errors."""
+
+    command_class = Command
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(verbosity_options())
+
+    def invoke(self, ctx: click.Context):
+        with user_errors():
+            return super().invoke(ctx)
+
+
+Group.group_class = Group
+
+
+def json_option(what: str):
+    """``--json [FILE]``: ``what`` as JSON, to FILE or (no FILE, or ``-``) to stdout instead of the table."""
+    return click.option("--json", "json_to", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+                        help=f"{what} as JSON: written to FILE, or printed instead of the table without FILE.")
+
+
+def interactive() -> bool:
+    """Whether a person can answer a question: stdin is a terminal and this is not CI."""
+    return sys.stdin.isatty() and not os.environ.get("CI")
 
 
 def resolve_model(model: Optional[str], example: Optional[str]) -> str:
@@ -68,9 +147,9 @@ def show_options(fn):
         click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDx..",
                      help="Only the plan(s) for these shapes (default: every cached shape set)."),
         click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
-                     help="A table fitting 100 columns, or a JSON list of plans."),
+                     help="A table fitting 100 columns, or a JSON list of plans (the same as --json)."),
+        json_option("The plans"),
         cache_option,
-        fail_cleanly,
     ]):
         fn = option(fn)
     return fn

@@ -1,9 +1,10 @@
 """What the commands print: tables of profile results, warmups and plans, progress lines."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import click
 
@@ -14,27 +15,45 @@ def ms(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def progress_printer():
+def progress_printer(enabled: bool = True):
+    """Progress lines on stderr (rewritten in place on a terminal); none when not ``enabled``."""
     interactive = sys.stderr.isatty()
 
     def show(message: str) -> None:
+        if not enabled:
+            return
         if interactive:
             click.echo(f"\r\033[K{message}", err=True, nl=False)
         else:
             click.echo(message, err=True)
 
     def done() -> None:
-        if interactive:
+        if interactive and enabled:
             click.echo("\r\033[K", err=True, nl=False)
 
     return show, done
+
+
+def wrote(path: str) -> None:
+    """Say that a file was written (on stderr: stdout may be carrying JSON)."""
+    click.echo(f"wrote {path}", err=True)
+
+
+def emit_json(data: Any, target: str) -> None:
+    """``--json [FILE]``: ``data`` to stdout when ``target`` is ``-``, else to the file ``target``."""
+    text = json.dumps(data, indent=1)
+    if target == "-":
+        click.echo(text)
+        return
+    Path(target).write_text(text + "\n")
+    wrote(target)
 
 
 def write_report(data: dict, path: str) -> None:
     from fastrun.workflows.report import render_html
 
     Path(path).write_text(render_html(data), encoding="utf-8")
-    click.echo(f"wrote {path}")
+    wrote(path)
 
 
 def print_profile(d: dict) -> None:
