@@ -79,7 +79,7 @@ MAX_ROUNDS = 200
 # A candidate's time is timing.TIME_PERCENTILE (the lower quartile) of samples spanning at
 # least MIN_SECONDS: noise comes in 0.1-0.5 s episodes, and the median of a short window could sit
 # inside one. Measured: predicted/measured end to end on squeezenet went from 1.45 to 0.99,
-# shufflenet 1.19 -> 0.96, zfnet512 0.78 -> 1.00 (issue 3's note).
+# shufflenet 1.19 -> 0.96, zfnet512 0.78 -> 1.00.
 MIN_SECONDS = 0.25
 
 

@@ -35,9 +35,8 @@ Channels-last only: on NCHWc8 each tile writes 32-byte pieces of 8 planes, and a
 (64@224, a 102 MB output) that variant ran anywhere from 165 to 245 ms call to call while the
 NHWC one ran 151-153 (onnxruntime: 170); plans that used it lost end to end.
 
-It replaced session 4's compiled NCHW engine (transforms vectorized along a row of tiles), which
-lost to it on every VGG shape (e.g. 256->256@56: 19 vs 11-15 ms). The numpy engine stays for
-machines without numba.
+A compiled NCHW engine (transforms vectorized along a row of tiles) lost to it on every VGG shape
+(e.g. 256->256@56: 19 vs 11-15 ms). The numpy engine stays for machines without numba.
 
 Accuracy (fp32, He-scaled random weights, relative to max|y|), either engine: F(2,3) ~1e-6,
 F(4,3) ~1e-5, F(6,3) ~1e-5 to 1e-4 -- the transform matrices' dynamic range grows with m.
@@ -211,14 +210,14 @@ MIN_CHUNK_TILES = 64  # GEMM rows per chunk (each chunk streams every transforme
 CHANNEL_GROUP = 64
 
 
-# The fused engine: at most this many tiles per chunk in each thread (session 7, b1, with chunks
+# The fused engine: at most this many tiles per chunk in each thread (batch 1, with chunks
 # balanced between the threads: 64@224 F(4,3) 32 tiles 14.3 ms, 64 12.0, 96 11.0, 128 10.7, 192
 # 10.2; 64->64@56 F(4,3) 1.6 ms with chunks of 96, unbalanced, 0.87 with 128, balanced; 96-192
 # alike within noise elsewhere).
 FUSED_CHUNK_TILES = 128
 # The largest transformed filter it is a candidate for: each chunk reads all of it (256->256@56
 # F(4,3), 9.4 MB: 14.4 ms against 11.5 for the batched GEMM; 128->128@112 F(6,3), 4.2 MB: 13.0
-# against 13.5; 64->128@112 F(4,3), 1.2 MB: 8.2 against 11.5; session 6).
+# against 13.5; 64->128@112 F(4,3), 1.2 MB: 8.2 against 11.5).
 FUSED_MAX_FILTER_BYTES = 4 << 20
 
 
