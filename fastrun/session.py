@@ -41,6 +41,7 @@ from fastrun.runtime.plan import Plan
 from fastrun.runtime import engines
 from fastrun.runtime.engines import OriginalModelSource
 from fastrun.runtime.program import Program, instantiate
+from fastrun.shapes import as_shape, shapes_text
 from fastrun.store.cache import Caches
 from fastrun.system import fingerprint as fp
 from fastrun.workflows import fallback, lookup
@@ -213,7 +214,7 @@ class InferenceSession:
         return self._program({arg.name: feed[arg.name].shape for arg in inputs})
 
     def _program(self, shapes: Mapping[str, Sequence[int]]) -> Optional[tuple[Program, Plan]]:
-        key = tuple(sorted((k, tuple(int(d) for d in v)) for k, v in shapes.items()))
+        key = tuple(sorted((k, as_shape(v)) for k, v in shapes.items()))
         with self._lock:
             if key in self._programs:
                 self._programs.move_to_end(key)
@@ -238,20 +239,20 @@ class InferenceSession:
         if plan is None and self._policy == "onnxruntime":
             self._warn_once("no fastrun plan for %s with shapes %s on this machine: running it on onnxruntime as "
                             "is (make plans with `fastrun warmup MODEL --shape ...`, or policy=\"profile\")",
-                            self._label or "the model", _describe(shapes))
+                            self._label or "the model", shapes_text(shapes))
             return None
         try:
             return self._compiled_program(shapes)
         except FastrunError as exc:  # fastrun cannot run these shapes; onnxruntime answers (or refuses)
             if self._policy == "require":
                 raise
-            log.warning("%s (%s): %s; running it on onnxruntime", self._label or "the model", _describe(shapes), exc)
+            log.warning("%s (%s): %s; running it on onnxruntime", self._label or "the model", shapes_text(shapes), exc)
             return None
 
     def _not_found(self, shapes: dict) -> PlanNotFoundError:
         return PlanNotFoundError(
             f"no cached plan for model {self._label or 'given as bytes'} (sha256 {self._hash[:12]}) with shapes "
-            f"{_describe(shapes)} on fingerprint {self._fingerprint} in {self._caches.root}; run `fastrun warmup` "
+            f"{shapes_text(shapes)} on fingerprint {self._fingerprint} in {self._caches.root}; run `fastrun warmup` "
             f"or `fastrun profile` first")
 
     def _warn_once(self, message: str, *args: Any) -> None:
@@ -311,7 +312,7 @@ class InferenceSession:
 
     def _new_plan(self, graph: graph_mod.Graph, shapes: dict) -> Plan:
         """A plan for shapes the cache has none for (policy heuristic or profile; require raises)."""
-        described = _describe(shapes)
+        described = shapes_text(shapes)
         if self._policy in ("require", "onnxruntime"):  # a stored plan that does not fit the graph
             raise self._not_found(shapes)
         if self._policy == "profile":
@@ -372,7 +373,3 @@ def _fits(shape: Sequence[int], declared: Sequence[Union[int, str, None]]) -> bo
     """Whether a shape has the declared rank and every fixed (positive int) dim."""
     return len(shape) == len(declared) and all(not isinstance(d, int) or d <= 0 or d == s
                                                for s, d in zip(shape, declared))
-
-
-def _describe(shapes: Mapping[str, Sequence[int]]) -> str:
-    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
