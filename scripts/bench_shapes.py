@@ -2,7 +2,7 @@
 """Variable shapes without plans: a dynamic-length encoder fed N sequence lengths, first call of each.
 
 Each variant runs in its own process (so that resident memory is its own): create the session,
-then call it once per length, and report the session's creation time, the total of the first
+then call it once per length, and report how long creating the session took, the total of the first
 calls, and the process's resident memory (VmRSS) after the last call, beside onnxruntime's own
 session doing the same. Variants: ``onnxruntime`` (plain onnxruntime), ``fastrun`` (the default
 policy: shapes without a plan run on the original model), ``heuristic`` (a program compiled per
