@@ -299,7 +299,7 @@ class InferenceSession:
             raise self._not_found(shapes)
         reason = fallback.front_end_reason(exc)
         self._warn_once("%s (%s): fastrun's front end cannot take it (%s); the original model runs on "
-                        "onnxruntime as is", self._label or "the model", _describe(shapes), reason)
+                        "onnxruntime as is", self._label or "the model", shapes_text(shapes), reason)
         plan, recipe = fallback.original_plan(self._model(), self._hash, shapes, self._fingerprint, reason)
         if self._policy == "profile":
             lookup.store_plan(self._caches, plan)

@@ -21,6 +21,7 @@ from fastrun.runtime import compiler
 from fastrun.runtime.engines import OriginalModelSource
 from fastrun.runtime.plan import ENGINE_ORIGINAL, Plan
 from fastrun.runtime.recipe import Recipe
+from fastrun.shapes import shapes_text
 from fastrun.system import ortutil
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,5 @@ def _check_runs(original: OriginalModelSource, model: onnx.ModelProto, shapes: M
     try:
         ortutil.session(original.source, level="all").run(None, feed)
     except Exception as exc:
-        shapes_text = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
-        raise InputError(f"onnxruntime cannot run the model with shapes {shapes_text}: {first_line(exc)} "
+        raise InputError(f"onnxruntime cannot run the model with shapes {shapes_text(shapes)}: {first_line(exc)} "
                          f"(fastrun: {reason})") from None
