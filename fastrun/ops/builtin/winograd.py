@@ -5,7 +5,7 @@ B^T d B, multiplied element-wise with the pre-transformed filter U = G g G^T, su
 input channels (that sum, for all alpha^2 positions at once, is one batched matmul
 [alpha^2, K, C] @ [alpha^2, C, tiles]) and transformed back with A^T (.) A. Multiplications per
 output drop from 9 to alpha^2/m^2 (4: 2.25, 6: 1.78) at the price of the transforms, which are
-memory-bound: they decide whether Winograd wins (see DESIGN.md).
+memory-bound: they decide whether Winograd wins (see docs/design.md).
 
 Two engines compute this. The numpy one (``winograd_f{2,4,6}``, NCHW): both transforms are
 separable and run as GEMMs with the small transform matrices over gathered strided views (rows
