@@ -162,6 +162,8 @@ def toposort(nodes: list[Node], available: set[str]) -> list[Node]:
     produced_by = {}
     for node in nodes:
         for t in node.outputs:
+            if not t:  # an optional output left out
+                continue
             if t in produced_by or t in available:
                 raise ModelError(f"tensor {t!r} is produced more than once")
             produced_by[t] = node

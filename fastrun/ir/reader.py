@@ -399,7 +399,11 @@ def _infer_shapes(graph: Graph, shapes: dict[str, tuple[int, ...]], dtypes: dict
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
-        raise InputError(f"shapes do not fit the model: {first_line(exc)}") from None
+        strict_error = exc
+        try:  # onnx cannot type some function bodies onnxruntime runs: what it can infer, then the probe
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        except Exception:
+            raise InputError(f"shapes do not fit the model: {first_line(strict_error)}") from None
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         tt = vi.type.tensor_type
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
