@@ -93,6 +93,8 @@ class InferenceSession:
         self._warned = False
         self.profiled = 0  # how many times this session had to profile (policy="profile" only)
         self._stored_interface: Optional[tuple[list[NodeArg], list[NodeArg]]] = None
+        self._feed_spec: Optional[list[tuple[str, Optional[np.dtype], list]]] = None
+        self._output_names: list[str] = []
         if self._original.device:
             log.warning("providers %s: fastrun's plans are CPU plans, so none applies; the model runs on "
                         "onnxruntime with these providers", self._original.device)
@@ -192,7 +194,9 @@ class InferenceSession:
         if found is None:
             return None
         program = found[0]
-        names = list(output_names) if output_names else [o.name for o in self.get_outputs()]
+        if not output_names:
+            self._output_names = self._output_names or [o.name for o in self.get_outputs()]
+        names = list(output_names) if output_names else self._output_names
         if not all(n in program.outputs for n in names):
             return None  # onnxruntime's error for an unknown output name
         results = program.run(dict(feed))
@@ -203,15 +207,20 @@ class InferenceSession:
         the declared dtype, rank and fixed dims. Anything else is onnxruntime's to accept or refuse."""
         if self._original.device or not isinstance(feed, Mapping):
             return None
-        inputs = self.get_inputs()
-        if len(feed) != len(inputs):
+        spec = self._feed_spec or self._make_feed_spec()
+        if len(feed) != len(spec):
             return None
-        for arg in inputs:
-            value = feed.get(arg.name)
-            if not isinstance(value, np.ndarray) or value.dtype != numpy_dtype(arg.type) \
-                    or not _fits(value.shape, arg.shape):
+        for name, dtype, declared in spec:
+            value = feed.get(name)
+            if not isinstance(value, np.ndarray) or value.dtype != dtype or not _fits(value.shape, declared):
                 return None
-        return self._program({arg.name: feed[arg.name].shape for arg in inputs})
+        return self._program({name: feed[name].shape for name, _, _ in spec})
+
+    def _make_feed_spec(self) -> list[tuple[str, Optional[np.dtype], list]]:
+        """Each declared input's name, numpy dtype and dims, read once: onnxruntime's get_inputs()
+        and the type-string parsing cost tens of microseconds per call, more than small models run."""
+        self._feed_spec = [(arg.name, numpy_dtype(arg.type), list(arg.shape)) for arg in self.get_inputs()]
+        return self._feed_spec
 
     def _program(self, shapes: Mapping[str, Sequence[int]]) -> Optional[tuple[Program, Plan]]:
         key = tuple(sorted((k, as_shape(v)) for k, v in shapes.items()))
