@@ -139,3 +139,21 @@ def test_the_quantized_bound_is_onnxruntimes_error_with_slack():
     assert ref.bound == pytest.approx(ref.onnxruntime_error * eligibility.QUANTIZED_SLACK + eligibility.QUANTIZED_ABS_SLACK)
     assert ref.accepts({"y": default[0]}) and ref.accepts({"y": semantics[0]})
     assert not ref.accepts({"y": semantics[0] + 0.02})
+
+
+def test_a_qdq_model_specialised_stays_within_onnxruntimes_distance_from_its_semantics(tmp_path, cache_dir):
+    """The eligibility rule on a QDQ model: fastrun's specialised graph is no further from the
+    model's semantics (onnxruntime, optimizations off) than a default onnxruntime session, x slack."""
+    from tests.test_frontend_gaps import qdq_conv_model
+    import onnx
+
+    path = str(tmp_path / "qdq.onnx")
+    onnx.save(qdq_conv_model(), path)
+    graph = reader.load(path)
+    assert eligibility.quantized_ops(onnx.load(path)) == ["DequantizeLinear", "QuantizeLinear"]
+    reference = verify.model_reference(graph, OriginalModelSource(path), quantized=True)
+    assert reference.quantized and reference.bound >= eligibility.QUANTIZED_ABS_SLACK
+    plan = planner.make_plan(graph, fingerprint.fingerprint())
+    for candidate in (plan, planner.whole_model_plan(graph, plan)):
+        program = compiler.compile_plan(graph, candidate)
+        assert reference.accepts(program.run(dict(reference.feed))), reference.error(program.run(dict(reference.feed)))

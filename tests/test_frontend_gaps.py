@@ -89,24 +89,32 @@ def test_external_data_is_read_beside_the_model_not_in_the_working_directory(cac
     assert reader.load(path, {}).constants
 
 
-def test_weight_dequantization_is_left_to_onnxruntime(cache_dir):
-    """DequantizeLinear of constant int8 weights stays a node: onnxruntime's QDQ fusions must see it."""
+def qdq_conv_model() -> onnx.ModelProto:
+    """Conv between QuantizeLinear/DequantizeLinear pairs, its int8 weights dequantized in the graph."""
     rng = np.random.default_rng(0)
-    wq = numpy_helper.from_array(rng.integers(-100, 100, (16, 8, 3, 3)).astype(np.int8), "wq")
-    inits = [wq, numpy_helper.from_array(np.array(0.02, np.float32), "ws"),
+    inits = [numpy_helper.from_array(rng.integers(-100, 100, (16, 8, 3, 3)).astype(np.int8), "wq"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "ws"),
              numpy_helper.from_array(np.array(0, np.int8), "wz"),
              numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
-             numpy_helper.from_array(np.array(0, np.uint8), "xz")]
+             numpy_helper.from_array(np.array(0, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(0.2, np.float32), "ys")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
              helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"]),
-             helper.make_node("Conv", ["xd", "w"], ["y"], pads=[1, 1, 1, 1])]
+             helper.make_node("Conv", ["xd", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "ys", "xz"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "ys", "xz"], ["y"])]
     graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 10, 10])],
                               [helper.make_tensor_value_info("y", T.FLOAT, [1, 16, 10, 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_weight_dequantization_is_left_to_onnxruntime(cache_dir):
+    """DequantizeLinear of constant int8 weights stays a node: onnxruntime's QDQ fusions must see it."""
+    model = qdq_conv_model()
     ir = reader.load(model, {})
-    assert [n.op_type for n in ir.nodes].count("DequantizeLinear") == 2 and "wq" in ir.constants
-    _answers(model, {"x": rng.standard_normal((1, 8, 10, 10)).astype(np.float32)}, cache_dir)
+    assert [n.op_type for n in ir.nodes].count("DequantizeLinear") == 3 and "wq" in ir.constants
+    _answers(model, {"x": np.random.default_rng(1).standard_normal((1, 8, 10, 10)).astype(np.float32)}, cache_dir)
 
 
 def test_gemm_with_a_scalar_runtime_c(cache_dir):
