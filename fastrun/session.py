@@ -31,7 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from fastrun.errors import FastrunError, PlanNotFoundError
-from fastrun.ir import graph as graph_mod, reader
+from fastrun.ir import graph as graph_mod, modelinterface, reader
 from fastrun.ir.reader import ModelSource
 from fastrun.planning import planner
 from fastrun.runtime import compiler
@@ -42,6 +42,7 @@ from fastrun.runtime import engines
 from fastrun.runtime.engines import OriginalModelSource
 from fastrun.runtime.program import Program, instantiate
 from fastrun.shapes import as_shape, shapes_text
+from fastrun.store import programcheck
 from fastrun.store.cache import Caches
 from fastrun.system import fingerprint as fp
 from fastrun.workflows import fallback, lookup
@@ -59,7 +60,7 @@ ShapeKey = tuple  # ((input name, shape), ...) sorted by name
 
 @dataclass(frozen=True)
 class NodeArg:
-    """Same fields as ``onnxruntime.NodeArg``, for the stored interface (no onnxruntime session yet)."""
+    """Same fields as ``onnxruntime.NodeArg``, for the declared interface (no onnxruntime session yet)."""
 
     name: str
     shape: list
@@ -72,13 +73,17 @@ def _node_args(described: Sequence[list]) -> list[NodeArg]:
 
 
 class InferenceSession:
-    """onnxruntime's ``InferenceSession``; a shape set with a cached fastrun plan runs the plan."""
+    """onnxruntime's ``InferenceSession``; a shape set with a cached fastrun plan runs the plan.
+
+    ``exact=True`` runs exact-mode plans: no approximate algorithm (Winograd, FFT), every kernel
+    within direct evaluation's error of onnxruntime (for reproducible numerics).
+    """
 
     def __init__(self, path_or_bytes: ModelSource, sess_options: Optional[ort.SessionOptions] = None,
                  providers: Optional[Sequence[Any]] = None, provider_options: Optional[Sequence[dict]] = None,
                  *, cache_dir: Optional[str] = None, policy: Optional[str] = None,
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None, op_limit: Optional[float] = None,
-                 max_programs: int = MAX_PROGRAMS, **kwargs: Any):
+                 max_programs: int = MAX_PROGRAMS, exact: bool = False, **kwargs: Any):
         self._policy = policy or os.environ.get(ENV_POLICY) or DEFAULT_POLICY
         if self._policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self._policy!r}")
@@ -86,6 +91,8 @@ class InferenceSession:
         self._source = path_or_bytes
         self._label = str(path_or_bytes) if isinstance(path_or_bytes, (str, os.PathLike)) else None
         self._op_limit = op_limit  # per-signature profiling time (policy="profile"); None: the default
+        self._exact = exact  # exact-mode plans only (fastrun.planning.planner.exact_limit)
+        self._declared: Optional[dict] = None  # the model's declared interface (fastrun.ir.modelinterface)
         self._max_programs = max(1, int(max_programs))
         self._programs: OrderedDict[ShapeKey, tuple[Program, Plan]] = OrderedDict()
         self._unplanned: OrderedDict[ShapeKey, None] = OrderedDict()
@@ -101,14 +108,14 @@ class InferenceSession:
             self._original.session()
             return
         # The model is parsed only when a plan must be compiled: a stored program needs the model's
-        # hash alone, and its declared inputs and outputs are stored with it.
+        # hash and its declared inputs and outputs (read from the model without parsing its weights).
         self._data: Optional[bytes] = None
         self._model_proto = path_or_bytes if isinstance(path_or_bytes, onnx.ModelProto) else None
         self._initializers: dict[str, np.ndarray] = {}  # one copy of the weights for every compiled shape
         self._hash = reader.source_hash(path_or_bytes)
         self._caches = Caches(cache_dir, writable=self._policy == "profile")
         self._fingerprint = fp.fingerprint()
-        self._stored_interface = self._read_stored_interface()
+        self._stored_interface = self._read_declared_interface()
         if self._stored_interface is None:
             self._original.session()
         declared = self._declared_shapes(input_shapes or {})
@@ -239,7 +246,8 @@ class InferenceSession:
 
     def _load(self, shapes: dict) -> Optional[tuple[Program, Plan]]:
         """A program for these shapes, by policy; None: the original model runs them."""
-        plan = lookup.stored_plan(self._caches, self._fingerprint, self._hash, shapes, self._label or "the model")
+        plan = lookup.stored_plan(self._caches, self._fingerprint, self._hash, shapes, self._label or "the model",
+                                  self._exact)
         stored = self._stored_program(plan) if plan is not None else None
         if stored is not None:
             return stored
@@ -271,11 +279,13 @@ class InferenceSession:
 
     def _stored_program(self, plan: Plan) -> Optional[tuple[Program, Plan]]:
         """The cached plan's stored program: no model parsing, no compiling."""
-        recipe = self._caches.programs.load(plan)
+        recipe = self._caches.programs.load(plan, self._declared)
         if recipe is None:
             return None
         try:
-            return instantiate(recipe, self._original.thread_cap(), self._original_source()), plan
+            program = instantiate(recipe, self._original.thread_cap(), self._original_source())
+            programcheck.check_program(program, self._declared)
+            return program, plan
         except Exception as exc:  # stored data is foreign data: compile from the model instead
             log.warning("ignoring the stored program of %s: %s", self._label or plan.model_name, exc)
             return None
@@ -285,7 +295,7 @@ class InferenceSession:
             graph = reader.from_proto(self._model(), self._bytes(), shapes, self._initializers)
         except Exception as exc:  # the front end cannot take it: the original model runs, as a plan
             return self._original_program(shapes, exc)
-        plan = lookup.find_plan(self._caches, self._fingerprint, graph)
+        plan = lookup.find_plan(self._caches, self._fingerprint, graph, self._exact)
         if plan is not None:
             try:
                 recipe = compiler.build_recipe(graph, plan)
@@ -329,14 +339,17 @@ class InferenceSession:
             from fastrun.measure.profiler import Profiler
 
             limit = {"op_limit_s": self._op_limit} if self._op_limit else {}
-            profiler = Profiler(self._caches, self._fingerprint, **limit)
-            plan = planner.make_plan(graph, self._fingerprint, profiler)
-            lookup.store_plan(self._caches, plan)
-            self.profiled += 1
+            with self._caches.profiling_lock():  # one profiling writer per cache at a time
+                plan = lookup.find_plan(self._caches, self._fingerprint, graph, self._exact)  # made meanwhile?
+                if plan is None:
+                    profiler = Profiler(self._caches, self._fingerprint, **limit)
+                    plan = planner.make_plan(graph, self._fingerprint, profiler, exact=self._exact)
+                    lookup.store_plan(self._caches, plan)
+                    self.profiled += 1
             return plan
         self._warn_once("no cached fastrun plan for %s (%s) on this machine; using the heuristic choice "
                         "(run `fastrun profile` to make one)", graph.name, described)
-        return planner.heuristic_plan(graph, self._fingerprint)
+        return planner.heuristic_plan(graph, self._fingerprint, self._exact)
 
     # -- the model
     def _interface(self) -> tuple[list, list]:
@@ -345,15 +358,16 @@ class InferenceSession:
             return list(session.get_inputs()), list(session.get_outputs())
         return self._stored_interface
 
-    def _read_stored_interface(self) -> Optional[tuple[list[NodeArg], list[NodeArg]]]:
-        stored = self._caches.programs.interface(self._fingerprint, self._hash)
-        if stored is None:
-            return None
+    def _read_declared_interface(self) -> Optional[tuple[list[NodeArg], list[NodeArg]]]:
+        """The model's declared inputs and outputs, read from the model itself (never from the cache);
+        None where the walk cannot read them (onnxruntime's session answers then)."""
         try:
-            return _node_args(stored["inputs"]), _node_args(stored["outputs"])
-        except (TypeError, ValueError, KeyError) as exc:
-            log.warning("ignoring the stored interface of %s: %s", self._label or "the model", exc)
+            self._declared = modelinterface.declared(self._model_proto if self._model_proto is not None
+                                                     else self._source)
+        except FastrunError as exc:
+            log.debug("declared interface of %s unreadable without onnxruntime: %s", self._label or "the model", exc)
             return None
+        return _node_args(self._declared["inputs"]), _node_args(self._declared["outputs"])
 
     def _declared_shapes(self, given: Mapping[str, Sequence[int]]) -> Optional[dict]:
         """The input shapes known before any feed: ``input_shapes`` or fixed declared dims (None: not all)."""

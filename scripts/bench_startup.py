@@ -35,7 +35,7 @@ import fastrun
 from fastrun.workflows import lookup, models
 from fastrun.runtime.program import instantiate
 from fastrun.system import fingerprint
-from fastrun.ir import reader
+from fastrun.ir import modelinterface, reader
 from fastrun.store.cache import Caches
 from fastrun.store.programs import ProgramStore
 from fastrun.workflows.warmup import warmup
@@ -50,10 +50,10 @@ def stages(path: Path, cache_dir: str) -> dict[str, float]:
     t1 = time.perf_counter()
     caches = Caches(cache_dir, writable=False)
     here = fingerprint.fingerprint()
-    interface = caches.programs.interface(here, model_hash)
+    interface = modelinterface.declared(path)
     shapes = {name: dims for name, dims, _ in interface["inputs"]}
     plan = lookup.stored_plan(caches, here, model_hash, shapes)
-    recipe = caches.programs.load(plan)
+    recipe = caches.programs.load(plan, interface)
     t2 = time.perf_counter()
     instantiate(recipe)
     t3 = time.perf_counter()

@@ -11,6 +11,15 @@ def cache_dir(tmp_path):
     return str(tmp_path / "cache")
 
 
+@pytest.fixture
+def quiet_machine(monkeypatch):
+    """Treat the machine as free of other processes (fastrun.load): for tests that fake timings
+    and check what profiling keeps from them, on a machine shared with other work."""
+    from fastrun.measure import load
+
+    monkeypatch.setattr(load, "BUSY_CORES", float("inf"))
+
+
 @pytest.fixture(scope="session")
 def squeezenet_bytes():
     """SqueezeNet with random weights and its softmax stripped: small, real, every layer type."""

@@ -252,10 +252,10 @@ def test_fused_winograd_chunking(fmt, spec_name, m, chunk_tiles, monkeypatch):
     consts, runtime = kernels.random_inputs(spec, np.random.default_rng(_seed(spec_name)))
     ref = kernels.reference_callable(spec, consts)(*runtime)
     run = winograd.build_winograd(spec, consts, m, fmt=fmt, fused=True)
-    before = [get() for get, _ in blas._thread_controls()]
+    before = blas.thread_counts()
     y = formats.from_format(run(formats.to_format(runtime[0], fmt)), fmt, spec.output[1])
     assert relative_error(y, ref) <= tolerance(f"winograd_f{m}", spec)
-    assert [get() for get, _ in blas._thread_controls()] == before
+    assert blas.thread_counts() == before
 
 
 def test_fused_winograd_chunks_are_balanced_between_threads():

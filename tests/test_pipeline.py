@@ -193,7 +193,7 @@ def test_thread_counts_worth_timing():
     assert verify.thread_counts(1) == [1]
 
 
-def test_profile_measures_the_thread_count_and_the_plan_keeps_it(cache_dir, tiny_model, monkeypatch):
+def test_profile_measures_the_thread_count_and_the_plan_keeps_it(cache_dir, tiny_model, monkeypatch, quiet_machine):
     monkeypatch.setenv("FASTRUN_THREADS", "2")
     real = timing.interleaved
 
@@ -214,7 +214,7 @@ def test_profile_measures_the_thread_count_and_the_plan_keeps_it(cache_dir, tiny
     assert segments and all(s.session.get_session_options().intra_op_num_threads == 1 for s in segments)
 
 
-def test_all_threads_are_kept_unless_fewer_win_clearly(cache_dir, tiny_model, monkeypatch):
+def test_all_threads_are_kept_unless_fewer_win_clearly(cache_dir, tiny_model, monkeypatch, quiet_machine):
     monkeypatch.setenv("FASTRUN_THREADS", "2")
     monkeypatch.setattr(timing, "interleaved",  # onnxruntime on the original slower: a plan of fastrun's runs
                         lambda runners, **kw: {k: 5.0 if k == "onnxruntime-original" else 1.0 for k in runners})
@@ -411,7 +411,7 @@ def test_host_steps_run_with_the_plans_host_thread_count(monkeypatch):
     from fastrun.system import blas, hostthreads
 
     graph, plan = _plan_with_host_step(monkeypatch)
-    blas_counts = lambda: [get() for get, _ in blas._thread_controls()]  # noqa: E731
+    blas_counts = blas.thread_counts
     before = blas_counts()
     for host_threads, expected in ((1, 1), (0, 2)):
         plan.host_threads = host_threads
@@ -430,16 +430,15 @@ def test_host_steps_run_with_the_plans_host_thread_count(monkeypatch):
 def test_fewer_blas_threads_are_set_and_restored_never_more():
     from fastrun.system import blas
 
-    controls = blas._thread_controls()
-    if not controls:
-        pytest.skip("numpy is not linked to OpenBLAS here")
-    before = [get() for get, _ in controls]
+    before = blas.thread_counts()
+    if not before:
+        pytest.skip("no BLAS threadpoolctl can control here")
     restore = blas.lower_threads(1)
-    assert [get() for get, _ in controls] == [1] * len(controls)
+    assert blas.thread_counts() == [1] * len(before)
     restore()
-    assert [get() for get, _ in controls] == before
+    assert blas.thread_counts() == before
     blas.lower_threads(max(before) + 4)()  # more than OpenBLAS has: nothing changes
-    assert [get() for get, _ in controls] == before
+    assert blas.thread_counts() == before
 
 
 def test_compiled_winograd_splits_its_work_in_the_host_steps_thread_count():

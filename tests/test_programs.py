@@ -78,7 +78,7 @@ def test_host_kernels_round_trip_through_the_store(tmp_path, cache_dir):
     recipe = compiler.build_recipe(graph, plan)
     assert any(isinstance(p, HostRecipe) for p in recipe.parts)
     store = programs.ProgramStore(tmp_path / "programs")
-    assert store.save(plan, recipe, {"inputs": [], "outputs": []})
+    assert store.save(plan, recipe, reader.declared_interface(tiny_conv_model(batch=1)))
     loaded = store.load(plan)
     host = [p for p in loaded.parts if isinstance(p, HostRecipe)]
     assert [(h.impl, h.spec, h.inputs, h.output, h.threads) for h in host] == \
@@ -164,7 +164,7 @@ def test_read_only_store_never_writes(tmp_path, cache_dir):
     graph = reader.load(tiny_conv_model(batch=1))
     plan = planner.make_plan(graph, fp.fingerprint(), None)
     store = programs.ProgramStore(tmp_path / "programs", writable=False)
-    assert not store.save(plan, compiler.build_recipe(graph, plan), {"inputs": [], "outputs": []})
+    assert not store.save(plan, compiler.build_recipe(graph, plan), reader.declared_interface(tiny_conv_model(batch=1)))
     assert not (tmp_path / "programs").exists()
 
 
@@ -174,7 +174,7 @@ def test_concurrent_writers_of_one_program_both_succeed(tmp_path):
     recipe = compiler.build_recipe(graph, plan)
     stores = [programs.ProgramStore(tmp_path / "programs") for _ in range(4)]
     results = []
-    threads = [threading.Thread(target=lambda s=s: results.append(s.save(plan, recipe, {"inputs": [], "outputs": []})))
+    threads = [threading.Thread(target=lambda s=s: results.append(s.save(plan, recipe, reader.declared_interface(tiny_conv_model(batch=1)))))
                for s in stores]
     for t in threads:
         t.start()

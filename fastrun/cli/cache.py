@@ -72,8 +72,11 @@ def cache_ls(cache_dir, json_to) -> None:
                    f"{info.programs} compiled program(s) ({info.program_bytes / 1e6:.1f} MB)")
         for p in info.plans:
             note = f"  not served: {p.problem}" if p.problem else ("" if p.program else "  (no compiled program)")
+            policy = "loaded" if p.measured_under_load else p.policy
             click.echo(f"  {cut(p.model_name, 20):<20} {p.model_hash[:12]:<12} {cut(p.shapes, 28):<28} "
-                       f"{p.policy:<9} {ms(p.predicted_ms):>8} ms{note}"[:100])
+                       f"{policy:<9} {ms(p.predicted_ms):>8} ms{note}"[:100])
+    if any(p.measured_under_load for info in infos for p in info.plans):
+        click.echo("loaded: measured under load (other processes used the cores); `fastrun warmup` measures it again")
 
 
 @cache.command("show")

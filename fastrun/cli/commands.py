@@ -46,8 +46,10 @@ def main() -> None:
 @click.option("--repeats", type=int, default=10, show_default=True, help="Rounds of the end-to-end comparison.")
 @click.option("--refresh", is_flag=True, help="Measure every signature again, ignoring cached timings "
               "(e.g. after profiling on a busy machine).")
+@click.option("--exact", is_flag=True, help="Exact mode: no approximate algorithm (Winograd, FFT); every kernel within "
+              "direct evaluation's error of onnxruntime, for reproducible numerics (a plan of its own).")
 def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, json_to, report_path, no_measure, repeats,
-            refresh) -> None:
+            refresh, exact) -> None:
     """Profile MODEL, store its plan, print what was chosen and what it gains."""
     from fastrun.workflows import profile as profiling
 
@@ -57,7 +59,7 @@ def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, jso
     for shape_set in parse_shape_sets(shapes) or [None]:  # one plan per shape set
         report = profiling.profile(path, shape_set, cache_dir=cache_dir, budget=budget, op_limit=op_limit,
                                    op_timeout=op_timeout, progress=show, measure=not no_measure, repeats=repeats,
-                                   refresh=refresh)
+                                   refresh=refresh, exact=exact)
         done()
         results.append(report.to_json())
         if json_to != "-":
@@ -136,7 +138,9 @@ def fingerprint(json_to) -> None:
 @click.option("--op-limit", type=float, default=2.0, show_default=True, metavar="SECONDS",
               help="Timing budget per op signature.")
 @json_option("The summary")
-def warmup(paths, shapes, cache_dir, budget, op_limit, json_to) -> None:
+@click.option("--exact", is_flag=True, help="Exact mode: no approximate algorithm (Winograd, FFT); every kernel within "
+              "direct evaluation's error of onnxruntime, for reproducible numerics (a plan of its own).")
+def warmup(paths, shapes, cache_dir, budget, op_limit, json_to, exact) -> None:
     """Profile what is missing for PATHS (model files, directories searched for *.onnx).
 
     Plans already cached are not touched: a second run times nothing (a plan cut short by
@@ -150,7 +154,7 @@ def warmup(paths, shapes, cache_dir, budget, op_limit, json_to) -> None:
 
     sets = parse_shape_sets(shapes)
     show, done = progress_printer(enabled=verbosity() >= 0)
-    results = run_warmup(paths, sets, cache_dir=cache_dir, progress=show, budget=budget, op_limit=op_limit)
+    results = run_warmup(paths, sets, cache_dir=cache_dir, progress=show, budget=budget, op_limit=op_limit, exact=exact)
     done()
     if json_to != "-":
         print_warmup(results)

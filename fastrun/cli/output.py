@@ -59,8 +59,9 @@ def write_report(data: dict, path: str) -> None:
 def print_profile(d: dict) -> None:
     rows = [n for n in d["nodes"] if n["spec"]]
     click.echo(f"model: {d['model']}   fingerprint: {d['fingerprint']}   shapes: "
-               + shapes_cell(d["input_shapes"]))
-    header = f"{'node':<22} {'op':<5} {'signature':<30} {'winner':<18} {'ms':>8} {'runner-up':<18} {'ms':>8} {'vs ort':>7} fmt"
+               + shapes_cell(d["input_shapes"]) + ("   exact mode" if d.get("exact") else ""))
+    header = (f"{'node':<22} {'op':<5} {'signature':<30} {'winner':<18} {'ms':>8} {'error':>7} {'runner-up':<18} {'ms':>8} "
+              f"{'vs ort':>7} fmt")
     click.echo(header)
     click.echo("-" * len(header))
     for n in rows:
@@ -68,8 +69,10 @@ def print_profile(d: dict) -> None:
         fmt = n["in_formats"][0] if n["in_formats"] else "-"
         fmt = fmt if fmt == n["out_format"] else f"{fmt}>{n['out_format']}"
         winner = n["impl"][:17] + ("*" if n["source"] == "heuristic" else "")
+        error = (n.get("errors") or {}).get(n["impl"])
         click.echo(f"{n['name'][-22:]:<22} {n['op_type'][:5]:<5} {n['spec'][:30]:<30} {winner:<18} "
-                   f"{ms(n['time_ms']):>8} {(n['runner_up'] or '-')[:18]:<18} {ms(n['runner_up_ms']):>8} {gain:>7} {fmt}")
+                   f"{ms(n['time_ms']):>8} {'-' if error is None else f'{error:.0e}':>7} "
+                   f"{(n['runner_up'] or '-')[:18]:<18} {ms(n['runner_up_ms']):>8} {gain:>7} {fmt}")
     click.echo("")
     click.echo(f"signatures: {d['specs_measured']} profiled now, {d['specs_cached']} from cache "
                f"({d['profiled_now']} candidate timings measured, {d['from_cache']} reused)")
@@ -111,9 +114,11 @@ def print_profile(d: dict) -> None:
     _print_winner(d)
     if d["measured_ms"] is not None:
         click.echo(f"measured:  fastrun {d['measured_ms']:.3f} ms   onnxruntime (ORT_ENABLE_ALL) {d['onnxruntime_ms']:.3f} ms   "
-                   f"speed-up {d['speedup']:.2f}x   max rel. error {d['max_error']:.1e}")
+                   f"speed-up {d['speedup']:.2f}x = {d['speedup_selection']:.2f}x (kernels/formats) x "
+                   f"{d['speedup_threads']:.2f}x (threads)   max rel. error {d['max_error']:.1e}")
         if d.get("whole_model") or d.get("engine", "fastrun") != "fastrun":
             click.echo("  (the plan is that onnxruntime session: the difference is the machine's noise)")
+    print_load(d)
     click.echo(f"done in {d['seconds']:.1f} s")
 
 
@@ -132,6 +137,17 @@ def _print_winner(d: dict) -> None:
         click.echo(f"race: {verified.get('rule', '')}: bound {verified.get('bound', 0):.1e}; errors: {errors}")
 
 
+def print_load(d: dict) -> None:
+    """Say loudly when other processes used the cores while profiling or measuring."""
+    busy = {k: v for k, v in (d.get("load") or {}).items() if v.get("busy")}
+    if not busy:
+        return
+    seen = ", ".join(f"{v['other_cores']:.2f} cores {k}" for k, v in busy.items())
+    click.echo(f"WARNING: the machine was busy (other processes used {seen})"
+               + (": the plan is marked 'measured under load' and keeps all cores; `fastrun warmup` measures it "
+                  "again" if d.get("measured_under_load") else ": the end-to-end times above are suspect"))
+
+
 def shapes_cell(shapes: dict) -> str:
     """Input shapes in a table cell (``-`` for none)."""
     return shapes_text(shapes) or "-"
@@ -147,6 +163,7 @@ def print_warmup(results) -> None:
                f"{'program':<8}")
     for r in results:
         plan = r.status if r.status != "profiled" or r.plan_policy not in ("partial", "fallback") else r.plan_policy
+        plan = "loaded" if r.measured_under_load else plan
         gain = f"{r.speedup:.2f}x" if r.speedup else "-"
         click.echo(f"{cut(r.model, 34):<34} {cut(shapes_cell(r.shapes), 24):<24} {plan:<9} {r.measured:>6} "
                    f"{r.reused:>6} {ms(r.predicted_ms):>9} {gain:>6} {r.program or '-':<8}")
@@ -155,6 +172,9 @@ def print_warmup(results) -> None:
     failed = [r for r in results if not r.ok]
     measured = sum(r.measured for r in results)
     compiled = sum(r.program == "compiled" for r in results)
+    if any(r.measured_under_load for r in results):
+        click.echo("WARNING: plans marked 'loaded' were measured while other processes used the cores; "
+                   "run `fastrun warmup` again on a quiet machine to measure them again")
     if not profiled and not failed:
         click.echo(f"nothing profiled: all {cached} plan(s) were already cached, 0 timings measured"
                    + (f"; {compiled} program(s) compiled and stored" if compiled else ""))
@@ -175,7 +195,8 @@ def print_plan(plan, problem: str = "") -> None:
     click.echo(f"model: {cut(plan.model_name, 30)}   sha256 {plan.model_hash[:12]}   shapes: "
                f"{cut(shapes_cell(plan.input_shapes), 40)}")
     click.echo(f"fingerprint: {plan.fingerprint}   plan: {plan.policy}   fastrun {plan.fastrun_version}   "
-               f"onnxruntime {plan.onnxruntime_version}")
+               f"onnxruntime {plan.onnxruntime_version}" + ("   exact mode" if plan.exact else "")
+               + ("   measured under load" if plan.measured_under_load else ""))
     if problem:
         click.echo(f"not served here: {problem}")
     if plan.whole_model:
@@ -184,7 +205,7 @@ def print_plan(plan, problem: str = "") -> None:
         click.echo(f"runs as one onnxruntime ORT_ENABLE_ALL session: no assignment beat it end to end by "
                    f"{WHOLE_MODEL_MARGIN:.0%}" if plan.policy != "heuristic" else
                    "runs as one onnxruntime ORT_ENABLE_ALL session: no rule predicts a host kernel wins enough")
-    header = f"{'node':<17} {'op':<5} {'signature':<27} {'implementation':<20} {'ms':>7} {'x ort':>6} formats"
+    header = f"{'node':<17} {'op':<5} {'signature':<27} {'implementation':<20} {'ms':>7} {'x ort':>6} {'error':>6} formats"
     click.echo(header)
     click.echo("-" * 100)
     heavy = [n for n in plan.nodes if n.spec]
@@ -192,8 +213,9 @@ def print_plan(plan, problem: str = "") -> None:
         gain = f"{n.ort_ms / n.time_ms:.2f}x" if n.ort_ms and n.time_ms else "-"
         fmt = n.in_formats[0] if n.in_formats else "-"
         fmt = fmt if fmt == n.out_format else f"{fmt}>{n.out_format}"
+        error = n.errors.get(n.impl)
         click.echo(f"{cut(n.name, 17):<17} {n.op_type[:5]:<5} {n.spec[:27]:<27} {n.impl[:20]:<20} "
-                   f"{ms(n.time_ms):>7} {gain:>6} {fmt[:12]}")
+                   f"{ms(n.time_ms):>7} {gain:>6} {'-' if error is None else f'{error:.0e}':>6} {fmt[:6]}")
     light = Counter(n.out_format for n in plan.nodes if not n.spec)
     if light:
         click.echo(f"{sum(light.values())} other nodes run by onnxruntime, output formats: "

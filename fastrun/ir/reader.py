@@ -22,6 +22,7 @@ from onnx import external_data_helper, helper
 from fastrun.system import ortutil
 from fastrun.errors import InputError, ModelError
 from fastrun.shapes import as_shape, dims_text
+from fastrun.ir import modelinterface
 from fastrun.ir.graph import (Graph, Node, TensorInfo, check_heavy_nodes, dtype_name, first_line, node_from_proto, normalize_attrs, outer_scope_reads, quiet_run_options, to_array, to_proto, toposort)
 from fastrun.ir.rewrites import (drop_unused_constants, fold_batchnorm, fold_channel_affine, fold_constants, fuse_activations, fuse_residual_adds, remove_identities)
 
@@ -132,22 +133,8 @@ def _where(source: ModelSource) -> str:
 
 
 def declared_interface(model: onnx.ModelProto) -> dict[str, list]:
-    """The model's runtime inputs and its outputs as ``[name, dims, dtype]`` (a dim: int, name or None).
-
-    Plain data, so that serving a stored program can answer ``get_inputs()`` without parsing the model.
-    """
-    init_names = {t.name for t in model.graph.initializer}
-
-    def describe(values) -> list:
-        out = []
-        for vi in values:
-            tt = vi.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-            out.append([vi.name, dims, dtype_name(tt.elem_type)])
-        return out
-
-    return {"inputs": describe(vi for vi in model.graph.input if vi.name not in init_names),
-            "outputs": describe(model.graph.output)}
+    """The model's runtime inputs and its outputs as ``[name, dims, dtype]`` (a dim: int, name or None)."""
+    return modelinterface.of_model(model)
 
 
 def model_hash(data: bytes) -> str:

@@ -167,6 +167,9 @@ class Implementation:
     sum_input: bool = False
     prepare: Optional[Callable[[], None]] = None  # one-time process-wide setup (JIT compilation)
     cost: Optional[Callable[[OpSpec], float]] = None  # estimated ms for the heuristic plan
+    # Computes what direct evaluation computes, up to summation order: False for algorithms that
+    # trade accuracy for operations (Winograd, FFT). Exact mode (plan.exact) runs only these.
+    exact: bool = True
 
     @property
     def is_onnxruntime_kernel(self) -> bool:
@@ -232,6 +235,7 @@ def implementation(
     prepare: Optional[Callable[[], None]] = None,
     cost: Optional[Callable[[OpSpec], float]] = None,
     replace: bool = False,
+    exact: bool = True,
 ) -> Callable[[Callable], Callable]:
     """Register the decorated builder as an implementation of ``op_type``.
 
@@ -244,7 +248,9 @@ def implementation(
     its workers, which inherit its work): for one-time setup such as JIT compilation.
     ``cost(spec) -> ms`` estimates its time for the heuristic plan, made when nothing was
     measured (``fastrun.ops.builtin.estimates`` has the units); without one it is priced as a
-    direct algorithm at the nominal rate, slowed by ``heuristic_rank`` percent.
+    direct algorithm at the nominal rate, slowed by ``heuristic_rank`` percent. ``exact`` says the
+    algorithm computes the direct result up to summation order (False: Winograd, FFT, anything
+    approximate): exact mode keeps only exact implementations.
     """
     if kind not in ("host", "onnx"):
         raise ValueError(f"kind must be 'host' or 'onnx', not {kind!r}")
@@ -270,6 +276,7 @@ def implementation(
             sum_input=sum_input,
             prepare=prepare,
             cost=cost,
+            exact=exact,
         )
         return builder
 

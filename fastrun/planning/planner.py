@@ -23,6 +23,7 @@ from fastrun.ir.graph import Graph, Node, spec_for_node
 from fastrun.system.ortutil import default_threads
 from fastrun.runtime.plan import LIGHT_IMPL, NodeChoice, Plan
 from fastrun.measure.auxiliary import AuxiliaryTimer
+from fastrun.measure.checking import tolerance
 from fastrun.measure.profiler import Profiler, Timing
 from fastrun.ops.registry import OpSpec
 from fastrun.ops import layout_ops
@@ -40,15 +41,29 @@ class HeavyNode:
     impls: list[registry.Implementation]
 
 
-def heavy_nodes(graph: Graph) -> list[HeavyNode]:
-    """Nodes that have registered implementations (the ones fastrun selects for)."""
+# Exact mode keeps a candidate whose measured error is at most this share of the usual tolerance
+# (measure.checking.tolerance: 1e-4 x sqrt(reduction / 64) in float32). Measured on VGG-19's first two
+# convolutions (reductions 27 and 576; limits 1e-6 and 3e-6): direct evaluation in another order
+# (onnxruntime's NCHWc kernels, im2col GEMM) 0-8.4e-7; Winograd F(4,3) 3.4e-6-9.9e-6, F(6,3)
+# 5.6e-6-1.2e-5. F(2,3) measured 2.7e-7-4.4e-7: implementations also declare exactness.
+EXACT_SHARE = 0.01
+
+
+def exact_limit(spec: OpSpec) -> float:
+    """The largest measured relative error an exact-mode candidate of ``spec`` may have."""
+    return EXACT_SHARE * tolerance(spec)
+
+
+def heavy_nodes(graph: Graph, exact: bool = False) -> list[HeavyNode]:
+    """Nodes that have registered implementations (the ones fastrun selects for); ``exact`` keeps
+    only the implementations declared exact."""
     heavy_types = registry.heavy_op_types()
     out = []
     for node in graph.nodes:
         if node.op_type not in heavy_types or node.domain:
             continue
         spec = spec_for_node(node, graph)
-        impls = registry.candidates(spec)
+        impls = [i for i in registry.candidates(spec) if i.exact or not exact]
         if impls:
             out.append(HeavyNode(node, spec, impls))
     return out
@@ -73,7 +88,7 @@ def light_formats(node: Node, graph: Graph, allowed: set[str]) -> list[str]:
 HEURISTIC_MIN_GAIN = 0.05
 
 
-def heuristic_plan(graph: Graph, fingerprint: str) -> Plan:
+def heuristic_plan(graph: Graph, fingerprint: str, exact: bool = False) -> Plan:
     """The no-profile plan: the heuristic assignment where its host kernels are predicted to save
     at least HEURISTIC_MIN_GAIN (e.g. Winograd on VGG's deep layers), else the whole model on
     onnxruntime.
@@ -84,7 +99,7 @@ def heuristic_plan(graph: Graph, fingerprint: str) -> Plan:
     and a few host kernels predicted to win narrowly (Winograd on five of ResNet-50's 256@14
     layers at batch 8, 1% of its time) lose more than that to the sessions they split.
     """
-    plan = make_plan(graph, fingerprint, None)
+    plan = make_plan(graph, fingerprint, None, exact=exact)
     if host_gain(graph, plan) >= HEURISTIC_MIN_GAIN:
         return plan
     return whole_model_plan(graph, plan) or plan
@@ -134,14 +149,15 @@ def whole_model_plan(graph: Graph, plan: Plan) -> Optional[Plan]:
 
 def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = None,
               allowed_formats: Optional[set[str]] = None, progress: Optional[Progress] = None,
-              assignment: str = "optimal") -> Plan:
+              assignment: str = "optimal", exact: bool = False) -> Plan:
     """The plan for ``graph``: profiled (with a profiler) or heuristic (without).
 
     ``assignment="heuristic"`` with a profiler keeps the heuristic choices but prices them with
     the measured costs: the alternative that end-to-end verification compares against.
+    ``exact`` runs only exact implementations whose measured error is within :func:`exact_limit`.
     """
     allowed = set(allowed_formats or formats.machine_formats())
-    heavy = {h.node.name: h for h in heavy_nodes(graph)}
+    heavy = {h.node.name: h for h in heavy_nodes(graph, exact)}
     timings: dict[str, dict[str, Timing]] = {}
     if profiler is not None:
         specs: dict[str, HeavyNode] = {}
@@ -160,7 +176,7 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
         runtime = graph.runtime_inputs(node)
         h = heavy.get(node.name)
         if h is not None:
-            choices = _heavy_choices(h, timings.get(h.spec.key(), {}), allowed, dispatch)
+            choices = _heavy_choices(h, timings.get(h.spec.key(), {}), allowed, dispatch, exact)
         else:
             choices = []
             for fmt in light_formats(node, graph, allowed):
@@ -178,7 +194,7 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
     if progress:
         progress("solving the format assignment")
     if assignment == "heuristic" and profiler is not None:
-        result = evaluate(problem, _choices_like(problem, make_plan(graph, fingerprint, None, allowed)))
+        result = evaluate(problem, _choices_like(problem, make_plan(graph, fingerprint, None, allowed, exact=exact)))
     else:
         result = search.solve(problem)
     greedy = nchw_only = None
@@ -190,9 +206,11 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
             log.debug("NCHW-only baseline unavailable: %s", exc)
             nchw_only = None
 
-    return _to_plan(graph, fingerprint, problem, result, heavy, timings, greedy, nchw_only,
+    plan = _to_plan(graph, fingerprint, problem, result, heavy, timings, greedy, nchw_only,
                     partial=profiler is not None and profiler.stats.skipped_budget > 0,
                     profiled=profiler is not None)
+    plan.exact = exact
+    return plan
 
 
 def _choices_like(problem: SearchProblem, plan: Plan) -> dict[str, int]:
@@ -212,12 +230,12 @@ def _in_segment(standalone_ms: float, dispatch: float) -> float:
 
 
 def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], allowed: set[str],
-                   dispatch: float = 0.0) -> list[Choice]:
+                   dispatch: float = 0.0, exact: bool = False) -> list[Choice]:
     by_id = {impl.id: impl for impl in h.impls}
     choices = []
     for impl_id, t in timings.items():
         impl = by_id.get(impl_id)
-        if impl is None or not t.ok:
+        if impl is None or not t.ok or (exact and t.error > exact_limit(h.spec)):
             continue
         cost = _in_segment(t.time_ms, dispatch) if impl.is_onnxruntime_kernel else t.time_ms + dispatch
         c = _heavy_choice(impl, h.spec, cost)
@@ -277,6 +295,7 @@ def _to_plan(graph: Graph, fingerprint: str, problem: SearchProblem, result: Ass
             t = timings.get(h.spec.key(), {})
             nc.spec, nc.spec_key = h.spec.describe(), h.spec.key()
             nc.candidates = {k: (round(v.time_ms, 4) if v.ok else f"failed: {v.reason}") for k, v in t.items()}
+            nc.errors = {k: float(f"{v.error:.3g}") for k, v in t.items() if v.ok}
             ok = sorted((v.time_ms, k) for k, v in t.items() if v.ok)
             if ok:
                 nc.source = "profiled"

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import onnxruntime
 
 from fastrun._version import SCHEMA, __version__
+from fastrun.system import ortutil
 
 LIGHT_IMPL = "onnxruntime"  # the impl name of nodes that run as their own ONNX node
 
@@ -39,6 +40,7 @@ class NodeChoice:
     runner_up: Optional[str] = None
     runner_up_ms: Optional[float] = None
     candidates: dict[str, Any] = field(default_factory=dict)  # impl -> ms, or "failed: reason"
+    errors: dict[str, float] = field(default_factory=dict)    # impl -> measured relative error vs onnxruntime
 
 
 @dataclass
@@ -66,6 +68,13 @@ class Plan:
     engine: str = ENGINE_FASTRUN
     # Why the original model runs as is, when fastrun's front end could not take it ("" otherwise)
     fallback_reason: str = ""
+    policy: str = "profiled"        # "profiled" | "heuristic" | "partial" (budget ran out)
+    # Other processes used fastrun's cores while it profiled (fastrun.measure.load): the timings are
+    # suspect, the thread counts were not kept (all cores), and warmup measures it again.
+    measured_under_load: bool = False
+    # Exact mode: only implementations that compute the direct result up to summation order, and
+    # whose measured error stays at that level (planner.exact_limit); part of the plan's key.
+    exact: bool = False
     fastrun_version: str = __version__
     onnxruntime_version: str = onnxruntime.__version__
     schema: int = SCHEMA
@@ -117,6 +126,13 @@ class Plan:
             raise ValueError(f"plan schema {d.get('schema')} is not {SCHEMA}")
         d = dict(d)
         d["nodes"] = [NodeChoice(**n) for n in d["nodes"]]
+        # Thread counts come from a cache or a bundle: bounded by this machine's cores.
+        for name in ("threads", "host_threads"):
+            d[name] = ortutil.bounded_threads(d.get(name, 0))
+        segment_threads = d.get("segment_threads", [])
+        if not isinstance(segment_threads, list):
+            raise ValueError("segment_threads is not a list")
+        d["segment_threads"] = [ortutil.bounded_threads(n) for n in segment_threads]
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in known})
 

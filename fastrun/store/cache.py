@@ -27,7 +27,8 @@ from typing import Any, Iterator, Optional
 from urllib.parse import quote
 
 import diskcache
-from diskcache.core import MODE_PICKLE, MODE_RAW, MODE_TEXT
+from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_RAW, MODE_TEXT
+
 
 try:
     import fcntl
@@ -35,7 +36,7 @@ except ImportError:  # pragma: no cover - not POSIX: profiling runs are not seri
     fcntl = None
 
 from fastrun._version import SCHEMA
-from fastrun.store import keys
+from fastrun.store import keys, untrusted
 from fastrun.store.keys import default_cache_dir
 from fastrun.store.programs import ProgramStore
 
@@ -70,7 +71,23 @@ class JsonOnlyDisk(diskcache.Disk):
     def fetch(self, mode, filename, value, read):
         if mode == MODE_PICKLE:
             raise CacheEntryError("refusing a pickled cache value")
+        if mode in (MODE_TEXT, MODE_BINARY):
+            return read_value_file(Path(self._directory), filename, text=mode == MODE_TEXT)
         return super().fetch(mode, filename, value, read)
+
+    def remove(self, file_path):
+        """Delete a value file (and its emptied sub-directories), never anything outside the store."""
+        if not untrusted.remove_file(Path(self._directory), file_path, prune_levels=2):
+            log.warning("not deleting %r: the cache row names a file outside %s", file_path, self._directory)
+
+
+def read_value_file(directory: Path, filename: Any, text: bool = True) -> Any:
+    """A value stored in its own file: a bounded regular file inside the store, or CacheEntryError."""
+    try:
+        data = untrusted.read_bytes(untrusted.inside(directory, filename), untrusted.MAX_JSON_BYTES)
+        return data.decode("utf-8") if text else data
+    except (untrusted.UntrustedDataError, UnicodeDecodeError) as exc:
+        raise CacheEntryError(str(exc)) from None
 
 
 @dataclass
@@ -84,10 +101,12 @@ class Entry:
 
 
 def _decode(text: Any) -> tuple[Optional[dict], str]:
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError):
+    if not isinstance(text, (str, bytes)):
         return None, "not JSON"
+    try:
+        value = untrusted.loads(text)
+    except ValueError as exc:
+        return None, str(exc)
     if not isinstance(value, dict) or value.get("schema") != SCHEMA:
         schema = value.get("schema") if isinstance(value, dict) else "?"
         return None, f"schema {schema} is not {SCHEMA}"
@@ -165,8 +184,8 @@ class Store:
             return Entry(rowid, key, None, "refusing a pickled value")
         if mode == MODE_TEXT and filename:
             try:
-                text = (self.directory / filename).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
+                text = read_value_file(self.directory, filename)
+            except (OSError, CacheEntryError) as exc:
                 return Entry(rowid, key, None, f"value file unreadable ({exc})")
         elif mode == MODE_RAW and isinstance(value, str):
             text = value
@@ -267,9 +286,8 @@ class Store:
         except sqlite3.Error as exc:
             log.debug("cache delete of row %s failed: %s", entry.rowid, exc)
             return False
-        if row and row[0]:
-            with contextlib.suppress(OSError):
-                (self.directory / row[0]).unlink()
+        if row and row[0] and not untrusted.remove_file(self.directory, row[0], prune_levels=2):
+            log.warning("not deleting %r: the cache row names a file outside %s", row[0], self.directory)
         return True
 
     def clear(self, prefix: str = "") -> int:
@@ -293,6 +311,51 @@ class Store:
             self._tmp = None
 
 
+_process_locks: dict[str, threading.RLock] = {}
+_process_locks_guard = threading.Lock()
+_held: dict[str, tuple[int, Any]] = {}  # root -> (depth, locked file) of the thread holding it
+
+
+@contextlib.contextmanager
+def profiling_lock(root: os.PathLike) -> Iterator[bool]:
+    """The profiling lock of the cache at ``root``: see :meth:`Caches.profiling_lock`."""
+    key = os.path.abspath(root)
+    with _process_locks_guard:
+        in_process = _process_locks.setdefault(key, threading.RLock())
+    with in_process:
+        depth, f = _held.get(key, (0, None))
+        if depth == 0:
+            f = _lock_file(Path(key))
+        _held[key] = (depth + 1, f)
+        try:
+            yield f is not None
+        finally:
+            depth, f = _held.pop(key)
+            if depth > 1:
+                _held[key] = (depth - 1, f)
+            elif f is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+
+
+def _lock_file(root: Path) -> Any:
+    """The open, ``flock``-ed lock file of ``root`` (None: no lock can be taken there)."""
+    if fcntl is None:
+        return None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        f = open(root / LOCK_NAME, "a+b")
+    except OSError as exc:
+        log.debug("no profiling lock in %s: %s", root, exc)
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("waiting for another fastrun process profiling with cache %s", root)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
 class Caches:
     """The stores fastrun keeps under one cache root: timings, plans (JSON) and compiled programs."""
 
@@ -311,34 +374,16 @@ class Caches:
     shapes_text = staticmethod(keys.shapes_text)
     fingerprint_of = staticmethod(keys.fingerprint_of)
 
-    @contextlib.contextmanager
-    def profiling_lock(self) -> Iterator[bool]:
+    def profiling_lock(self) -> "contextlib.AbstractContextManager[bool]":
         """Hold the cache's profiling lock (yields False when it cannot be taken: read-only, not POSIX).
 
-        Processes sharing a cache profile one at a time: timings measured while another process
-        competes for the cores are wrong, and a plan another process just made need not be made
-        again. The lock is an ``flock``: the kernel releases it if its holder dies.
+        Every writer of plans and timings - ``fastrun profile``, ``warmup``, ``policy="profile"`` -
+        profiles under it: timings measured while another process competes for the cores are
+        wrong, and a plan another process just made need not be made again. The lock is an
+        ``flock`` (the kernel releases it if its holder dies), re-entrant within a process (a
+        warm-up holding it calls the profiling that takes it again) and serializing its threads.
         """
-        if fcntl is None:
-            yield False
-            return
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            f = open(self.root / LOCK_NAME, "a+b")
-        except OSError as exc:
-            log.debug("no profiling lock in %s: %s", self.root, exc)
-            yield False
-            return
-        with f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another fastrun process profiling with cache %s", self.root)
-                fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return profiling_lock(self.root)
 
     def close(self) -> None:
         self.timings.close()

@@ -42,8 +42,9 @@ def timing_key(fingerprint: str, spec_key: str, impl_id: str) -> str:
     return f"{fingerprint}/{software_tag()}/{spec_key}/{impl_id}"
 
 
-def plan_key(fingerprint: str, model_hash: str, shapes: dict[str, tuple[int, ...]]) -> str:
-    return f"{fingerprint}/{model_hash}/{shapes_text(shapes)}"
+def plan_key(fingerprint: str, model_hash: str, shapes: dict[str, tuple[int, ...]], exact: bool = False) -> str:
+    """The key of a plan; exact-mode plans (``plan.exact``) are kept apart from the others."""
+    return f"{fingerprint}/{model_hash}/{shapes_text(shapes)}" + ("/exact" if exact else "")
 
 
 def shapes_text(shapes: dict[str, Any]) -> str:

@@ -8,9 +8,14 @@ plan has one only hashes the model file, reads the recipe and creates onnxruntim
 
 Layout under the cache root (plain files: no pickle, nothing here can execute code)::
 
-    programs/<fingerprint>/<model sha256>/model.json             declared inputs and outputs
     programs/<fingerprint>/<model sha256>/<shapes>.<digest>/manifest.json
     programs/<fingerprint>/<model sha256>/<shapes>.<digest>/data.bin
+
+Everything in a program is untrusted input (:mod:`fastrun.store.untrusted`): only regular files
+inside the store are read, within the sizes the manifest declares; a segment may not reference
+external data other than its own weights; thread counts are bounded by this machine; the
+program's outputs must be the model's declared outputs, of their declared type. A program that
+fails any of these is reported and ignored.
 
 ``digest`` hashes the plan, the software versions and fastrun's own source code, so a changed
 plan, an upgrade or an edited implementation never serves an old program: it is simply not
@@ -22,14 +27,18 @@ reported and ignored, and the plan is compiled from the model instead.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import shutil
+import stat
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,18 +47,22 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from fastrun.system import ortutil
+from fastrun.store import programcheck, untrusted
 from fastrun.store.keys import shapes_text, software_tag
 from fastrun.runtime.recipe import HostRecipe, ModelRecipe, Recipe, SegmentRecipe
 from fastrun.runtime.plan import Plan
 from fastrun.ops.registry import OpSpec
-from fastrun.shapes import as_shape
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fastrun-program"
-VERSION = 1
+VERSION = 2
 MANIFEST, DATA, INTERFACE = "manifest.json", "data.bin", "model.json"
 ALIGN = 64  # every array starts on a cache line
+TMP_PREFIX = ".tmp-"
+MAX_MANIFEST_BYTES = 16 << 20
+# A ``.tmp-*`` directory older than this is a write that died (a writer renames it within seconds).
+STALE_TMP_SECONDS = 600
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,45 +102,30 @@ class ProgramStore:
 
     # -- paths
     def _model_dir(self, fingerprint: str, model_hash: str) -> Path:
-        return self.directory / fingerprint / model_hash
+        return self.directory / untrusted.component(fingerprint) / untrusted.component(model_hash)
 
     def path_for(self, plan: Plan, digest: Optional[str] = None) -> Path:
-        shapes = shapes_text(plan.input_shapes)
+        shapes = _shapes_key(plan)
         shapes_id = hashlib.sha256(shapes.encode()).hexdigest()[:12]
         return self._model_dir(plan.fingerprint, plan.model_hash) / f"{shapes_id}.{digest or plan_digest(plan)}"
-
-    # -- interface
-    def interface(self, fingerprint: str, model_hash: str) -> Optional[dict]:
-        """The declared inputs/outputs stored with a model's programs (None: none stored)."""
-        path = self._model_dir(fingerprint, model_hash) / INTERFACE
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-            if value.get("format") == FORMAT and value.get("version") == VERSION and \
-                    isinstance(value.get("inputs"), list) and isinstance(value.get("outputs"), list):
-                return value
-            log.warning("ignoring %s: not a model interface of this fastrun", path)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, AttributeError) as exc:
-            log.warning("ignoring %s: %s", path, exc)
-        return None
 
     # -- write
     def save(self, plan: Plan, recipe: Recipe, interface: dict) -> bool:
         """Store the program of ``plan`` (False when the store is read-only or the write failed)."""
         if not self.writable:
             return False
-        target = self.path_for(plan)
-        if (target / MANIFEST).exists():
-            return True
         tmp = None
         try:
+            target = self.path_for(plan)
+            if (target / MANIFEST).exists():
+                return True
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=target.parent))
             manifest = _write(recipe, tmp / DATA)
             manifest.update(format=FORMAT, version=VERSION, fingerprint=plan.fingerprint, model_hash=plan.model_hash,
-                            shapes=shapes_text(plan.input_shapes),
-                            digest=plan_digest(plan), software=software_tag(), code=code_digest())
+                            shapes=_shapes_key(plan),
+                            digest=plan_digest(plan), software=software_tag(), code=code_digest(),
+                            interface={"inputs": interface["inputs"], "outputs": interface["outputs"]})
             (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
             try:
                 os.rename(tmp, target)
@@ -136,25 +134,14 @@ class ProgramStore:
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
             tmp = None
-            self._write_interface(target.parent, interface)
             self._drop_older(target)
             return True
-        except OSError as exc:
+        except (OSError, untrusted.UntrustedDataError) as exc:
             log.debug("program not stored in %s: %s", self.directory, exc)
             return False
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-
-    @staticmethod
-    def _write_interface(model_dir: Path, interface: dict) -> None:
-        path = model_dir / INTERFACE
-        if path.exists():
-            return
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=model_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dict(interface, format=FORMAT, version=VERSION), f)
-        os.replace(tmp, path)
 
     @staticmethod
     def _drop_older(target: Path) -> None:
@@ -166,48 +153,90 @@ class ProgramStore:
 
     # -- read
     def has(self, plan: Plan) -> bool:
-        return (self.path_for(plan) / MANIFEST).exists()
-
-    def load(self, plan: Plan) -> Optional[Recipe]:
-        """The stored program of ``plan``, or None (not stored, stale or damaged: then logged)."""
-        digest = plan_digest(plan)
-        path = self.path_for(plan, digest)
         try:
-            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+            return (self.path_for(plan) / MANIFEST).exists()
+        except ValueError:  # a plan naming no valid directory
+            return False
+
+    def load(self, plan: Plan, interface: Optional[dict] = None) -> Optional[Recipe]:
+        """The stored program of ``plan``, or None (not stored, stale, damaged or refused: then logged).
+
+        ``interface`` (:func:`fastrun.ir.modelinterface.declared` of the model) is what the program's
+        outputs must be; the manifest's own copy must agree with it.
+        """
+        try:
+            digest = plan_digest(plan)
+            path = self.path_for(plan, digest)
+            manifest = _read_manifest(self.directory, path)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            log.warning("ignoring the stored program %s: unreadable manifest (%s)", path, exc)
+            log.warning("ignoring the stored program of %s: %s", plan.model_name, exc)
             return None
         try:
             why = _identity_problem(manifest, plan, digest)
             if why:
                 log.warning("ignoring the stored program %s: %s", path, why)
                 return None
-            return _read(manifest, _load_data(path / DATA, manifest))
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            return _read(manifest, _load_data(path / DATA, manifest), interface)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             log.warning("ignoring the stored program %s: %s", path, exc)
             return None
 
     def entries(self, fingerprint: str = "", check_data: bool = False) -> Iterator[StoredProgram]:
-        """Every program directory (of one fingerprint); ``check_data`` reads and checksums its data."""
-        base = self.directory / fingerprint if fingerprint else self.directory
-        for manifest_path in sorted(base.glob("**/" + MANIFEST)):
-            path = manifest_path.parent
-            rel = path.relative_to(self.directory).parts
-            if len(rel) != 3 or rel[2].startswith(".tmp-"):
-                continue
+        """Every program directory (of one fingerprint); ``check_data`` reads, checksums and checks it.
+
+        Symbolic links and anything but directories at the three levels are reported, never followed.
+        """
+        for path, rel in self._walk(fingerprint):
             entry = StoredProgram(path, rel[0], rel[1], "", _size(path))
+            if rel[2].startswith(TMP_PREFIX):
+                continue
             try:
-                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+                if stat.S_ISLNK(os.lstat(path).st_mode) or not path.is_dir():
+                    raise untrusted.UntrustedDataError("not a directory (a symbolic link or a file)")
+                manifest = _read_manifest(self.directory, path)
                 entry.shapes = str(manifest.get("shapes", ""))
                 if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
                     entry.problem = f"not a version-{VERSION} fastrun program"
                 elif check_data:
-                    _load_data(path / DATA, manifest)
-            except (OSError, ValueError, AttributeError) as exc:
+                    _read(manifest, _load_data(path / DATA, manifest), None)
+            except FileNotFoundError:
+                entry.problem = "no manifest"
+            except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
                 entry.problem = str(exc)
             yield entry
+
+    def leftovers(self, min_age: float = STALE_TMP_SECONDS) -> Iterator[tuple[Path, float]]:
+        """(path, age in seconds) of every ``.tmp-*`` left by a write that died, older than ``min_age``."""
+        now = time.time()
+        for path, rel in self._walk(""):
+            if rel[2].startswith(TMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    age = now - os.lstat(path).st_mtime
+                    if age >= min_age:
+                        yield path, age
+
+    def _walk(self, fingerprint: str) -> Iterator[tuple[Path, tuple[str, str, str]]]:
+        """(path, (fingerprint, model hash, name)) of every entry three levels down, no link followed."""
+        def children(directory: Path) -> list[os.DirEntry]:
+            try:
+                if stat.S_ISLNK(os.lstat(directory).st_mode):
+                    return []
+                with os.scandir(directory) as it:
+                    return sorted(it, key=lambda e: e.name)
+            except OSError:
+                return []
+
+        for f in children(self.directory):
+            if fingerprint and f.name != fingerprint or not f.is_dir(follow_symlinks=False):
+                continue
+            for m in children(Path(f.path)):
+                if not m.is_dir(follow_symlinks=False):
+                    continue
+                for e in children(Path(m.path)):
+                    if e.name != INTERFACE:
+                        yield Path(e.path), (f.name, m.name, e.name)
 
     def stale_reason(self, entry: StoredProgram, plan: Optional[Plan]) -> str:
         """Why a readable program would never be served, given the cached plan of its key ("" if it would be)."""
@@ -218,8 +247,15 @@ class ProgramStore:
         return ""
 
     def remove(self, path: Path) -> bool:
+        """Delete one entry three levels below the store (a link itself, never its target)."""
+        path = Path(path)
+        if len(path.relative_to(self.directory).parts) != 3:
+            raise ValueError(f"{path} is not a program entry of {self.directory}")
         try:
-            shutil.rmtree(path)
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
         except OSError as exc:
             log.debug("cannot remove %s: %s", path, exc)
             return False
@@ -241,7 +277,29 @@ class ProgramStore:
 
 
 def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode) or not path.is_dir():
+            return 0
+        with os.scandir(path) as it:
+            return sum(e.stat(follow_symlinks=False).st_size for e in it if e.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
+def _shapes_key(plan: Plan) -> str:
+    """The plan key's last part: its shapes, and ``/exact`` for an exact-mode plan."""
+    return shapes_text(plan.input_shapes) + ("/exact" if plan.exact else "")
+
+
+def _read_manifest(root: Path, path: Path) -> dict:
+    """The manifest of the entry ``path`` of the store ``root``, read as untrusted JSON."""
+    if stat.S_ISLNK(os.lstat(root).st_mode):
+        raise untrusted.UntrustedDataError(f"{root} is a symbolic link")
+    rel = "/".join(path.relative_to(root).parts + (MANIFEST,))
+    manifest = untrusted.load_json(untrusted.inside(root, rel), MAX_MANIFEST_BYTES)
+    if not isinstance(manifest, dict):
+        raise untrusted.UntrustedDataError("the manifest is not an object")
+    return manifest
 
 
 def _identity_problem(manifest: dict, plan: Plan, digest: str) -> str:
@@ -299,9 +357,13 @@ def _write(recipe: Recipe, path: Path) -> dict:
 def _load_data(path: Path, manifest: dict) -> np.ndarray:
     """The data file, mapped rather than read: its pages stay in the page cache, shared by every
     process serving the program, and onnxruntime takes the weights from there without a copy.
-    The mapping is private (copy-on-write): nothing written through it reaches the file."""
-    size = int(manifest["bytes"])
-    with open(path, "rb") as f:
+    The mapping is private (copy-on-write): nothing written through it reaches the file.
+    Only a regular file of exactly the declared size is mapped (never a FIFO, device or link)."""
+    size = manifest["bytes"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise untrusted.UntrustedDataError(f"the manifest declares {size!r} bytes of data")
+    fd = untrusted.open_regular(path, size)
+    with os.fdopen(fd, "rb") as f:
         if os.fstat(f.fileno()).st_size != size:
             raise ValueError(f"{path.name} has the wrong size (damaged or truncated)")
         if size == 0:
@@ -318,29 +380,61 @@ def _level(level) -> str:
     return str(level)
 
 
-def _read(manifest: dict, data: np.ndarray) -> Recipe:
-    def array(ref: dict) -> np.ndarray:
-        dtype = np.dtype(ref["dtype"])
-        shape = as_shape(ref["shape"])
-        start = int(ref["offset"])
-        end = start + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        if not 0 <= start <= end <= len(data) or dtype.hasobject:
-            raise ValueError("an array reference points outside the data")
-        return data[start:end].view(dtype).reshape(shape)
+def _names(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("a tensor name list is not a list of strings")
+    return list(value)
 
+
+class _Arrays:
+    """Array references of a manifest resolved inside its data: numeric dtypes, exact bounds."""
+
+    def __init__(self, data: np.ndarray):
+        self.data = data
+
+    def __call__(self, ref: dict) -> np.ndarray:
+        dtype = np.dtype(str(ref["dtype"]))
+        shape = tuple(ref["shape"])
+        start = ref["offset"]
+        if dtype.kind not in "biufc" or dtype.hasobject or not all(untrusted.is_count(d) for d in (start, *shape)):
+            raise ValueError("an array reference is not a numeric array inside the data")
+        end = start + dtype.itemsize * math.prod(shape)
+        if end > len(self.data):
+            raise ValueError("an array reference points outside the data")
+        return self.data[start:end].view(dtype).reshape(shape)
+
+
+def _read(manifest: dict, data: np.ndarray, interface: Optional[dict]) -> Recipe:
+    """The recipe a manifest describes, every reference and number checked (ValueError if not)."""
+    array = _Arrays(data)
     parts: list = []
     for p in manifest["parts"]:
         if p["kind"] == "segment":
-            parts.append(SegmentRecipe(list(p["inputs"]), list(p["outputs"]), array(p["model"]).tobytes(),
-                                       {k: array(v) for k, v in p["weights"].items()}, int(p["steps"]),
-                                       str(p["label"]), int(p["threads"]), _level(p["level"])))
+            weights = {str(k): array(v) for k, v in p["weights"].items()}
+            model = array(p["model"]).tobytes()
+            programcheck.check_segment(model, weights)
+            parts.append(SegmentRecipe(_names(p["inputs"]), _names(p["outputs"]), model, weights, int(p["steps"]),
+                                       str(p["label"]), ortutil.bounded_threads(p["threads"]), _level(p["level"])))
         elif p["kind"] == "host":
-            parts.append(HostRecipe(str(p["name"]), str(p["impl"]), OpSpec.from_json(p["spec"]),
-                                    {int(i): array(v) for i, v in p["consts"].items()},
-                                    list(p["inputs"]), str(p["output"]), int(p["threads"])))
+            spec = OpSpec.from_json(p["spec"])
+            consts = {int(i): array(v) for i, v in p["consts"].items()}
+            programcheck.check_host(spec, consts)
+            parts.append(HostRecipe(str(p["name"]), str(p["impl"]), spec, consts, _names(p["inputs"]),
+                                    str(p["output"]), ortutil.bounded_threads(p["threads"])))
         elif p["kind"] == "model":
-            parts.append(ModelRecipe(str(p["engine"]), list(p["inputs"]), list(p["outputs"]), int(p["threads"])))
+            parts.append(ModelRecipe(str(p["engine"]), _names(p["inputs"]), _names(p["outputs"]),
+                                     ortutil.bounded_threads(p["threads"])))
         else:
             raise ValueError(f"unknown part kind {p['kind']!r}")
-    return Recipe(parts, {k: array(v) for k, v in manifest["constants"].items()}, dict(manifest["outputs"]),
-                  int(manifest["reorders"]))
+    recipe = Recipe(parts, {str(k): array(v) for k, v in manifest["constants"].items()},
+                    {str(k): str(v) for k, v in manifest["outputs"].items()}, int(manifest["reorders"]))
+    stored = manifest.get("interface")
+    if interface is not None and _plain(stored) != _plain(interface):
+        raise ValueError("it was made for a model declaring other inputs or outputs")
+    programcheck.check_outputs(recipe, interface if interface is not None else stored)
+    return recipe
+
+
+def _plain(interface: Any) -> Any:
+    """An interface as JSON would give it back (tuples as lists), for comparison."""
+    return json.loads(json.dumps(interface)) if interface is not None else None

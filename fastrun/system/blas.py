@@ -1,4 +1,5 @@
-"""Keep OpenBLAS worker threads from busy-waiting between host kernels.
+"""numpy's BLAS: its threads kept from busy-waiting between host kernels, capped per host step,
+and described for the fingerprint (through ``threadpoolctl``: OpenBLAS, MKL, BLIS alike).
 
 OpenBLAS threads spin ~0.1 s (2^28 cycles) after each BLAS call before they sleep. A host kernel
 (numpy GEMM) followed by an onnxruntime segment then leaves those threads burning the cores
@@ -50,57 +51,76 @@ def calm_openblas() -> int:
     return restarted
 
 
-# Thread-count entry points: OpenBLAS's own names and numpy's bundled build (scipy-openblas,
-# 64-bit integers, prefixed and suffixed symbols).
-_THREAD_SYMBOLS = (("openblas_get_num_threads", "openblas_set_num_threads"),
-                   ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-                   ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"))
-
-
 @functools.lru_cache(maxsize=1)
-def _thread_controls() -> tuple:
-    """(get, set) of every loaded OpenBLAS (looked up once: host steps call this often)."""
-    import numpy  # noqa: F401  (OpenBLAS is loaded with numpy)
+def _controllers() -> tuple:
+    """threadpoolctl's controller of every loaded BLAS (OpenBLAS, MKL, BLIS, FlexiBLAS), looked
+    up once: host steps call :func:`lower_threads` often and a lookup scans the loaded libraries."""
+    import numpy  # noqa: F401  (the BLAS is loaded with numpy)
+    from threadpoolctl import ThreadpoolController
 
-    controls = []
-    for path in _loaded_openblas():
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for get_name, set_name in _THREAD_SYMBOLS:
-            if hasattr(lib, get_name) and hasattr(lib, set_name):
-                getter, setter = getattr(lib, get_name), getattr(lib, set_name)
-                getter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
-                controls.append((getter, setter))
-                break
-    return tuple(controls)
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+def thread_counts() -> list[int]:
+    """The thread count of every loaded BLAS (what :func:`lower_threads` changes)."""
+    return [c.get_num_threads() for c in _controllers()]
 
 
 def reload_libraries() -> None:
-    """Look the loaded OpenBLAS libraries up again: call it after loading one (scipy's)."""
-    _thread_controls.cache_clear()
+    """Look the loaded BLAS libraries up again: call it after loading one (scipy's)."""
+    _controllers.cache_clear()
 
 
 def lower_threads(count: int) -> Callable[[], None]:
-    """Cap OpenBLAS at ``count`` threads; returns the function that restores the previous counts."""
+    """Cap every loaded BLAS at ``count`` threads; returns the function that restores the previous counts."""
     lowered = []
-    for getter, setter in _thread_controls():
-        before = getter()
-        if count < before:
-            setter(count)
-            lowered.append((setter, before))
+    for controller in _controllers():
+        before = controller.get_num_threads()
+        if before is not None and count < before:
+            controller.set_num_threads(count)
+            lowered.append((controller, before))
     if not lowered:
         return _nothing
 
     def restore() -> None:
-        for setter, before in lowered:
-            setter(before)
+        for controller, before in lowered:
+            controller.set_num_threads(before)
     return restore
 
 
 def _nothing() -> None:
     pass
+
+
+@functools.lru_cache(maxsize=1)
+def describe() -> dict:
+    """numpy's BLAS for the fingerprint: implementation, version, kernel architecture, threading layer.
+
+    When several are loaded (scipy brings its own), numpy's is the one fastrun's host kernels
+    call: the library found under numpy's directories, else the first by path, so that the
+    answer does not depend on what the process imported before.
+    """
+    import numpy
+    from threadpoolctl import threadpool_info
+
+    infos = sorted((i for i in threadpool_info() if i.get("user_api") == "blas"), key=lambda i: i.get("filepath", ""))
+    numpy_root = os.path.dirname(numpy.__file__)
+    numpy_dirs = (numpy_root + os.sep, os.path.join(os.path.dirname(numpy_root), "numpy.libs") + os.sep)
+    ours = [i for i in infos if i.get("filepath", "").startswith(numpy_dirs)]
+    chosen = (ours or infos or [{}])[0]
+    fields = {k: chosen.get(k) for k in ("internal_api", "version", "architecture", "threading_layer")}
+    return {k: v for k, v in fields.items() if v is not None} or {"internal_api": _configured_blas()}
+
+
+def _configured_blas() -> str:
+    """numpy's build-time BLAS name (when no BLAS library is found loaded)."""
+    import numpy
+
+    try:
+        blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:
+        return "unknown"
 
 
 def _loaded_openblas() -> list[str]:

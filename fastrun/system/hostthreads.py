@@ -2,10 +2,11 @@
 
 onnxruntime segments take their intra-op thread count when their session is made; host kernels
 have no session, so the executor wraps each host step in :func:`limited`. Compiled kernels split
-their work into :func:`current` parts. OpenBLAS (numpy's GEMMs) has one process-wide count: it is
-lowered for the step and restored after it, and never raised, so ``OPENBLAS_NUM_THREADS`` set by
-the user still caps it. Two threads running host steps with different counts at once may see each
-other's OpenBLAS count; that costs speed, never correctness.
+their work into :func:`current` parts. The BLAS of numpy's GEMMs (OpenBLAS, MKL, BLIS) has one
+process-wide count: it is lowered for the step and restored after it, and never raised, so
+``OPENBLAS_NUM_THREADS`` or ``MKL_NUM_THREADS`` set by the user still caps it. Two threads running
+host steps with different counts at once may see each other's BLAS count; that costs speed, never
+correctness.
 """
 from __future__ import annotations
 

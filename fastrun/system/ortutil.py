@@ -12,13 +12,14 @@ keeps the first without the second: an idle process uses no CPU between calls.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+
+from fastrun.system import machine
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -51,10 +52,23 @@ def onnx_dtype(np_dtype: str) -> int:
 
 
 def default_threads() -> int:
-    env = os.environ.get("FASTRUN_THREADS")
-    if env:
-        return max(1, int(env))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Cores this process may use (:func:`fastrun.system.machine.usable_cores`): what "all cores" means."""
+    return machine.usable_cores()
+
+
+# No machine fastrun runs on has more cores: a larger stored thread count is forged or damaged.
+MAX_THREADS = 4096
+
+
+def bounded_threads(count: object) -> int:
+    """A thread count read from a cache, bundle or program, within this machine's cores (0: all).
+
+    Absurd counts (not an int, negative, above MAX_THREADS) raise ValueError; plausible ones
+    above the usable cores (a plan of another machine, a quota since lowered) are capped.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_THREADS:
+        raise ValueError(f"thread count {count!r} is not one of 0..{MAX_THREADS}")
+    return min(count, default_threads())
 
 
 def session_options(level: str = "all", threads: Optional[int] = None) -> ort.SessionOptions:
@@ -89,6 +103,8 @@ def session(model: "onnx.ModelProto | bytes | str", level: str = "all", threads:
 # Constants at least this large reach onnxruntime as in-memory external data rather than being
 # serialized into the model: copying VGG-19's 550 MB of weights through protobuf took seconds.
 EXTERNAL_MIN_BYTES = 1 << 16
+# The location of those stubs: never a file, onnxruntime takes their values from memory.
+MEMORY_LOCATION = "fastrun-memory"
 
 
 def _external_stub(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -97,7 +113,7 @@ def _external_stub(name: str, array: np.ndarray) -> onnx.TensorProto:
     t.data_type = onnx_dtype(str(array.dtype))
     t.dims.extend(array.shape)
     t.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", "fastrun-memory"), ("offset", "0"), ("length", str(array.nbytes))):
+    for key, value in (("location", MEMORY_LOCATION), ("offset", "0"), ("length", str(array.nbytes))):
         entry = t.external_data.add()
         entry.key, entry.value = key, value
     return t

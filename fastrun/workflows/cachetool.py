@@ -20,6 +20,7 @@ from fastrun.system import fingerprint as fp
 from fastrun.ir import reader
 from fastrun.ops import registry
 from fastrun._version import SCHEMA
+from fastrun.store import untrusted
 from fastrun.store.cache import Caches, Store
 from fastrun.store.keys import software_tag
 from fastrun.errors import FastrunError
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "fastrun-cache-bundle"
 BUNDLE_VERSION = 1
+MAX_BUNDLE_BYTES = 1 << 30
 STORES = ("plans", "timings")
 
 
@@ -46,6 +48,7 @@ class PlanInfo:
     policy: str = ""
     predicted_ms: Optional[float] = None
     program: bool = False           # its compiled program is stored (serving skips compiling)
+    measured_under_load: bool = False  # other processes used the cores while it was profiled
     problem: str = ""               # why it would not be served ("" if it would)
 
 
@@ -127,6 +130,7 @@ def listing(caches: Caches) -> list[FingerprintInfo]:
         plan = _parse_plan(e.value) if e.value is not None else None
         if plan is not None:
             item.model_name, item.policy, item.predicted_ms = plan.model_name, plan.policy, plan.predicted_ms
+            item.measured_under_load = plan.measured_under_load
             item.problem = plan_problem(plan)
             item.program = caches.programs.has(plan)
         elif not item.problem:
@@ -198,19 +202,20 @@ def export_bundle(caches: Caches, path: os.PathLike, fingerprint: Optional[str] 
 def read_bundle(path: os.PathLike) -> dict[str, Any]:
     """A bundle file, checked for its shape (never code: JSON only)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = untrusted.load_json(path, MAX_BUNDLE_BYTES)
     except OSError as exc:
         raise FastrunError(f"cannot read {path}: {exc.strerror}") from None
-    except (ValueError, UnicodeDecodeError):
-        raise FastrunError(f"{path} is not JSON") from None
+    except ValueError as exc:
+        raise FastrunError(f"{path} is not a readable bundle: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
         raise FastrunError(f"{path} is not a fastrun cache bundle")
     if data.get("version") != BUNDLE_VERSION or data.get("schema") != SCHEMA:
         raise FastrunError(f"{path}: bundle version {data.get('version')} schema {data.get('schema')}, this "
                            f"fastrun reads version {BUNDLE_VERSION} schema {SCHEMA}")
-    f = data.get("fingerprint")
-    if not isinstance(f, str) or not f or "/" in f:
-        raise FastrunError(f"{path}: the bundle has no valid fingerprint")
+    try:
+        untrusted.component(data.get("fingerprint"))
+    except ValueError:
+        raise FastrunError(f"{path}: the bundle has no valid fingerprint") from None
     if not all(isinstance(data.get(name), dict) for name in STORES):
         raise FastrunError(f"{path}: the bundle has no plans/timings tables")
     return data
@@ -247,7 +252,8 @@ def _importable(store: str, key: str, value: Any) -> bool:
 
 
 def _plan_key(plan: Plan) -> str:
-    return Caches.plan_key(plan.fingerprint, plan.model_hash, {k: tuple(v) for k, v in plan.input_shapes.items()})
+    return Caches.plan_key(plan.fingerprint, plan.model_hash, {k: tuple(v) for k, v in plan.input_shapes.items()},
+                           plan.exact)
 
 
 # ------------------------------------------------------------------------------ verify, clear
@@ -274,6 +280,12 @@ def verify(caches: Caches, models: Sequence[os.PathLike] = (), fix: bool = False
                     problem.fixed = store.delete_entry(e)
                 report.problems.append(problem)
     _verify_programs(caches, hashes, fix, report)
+    for path, age in caches.programs.leftovers():
+        problem = Problem("programs", str(path.relative_to(caches.programs.directory)), "stale",
+                          f"left by a program write that did not finish ({age / 60:.0f} min old)")
+        if fix:
+            problem.fixed = caches.programs.remove(path)
+        report.problems.append(problem)
     return report
 
 

@@ -17,9 +17,10 @@ from fastrun.ops import builtin  # noqa: F401  (registers the built-in implement
 log = logging.getLogger(__name__)
 
 
-def find_plan(caches: Caches, fingerprint: str, graph: Graph) -> Optional[Plan]:
-    """The cached plan for this graph's model and input shapes, if one exists and is valid."""
-    plan = stored_plan(caches, fingerprint, graph.model_hash, graph.input_shapes(), graph.name)
+def find_plan(caches: Caches, fingerprint: str, graph: Graph, exact: bool = False) -> Optional[Plan]:
+    """The cached plan for this graph's model and input shapes (the exact-mode one with ``exact``),
+    if one exists and is valid."""
+    plan = stored_plan(caches, fingerprint, graph.model_hash, graph.input_shapes(), graph.name, exact)
     if plan is None:
         return None
 
@@ -31,10 +32,10 @@ def find_plan(caches: Caches, fingerprint: str, graph: Graph) -> Optional[Plan]:
 
 
 def stored_plan(caches: Caches, fingerprint: str, model_hash: str, shapes: Mapping[str, Sequence[int]],
-                label: str = "the model") -> Optional[Plan]:
+                label: str = "the model", exact: bool = False) -> Optional[Plan]:
     """The cached plan for a model hash and input shapes, checked against everything but the graph
     (versions, machine, registered implementations); :func:`find_plan` checks the graph too."""
-    value = caches.plans.get(Caches.plan_key(fingerprint, model_hash, {k: tuple(v) for k, v in shapes.items()}))
+    value = caches.plans.get(Caches.plan_key(fingerprint, model_hash, {k: tuple(v) for k, v in shapes.items()}, exact))
     if value is None:
         return None
     try:
@@ -74,15 +75,15 @@ def implementation_change(plan: Plan) -> Optional[str]:
 
 def store_plan(caches: Caches, plan: Plan) -> bool:
     shapes = {k: tuple(v) for k, v in plan.input_shapes.items()}
-    return caches.plans.set(Caches.plan_key(plan.fingerprint, plan.model_hash, shapes), plan.to_json())
+    return caches.plans.set(Caches.plan_key(plan.fingerprint, plan.model_hash, shapes, plan.exact), plan.to_json())
 
 
 def load_plan(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-              cache_dir: Optional[str] = None) -> Optional[Plan]:
+              cache_dir: Optional[str] = None, exact: bool = False) -> Optional[Plan]:
     """The cached plan for a model (None when it has not been profiled on this machine)."""
     graph = reader.load(model, input_shapes)
     caches = Caches(cache_dir, writable=False)
     try:
-        return find_plan(caches, fp.fingerprint(), graph)
+        return find_plan(caches, fp.fingerprint(), graph, exact)
     finally:
         caches.close()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-from fastrun.measure import timing
+from fastrun.measure import load, timing
 from fastrun.runtime import compiler
 from fastrun.runtime.program import Program, instantiate
 from fastrun.system import fingerprint as fp
@@ -48,12 +48,22 @@ class ProfileReport:
     host_steps: int = 0
     reorders: int = 0
     edges: dict = field(default_factory=dict)  # node name -> {"inputs": runtime input tensors, "outputs": [...]}
+    measure_load: Optional[load.Load] = None  # other processes' use of the cores during the closing measurement
 
     @property
     def speedup(self) -> Optional[float]:
         if self.measured_ms and self.onnxruntime_ms:
             return self.onnxruntime_ms / self.measured_ms
         return None
+
+    @property
+    def threads_gain(self) -> float:
+        """What the thread choice gained end to end: the plan on all cores over it on the chosen counts."""
+        threads = self.plan.solver.get("threads") or {}
+        ms, chosen = threads.get("ms") or {}, threads.get("chosen")
+        if self.plan.measured_under_load or not ms or str(chosen) not in ms:
+            return 1.0
+        return ms[max(ms, key=int)] / ms[str(chosen)]
 
     def to_json(self) -> dict:
         plan = self.plan
@@ -67,12 +77,19 @@ class ProfileReport:
             "nodes": [{"name": n.name, "op_type": n.op_type, "impl": n.impl, "time_ms": n.time_ms,
                        "in_formats": n.in_formats, "out_format": n.out_format, "spec": n.spec,
                        "source": n.source, "ort_ms": n.ort_ms, "runner_up": n.runner_up,
-                       "runner_up_ms": n.runner_up_ms, "candidates": n.candidates, **self.edges.get(n.name, {})}
+                       "runner_up_ms": n.runner_up_ms, "candidates": n.candidates, "errors": n.errors,
+                       **self.edges.get(n.name, {})}
                       for n in plan.nodes],
             "predicted_ms": plan.predicted_ms,
             "measured_ms": self.measured_ms,
             "onnxruntime_ms": self.onnxruntime_ms,
             "speedup": self.speedup,
+            "speedup_selection": self.speedup / self.threads_gain if self.speedup else None,
+            "speedup_threads": self.threads_gain,
+            "measured_under_load": plan.measured_under_load,
+            "exact": plan.exact,
+            "load": dict(plan.solver.get("load") or {},
+                         **({"measure": self.measure_load.to_json()} if self.measure_load else {})),
             "greedy_ms": plan.greedy_ms,
             "nchw_only_ms": plan.nchw_only_ms,
             "reorders": len(plan.reorders),
@@ -121,10 +138,17 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
             cache_dir: Optional[str] = None, budget: Optional[float] = None,
             op_limit: float = DEFAULT_OP_LIMIT, progress: Optional[Callable[[str], None]] = None,
             measure: bool = True, repeats: int = 10, verify: bool = True,
-            op_timeout: Optional[float] = None, isolate: bool = True, refresh: bool = False) -> ProfileReport:
+            op_timeout: Optional[float] = None, isolate: bool = True, refresh: bool = False,
+            exact: bool = False) -> ProfileReport:
     """Profile every heavy node (cached signatures are reused), solve, store and measure the plan.
 
     ``refresh`` measures everything again, ignoring (and then overwriting) cached timings.
+
+    ``exact`` makes an exact-mode plan (kept under its own key): only implementations declared
+    exact whose measured error stays within :func:`fastrun.planning.planner.exact_limit`.
+
+    It runs under the cache's profiling lock, and checks that other processes leave the cores
+    free (:mod:`fastrun.measure.load`): a plan measured under load keeps no thread count.
 
     Candidates run in a killable worker process (``isolate``); one that crashes, or whose build
     or single call takes longer than ``op_timeout`` seconds (default
@@ -138,38 +162,67 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     model_proto, data = reader.read_model(model)
     original = OriginalModelSource(engines.model_source(model if isinstance(model, (str, Path)) else data))
     caches = Caches(cache_dir)
-    fingerprint = fp.fingerprint()
     reader.input_shapes(model_proto, input_shapes)  # the caller's shapes must fit the model: their error
+    try:
+        with caches.profiling_lock():
+            profiler = Profiler(caches, fp.fingerprint(), budget_s=budget, op_limit_s=op_limit, op_timeout=op_timeout,
+                                isolate=isolate, refresh=refresh)
+            report = _profile_locked(model, model_proto, data, original, input_shapes, caches, profiler,
+                                     dict(progress=progress, measure=measure, repeats=repeats, verify=verify, exact=exact))
+    finally:
+        caches.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _profile_locked(model: ModelSource, model_proto, data: bytes, original: OriginalModelSource,
+                    input_shapes: Optional[Mapping[str, Sequence[int]]], caches: Caches, profiler: Profiler,
+                    options: dict) -> ProfileReport:
+    """:func:`profile` under the cache's profiling lock (``options``: its progress, measure, repeats,
+    verify and exact arguments)."""
+    fingerprint, progress, repeats = profiler.fingerprint, options["progress"], options["repeats"]
     try:
         graph = reader.from_proto(model_proto, data, input_shapes)
     except Exception as exc:  # the front end cannot take it: onnxruntime decides, and runs the original
-        report = _fallback(model, model_proto, data, original, input_shapes, caches, fingerprint, exc)
-        report.seconds = time.perf_counter() - start
-        caches.close()
-        return report
-    profiler = Profiler(caches, fingerprint, budget_s=budget, op_limit_s=op_limit, op_timeout=op_timeout,
-                        isolate=isolate, refresh=refresh)
-    plan = planner.make_plan(graph, fingerprint, profiler, progress=progress)
-    if verify and plan.policy == "profiled":
+        return _fallback(model, model_proto, data, original, input_shapes, caches, fingerprint, exc)
+    loads = {"before": load.check()}
+    plan = planner.make_plan(graph, fingerprint, profiler, progress=progress, exact=options["exact"])
+    if options["verify"] and plan.policy == "profiled":
         if progress:
             progress("racing the plan end to end against the whole-model candidates")
         reference = model_reference(graph, original, bool(eligibility.quantized_ops(model_proto)))
         plan = verify_plan(graph, plan, profiler, fingerprint, repeats, original, reference)
         if not plan.runs_original:
+            monitor = load.LoadMonitor().start()
             plan = choose_threads(graph, plan, repeats)
+            loads["threads"] = monitor.stop()
+    loads["after"] = load.check()
+    _mark_load(plan, loads)
     if not store_plan(caches, plan):
         log.warning("the plan could not be stored in %s (read-only?)", caches.root)
     recipe = compiler.build_recipe(graph, plan)
     caches.programs.save(plan, recipe, reader.declared_interface(model_proto))
     report = ProfileReport(model=_model_label(model, graph), plan=plan, stats=profiler.stats,
                            seconds=0.0, edges=_edges(graph))
-    if measure:
+    if options["measure"]:
         if progress:
             progress("measuring the plan end to end against onnxruntime")
         _measure(report, graph, instantiate(recipe, original=original), original, repeats)
-    report.seconds = time.perf_counter() - start
-    caches.close()
     return report
+
+
+def _mark_load(plan: Plan, loads: dict[str, load.Load]) -> None:
+    """Record what other processes used while profiling; under load, keep no thread count measured then."""
+    plan.solver = dict(plan.solver, load={k: v.to_json() for k, v in loads.items()})
+    busy = {k: v for k, v in loads.items() if v.busy}
+    if not busy:
+        return
+    plan.measured_under_load = True
+    plan.threads, plan.segment_threads, plan.host_threads = 0, [], 0
+    seen = ", ".join(f"{v.other_cores:.2f} cores {k}" for k, v in busy.items())
+    log.warning("THE MACHINE WAS BUSY while profiling: other processes used %s of fastrun's %d. The plan is "
+                "marked 'measured under load' and keeps all cores; run `fastrun warmup` (or `fastrun profile "
+                "--refresh`) on a quiet machine to measure it again", seen, ortutil.default_threads())
 
 
 def _fallback(model: ModelSource, model_proto, data: bytes, original: OriginalModelSource,
@@ -199,8 +252,10 @@ def _measure(report: ProfileReport, graph: Graph, program: Program, original: Or
     ours = program.run(feed)
     ref = baseline.run(names, feed)
     report.max_error = relative_error([ours[n] for n in names], ref)
+    monitor = load.LoadMonitor().start()
     times = timing.interleaved({"fastrun": lambda: program.run(feed), "onnxruntime": lambda: baseline.run(names, feed)},
                                repeats=repeats, min_seconds=MEASURE_MIN_SECONDS, max_seconds=60)
+    report.measure_load = monitor.stop()
     report.measured_ms, report.onnxruntime_ms = times["fastrun"], times["onnxruntime"]
     report.segments, report.host_steps, report.reorders = program.segments, program.host_steps, program.reorders
 

@@ -263,6 +263,7 @@ def candidate_groups(nodes: Sequence[dict]) -> list[tuple[str, list[Bar]]]:
             gain = f"  \u00b7  {first['ort_ms'] / first['time_ms']:.2f}\u00d7 vs onnxruntime's kernel"
         header = f"{op} {spec}  \u00b7  {who}{gain}"
         cands = first.get("candidates") or {}
+        errors = first.get("errors") or {}
         ok = sorted((v, k) for k, v in cands.items() if isinstance(v, (int, float)))
         bad = [(k, v) for k, v in cands.items() if not isinstance(v, (int, float))]
         bars = []
@@ -272,8 +273,10 @@ def candidate_groups(nodes: Sequence[dict]) -> list[tuple[str, list[Bar]]]:
             note = ""
             if win:
                 note = "\u25c0 chosen" + (f" for {', '.join(chosen[impl])}" if len(chosen) > 1 else "")
+            error = f", error {errors[impl]:.1e}" if impl in errors else ""
+            note = f"{note} (error {errors[impl]:.0e})".strip() if impl in errors else note
             bars.append(Bar(label=impl + tag, value=float(ms), color=WINNER if win else ORT if tag else OTHER,
-                            note=note, strong=win, tooltip=f"{impl}{tag}: {fmt_ms(ms)} ms on {spec}"))
+                            note=note, strong=win, tooltip=f"{impl}{tag}: {fmt_ms(ms)} ms on {spec}{error}"))
         for impl, why in bad:
             reason = str(why)
             reason = reason[len("failed: "):] if reason.startswith("failed: ") else reason
@@ -329,11 +332,17 @@ def _cards(d: dict) -> str:
     cards = []
     if speedup:
         verdict = "on par" if abs(speedup - 1) < 0.01 else "faster" if speedup > 1 else "slower"
+        split = (f" \u00b7 {d['speedup_selection']:.2f}\u00d7 kernels/formats \u00d7 {d['speedup_threads']:.2f}\u00d7 threads"
+                 if d.get("speedup_selection") else "")
         cards.append(_card("vs onnxruntime", f"{speedup:.2f}\u00d7 {verdict}",
-                           f"fastrun {fmt_ms(meas)} ms \u00b7 onnxruntime {fmt_ms(ort)} ms",
+                           f"fastrun {fmt_ms(meas)} ms \u00b7 onnxruntime {fmt_ms(ort)} ms{split}",
                            "good" if speedup >= 1 else "bad"))
     else:
         cards.append(_card("vs onnxruntime", "not measured", "profiled with --no-measure"))
+    busy = {k: v for k, v in (d.get("load") or {}).items() if v.get("busy")}
+    if busy:
+        cards.append(_card("measured under load", "machine busy",
+                           ", ".join(f"{v['other_cores']:.2f} other cores {k}" for k, v in busy.items()), "bad"))
     pred = d.get("predicted_ms")
     cards.append(_card("predicted vs measured", f"{fmt_ms(pred)} / {fmt_ms(meas)} ms",
                        f"measured is {meas / pred:.2f}\u00d7 the prediction" if pred and meas else "sum of profiled costs"))

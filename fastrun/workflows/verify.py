@@ -93,7 +93,7 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
     0.87-1.12x onnxruntime's time in 15 later races (docs/benchmarks.md).
     """
     saved = copy.deepcopy(profiler.stats)  # re-planning reads the cache; don't count it twice
-    alternative = planner.make_plan(graph, fingerprint, profiler, assignment="heuristic")
+    alternative = planner.make_plan(graph, fingerprint, profiler, assignment="heuristic", exact=plan.exact)
     profiler.stats = saved
     contenders = {"optimal": plan}
     if plan.assignment() != alternative.assignment():

@@ -69,6 +69,7 @@ class WarmupResult:
     measured: int = 0                  # candidate timings measured now
     reused: int = 0                    # candidate timings found in the cache
     plan_policy: str = ""              # the plan's policy: "profiled" | "partial"
+    measured_under_load: bool = False  # other processes used the cores while it was profiled
     predicted_ms: Optional[float] = None
     speedup: Optional[float] = None    # :func:`predicted_speedup`
     program: str = ""                  # stored program: "cached" | "compiled" (now) | "missing" (not stored)
@@ -138,18 +139,23 @@ def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches:
         except Exception:  # the front end cannot take it: profile stores onnxruntime's plan, or its refusal
             return _fall_back(path, shapes, caches, result, start, options)
         result.shapes = {k: list(v) for k, v in graph.input_shapes().items()}
-        plan = _complete_plan(caches, fingerprint, graph)
+        exact = bool(options.get("exact"))
+        plan = _complete_plan(caches, fingerprint, graph, exact)
         result.status = "cached"
         if plan is None:
             with caches.profiling_lock():
-                plan = _complete_plan(caches, fingerprint, graph)  # made meanwhile by another process?
+                plan = _complete_plan(caches, fingerprint, graph, exact)  # made meanwhile by another process?
                 if plan is None:
+                    earlier = lookup.find_plan(caches, fingerprint, graph, exact)
+                    if earlier is not None and earlier.measured_under_load:  # its timings are suspect too
+                        options = dict(options, refresh=True)
                     report = profiling.profile(path, shapes, cache_dir=caches.root, progress=progress, **options)
                     result.status, result.measured, result.reused = "profiled", report.stats.measured, report.stats.from_cache
-                    plan = lookup.find_plan(caches, fingerprint, graph)
+                    plan = lookup.find_plan(caches, fingerprint, graph, exact)
                     if plan is None:
                         raise FastrunError(f"the plan could not be stored in {caches.root} (read-only?)")
         result.plan_policy, result.predicted_ms, result.speedup = plan.policy, plan.predicted_ms, predicted_speedup(plan)
+        result.measured_under_load = plan.measured_under_load
         result.program = _ensure_program(caches, plan, graph, model, fresh=result.status == "profiled")
     except FastrunError as exc:
         result.status, result.error = "failed", str(exc)
@@ -184,7 +190,12 @@ def _ensure_program(caches: Caches, plan: Plan, graph: graph_mod.Graph, model, f
     return "compiled" if caches.programs.save(plan, recipe, reader.declared_interface(model)) else "missing"
 
 
-def _complete_plan(caches: Caches, fingerprint: str, graph: graph_mod.Graph) -> Optional[Plan]:
-    """The cached plan, unless there is none or its profiling ran out of budget (then it resumes)."""
-    plan = lookup.find_plan(caches, fingerprint, graph)
-    return None if plan is None or plan.policy == "partial" else plan
+def _complete_plan(caches: Caches, fingerprint: str, graph: graph_mod.Graph, exact: bool = False) -> Optional[Plan]:
+    """The cached plan, unless there is none, its profiling ran out of budget (then it resumes) or
+    it was measured under load (then it is measured again)."""
+    plan = lookup.find_plan(caches, fingerprint, graph, exact)
+    return None if plan is None or plan.policy == "partial" or plan.measured_under_load else plan
+
+
+def _describe(shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())

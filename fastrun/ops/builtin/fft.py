@@ -49,7 +49,7 @@ def fft_applies(spec: OpSpec) -> bool:
     return g["K"] * g["C"] * fh * (fw // 2 + 1) * 8 <= MAX_SPECTRUM_BYTES
 
 
-@implementation("Conv", "fft_conv", heuristic_rank=70, applies=fft_applies)
+@implementation("Conv", "fft_conv", exact=False, heuristic_rank=70, applies=fft_applies)
 def build_fft_conv(spec: OpSpec, consts: dict[int, np.ndarray]):
     """rfft2 convolution with the filter spectra precomputed for this input size (kernels >= 5x5)."""
     g = conv_geometry(spec)

@@ -313,21 +313,21 @@ def _compiled_run(spec: OpSpec, u: np.ndarray, bias, m: int, tp_n: int, tq_n: in
 # ResNet-50, Inception v1/v2 and DenseNet-121: ~150 GFLOP/s and ~1 ns, 83 of 88 shapes called
 # right; the fused engine on its 88 timings: ~150 GFLOP/s and ~0.5 ns, 43 of 50 shapes right.
 
-@implementation("Conv", "winograd_f2", heuristic_rank=13, applies=winograd_applies,
+@implementation("Conv", "winograd_f2", exact=False, heuristic_rank=13, applies=winograd_applies,
                 cost=estimates.winograd(2, 100.0, 2.5, rank=13))
 def build_winograd_f2(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(2x2,3x3): 2.25x fewer multiplies, GEMM-based chunked transforms."""
     return build_winograd(spec, consts, 2)
 
 
-@implementation("Conv", "winograd_f4", heuristic_rank=11, applies=winograd_applies,
+@implementation("Conv", "winograd_f4", exact=False, heuristic_rank=11, applies=winograd_applies,
                 cost=estimates.winograd(4, 100.0, 2.5, rank=11))
 def build_winograd_f4(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(4x4,3x3): 4x fewer multiplies, GEMM-based chunked transforms."""
     return build_winograd(spec, consts, 4)
 
 
-@implementation("Conv", "winograd_f6", heuristic_rank=12, applies=winograd_applies,
+@implementation("Conv", "winograd_f6", exact=False, heuristic_rank=12, applies=winograd_applies,
                 cost=estimates.winograd(6, 100.0, 2.5, rank=12))
 def build_winograd_f6(spec: OpSpec, consts: dict[int, np.ndarray]):
     """Winograd F(6x6,3x3): 5.06x fewer multiplies, least exact (~1e-4 relative)."""
@@ -340,7 +340,7 @@ def _prepare_compiled() -> None:
         compiled.ready()
 
 
-@implementation("Conv", "winograd_f4_nchwc", version=3, in_format="NCHWc", heuristic_rank=14,
+@implementation("Conv", "winograd_f4_nchwc", exact=False, version=3, in_format="NCHWc", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled,
                 cost=estimates.winograd(4, 150.0, 1.0, rank=14))
 def build_winograd_f4_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
@@ -348,7 +348,7 @@ def build_winograd_f4_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     return build_winograd(spec, consts, 4, fmt=resolve_format("NCHWc"))
 
 
-@implementation("Conv", "winograd_f6_nchwc", version=3, in_format="NCHWc", heuristic_rank=14,
+@implementation("Conv", "winograd_f6_nchwc", exact=False, version=3, in_format="NCHWc", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled,
                 cost=estimates.winograd(6, 150.0, 1.0, rank=14))
 def build_winograd_f6_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
@@ -356,7 +356,7 @@ def build_winograd_f6_nchwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     return build_winograd(spec, consts, 6, fmt=resolve_format("NCHWc"))
 
 
-@implementation("Conv", "winograd_f4_nhwc", version=3, in_format="NHWC", heuristic_rank=14,
+@implementation("Conv", "winograd_f4_nhwc", exact=False, version=3, in_format="NHWC", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled,
                 cost=estimates.winograd(4, 150.0, 1.0, rank=14))
 def build_winograd_f4_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
@@ -364,7 +364,7 @@ def build_winograd_f4_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     return build_winograd(spec, consts, 4, fmt=formats.NHWC)
 
 
-@implementation("Conv", "winograd_f6_nhwc", version=3, in_format="NHWC", heuristic_rank=14,
+@implementation("Conv", "winograd_f6_nhwc", exact=False, version=3, in_format="NHWC", heuristic_rank=14,
                 applies=winograd_compiled_applies, prepare=_prepare_compiled,
                 cost=estimates.winograd(6, 150.0, 1.0, rank=14))
 def build_winograd_f6_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
@@ -372,7 +372,7 @@ def build_winograd_f6_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     return build_winograd(spec, consts, 6, fmt=formats.NHWC)
 
 
-@implementation("Conv", "winograd_f4_fused_nhwc", version=3, in_format="NHWC", heuristic_rank=15,
+@implementation("Conv", "winograd_f4_fused_nhwc", exact=False, version=3, in_format="NHWC", heuristic_rank=15,
                 applies=lambda spec: winograd_fused_applies(spec, 4), prepare=_prepare_compiled,
                 cost=estimates.winograd(4, 150.0, 0.5, rank=15))
 def build_winograd_f4_fused_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
@@ -380,7 +380,7 @@ def build_winograd_f4_fused_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):
     return build_winograd(spec, consts, 4, fmt=formats.NHWC, fused=True)
 
 
-@implementation("Conv", "winograd_f6_fused_nhwc", version=3, in_format="NHWC", heuristic_rank=15,
+@implementation("Conv", "winograd_f6_fused_nhwc", exact=False, version=3, in_format="NHWC", heuristic_rank=15,
                 applies=lambda spec: winograd_fused_applies(spec, 6), prepare=_prepare_compiled,
                 cost=estimates.winograd(6, 150.0, 0.5, rank=15))
 def build_winograd_f6_fused_nhwc(spec: OpSpec, consts: dict[int, np.ndarray]):

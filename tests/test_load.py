@@ -1,0 +1,75 @@
+"""A busy machine is seen before a measurement is trusted: a process spinning on one of fastrun's
+cores is detected, reported, and no thread count measured beside it is stored."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+import fastrun
+from fastrun.cli import main
+from fastrun.measure import load
+from fastrun.store.cache import Caches
+from fastrun.workflows import lookup
+
+SPIN = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); print('spinning', flush=True)\nwhile True: pass"
+
+
+@pytest.fixture
+def spinner():
+    """A second process spinning on one of this process's cores."""
+    core = min(os.sched_getaffinity(0))
+    proc = subprocess.Popen([sys.executable, "-c", SPIN, str(core)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "spinning"
+    time.sleep(0.2)
+    yield core
+    proc.kill()
+    proc.wait()
+
+
+def test_a_process_spinning_on_one_core_is_detected(spinner):
+    seen = load.check(0.5)
+    assert seen.busy and seen.other_cores >= 0.7, seen
+
+
+def test_this_process_s_own_work_is_not_counted_as_load():
+    """Spinning here for the whole window is our use, not another process's."""
+    monitor = load.LoadMonitor({min(os.sched_getaffinity(0))}).start()
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        pass
+    seen = monitor.stop()
+    spinning_alone = load.check(0.5, {min(os.sched_getaffinity(0))})
+    # whatever else this shared machine runs shows up in both windows alike; our spin adds nothing
+    assert seen.other_cores <= spinning_alone.other_cores + 0.3, (seen, spinning_alone)
+
+
+def test_profiling_beside_a_spinning_process_stores_no_thread_count(tiny_model, cache_dir, spinner):
+    res = CliRunner().invoke(main, ["profile", tiny_model, "--cache-dir", cache_dir, "--op-limit", "0.02",
+                                    "--json", cache_dir + ".json"])
+    assert res.exit_code == 0, res.output
+    assert "WARNING: the machine was busy" in res.output and "measured under load" in res.output
+    assert "(kernels/formats)" in res.output and "(threads)" in res.output
+    report = json.loads(open(cache_dir + ".json").read())
+    assert report["measured_under_load"] and report["load"]["before"]["busy"]
+    plan = fastrun.load_plan(tiny_model, cache_dir=cache_dir)
+    assert plan.measured_under_load
+    assert (plan.threads, plan.segment_threads, plan.host_threads) == (0, [], 0)
+    listing = CliRunner().invoke(main, ["cache", "ls", "--cache-dir", cache_dir])
+    assert "loaded: measured under load" in listing.output
+
+
+def test_warmup_measures_a_plan_made_under_load_again(tiny_model, cache_dir):
+    fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=0.02, measure=False, verify=False)
+    caches = Caches(cache_dir)
+    plan = fastrun.load_plan(tiny_model, cache_dir=cache_dir)
+    plan.measured_under_load = True
+    lookup.store_plan(caches, plan)
+    caches.close()
+    (result,) = fastrun.warmup([tiny_model], cache_dir=cache_dir, op_limit=0.02, verify=False)
+    assert result.ok and result.status == "profiled" and result.measured > 0  # refreshed, not reused
