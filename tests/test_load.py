@@ -73,3 +73,24 @@ def test_warmup_measures_a_plan_made_under_load_again(tiny_model, cache_dir):
     caches.close()
     (result,) = fastrun.warmup([tiny_model], cache_dir=cache_dir, op_limit=0.02, verify=False)
     assert result.ok and result.status == "profiled" and result.measured > 0  # refreshed, not reused
+
+
+def _stat(path, ticks: dict[int, tuple[int, int, int]]) -> None:
+    """A /proc/stat with per-core (user, idle, steal) ticks."""
+    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+    lines += [f"cpu{c} {u} 0 0 {i} 0 0 0 {s} 0 0" for c, (u, i, s) in sorted(ticks.items())]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_other_processes_use_is_busy_plus_steal_of_the_watched_cores_per_second(tmp_path):
+    stat = tmp_path / "stat"
+    _stat(stat, {0: (1000, 5000, 0), 1: (1000, 5000, 0), 2: (0, 0, 0)})
+    monitor = load.LoadMonitor({0, 1}, str(stat)).start()
+    time.sleep(0.5)
+    tick = load._TICK
+    # over ~0.5 s: core 0 busy 0.25 s, core 1 stolen 0.1 s, core 2 (not watched) busy 0.5 s
+    _stat(stat, {0: (1000 + tick // 4, 5000 + tick // 4, 0), 1: (1000, 5000 + 2 * tick // 5, tick // 10),
+                 2: (tick // 2, 0, 0)})
+    seen = monitor.stop()
+    assert seen.other_cores == pytest.approx(0.35 / seen.seconds, abs=0.05)
+    assert not load.Load(load.BUSY_CORES, 0.5).busy and load.Load(load.BUSY_CORES + 0.01, 0.5).busy
