@@ -17,6 +17,12 @@ from fastrun.measure import load
 from fastrun.store.cache import Caches
 from fastrun.workflows import lookup
 
+@pytest.fixture(autouse=True)
+def load_check_on(monkeypatch):
+    """The busy-machine check at its default threshold (the suite's conftest turns it off)."""
+    monkeypatch.delenv(load.ENV_BUSY, raising=False)
+
+
 SPIN = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); print('spinning', flush=True)\nwhile True: pass"
 
 
@@ -64,15 +70,20 @@ def test_profiling_beside_a_spinning_process_stores_no_thread_count(tiny_model, 
     assert "loaded: measured under load" in listing.output
 
 
-def test_warmup_measures_a_plan_made_under_load_again(tiny_model, cache_dir):
+def test_warmup_measures_a_plan_made_under_load_again_once_the_machine_is_quiet(tiny_model, cache_dir, monkeypatch):
     fastrun.profile(tiny_model, cache_dir=cache_dir, op_limit=0.02, measure=False, verify=False)
     caches = Caches(cache_dir)
     plan = fastrun.load_plan(tiny_model, cache_dir=cache_dir)
     plan.measured_under_load = True
     lookup.store_plan(caches, plan)
     caches.close()
+    monkeypatch.setattr(load, "check", lambda *a, **k: load.Load(2.0, 0.5))  # busy now: kept, not measured again
     (result,) = fastrun.warmup([tiny_model], cache_dir=cache_dir, op_limit=0.02, verify=False)
-    assert result.ok and result.status == "profiled" and result.measured > 0  # refreshed, not reused
+    assert result.ok and result.status == "cached" and result.measured_under_load
+    monkeypatch.undo()
+    monkeypatch.setenv(load.ENV_BUSY, "inf")  # quiet now: measured again, timings refreshed
+    (result,) = fastrun.warmup([tiny_model], cache_dir=cache_dir, op_limit=0.02, verify=False)
+    assert result.ok and result.status == "profiled" and result.measured > 0 and not result.measured_under_load
 
 
 def _stat(path, ticks: dict[int, tuple[int, int, int]]) -> None:
@@ -82,7 +93,7 @@ def _stat(path, ticks: dict[int, tuple[int, int, int]]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_other_processes_use_is_busy_plus_steal_of_the_watched_cores_per_second(tmp_path):
+def test_other_processes_use_is_busy_plus_steal_of_the_watched_cores_per_second(tmp_path, monkeypatch):
     stat = tmp_path / "stat"
     _stat(stat, {0: (1000, 5000, 0), 1: (1000, 5000, 0), 2: (0, 0, 0)})
     monitor = load.LoadMonitor({0, 1}, str(stat)).start()
@@ -94,3 +105,5 @@ def test_other_processes_use_is_busy_plus_steal_of_the_watched_cores_per_second(
     seen = monitor.stop()
     assert seen.other_cores == pytest.approx(0.35 / seen.seconds, abs=0.05)
     assert not load.Load(load.BUSY_CORES, 0.5).busy and load.Load(load.BUSY_CORES + 0.01, 0.5).busy
+    monkeypatch.setenv(load.ENV_BUSY, "inf")
+    assert not load.Load(100.0, 0.5).busy

@@ -193,7 +193,7 @@ def test_thread_counts_worth_timing():
     assert verify.thread_counts(1) == [1]
 
 
-def test_profile_measures_the_thread_count_and_the_plan_keeps_it(cache_dir, tiny_model, monkeypatch, quiet_machine):
+def test_profile_measures_the_thread_count_and_the_plan_keeps_it(cache_dir, tiny_model, monkeypatch):
     monkeypatch.setenv("FASTRUN_THREADS", "2")
     real = timing.interleaved
 
@@ -214,7 +214,7 @@ def test_profile_measures_the_thread_count_and_the_plan_keeps_it(cache_dir, tiny
     assert segments and all(s.session.get_session_options().intra_op_num_threads == 1 for s in segments)
 
 
-def test_all_threads_are_kept_unless_fewer_win_clearly(cache_dir, tiny_model, monkeypatch, quiet_machine):
+def test_all_threads_are_kept_unless_fewer_win_clearly(cache_dir, tiny_model, monkeypatch):
     monkeypatch.setenv("FASTRUN_THREADS", "2")
     monkeypatch.setattr(timing, "interleaved",  # onnxruntime on the original slower: a plan of fastrun's runs
                         lambda runners, **kw: {k: 5.0 if k == "onnxruntime-original" else 1.0 for k in runners})

@@ -195,8 +195,10 @@ def print_plan(plan, problem: str = "") -> None:
     click.echo(f"model: {cut(plan.model_name, 30)}   sha256 {plan.model_hash[:12]}   shapes: "
                f"{cut(shapes_cell(plan.input_shapes), 40)}")
     click.echo(f"fingerprint: {plan.fingerprint}   plan: {plan.policy}   fastrun {plan.fastrun_version}   "
-               f"onnxruntime {plan.onnxruntime_version}" + ("   exact mode" if plan.exact else "")
-               + ("   measured under load" if plan.measured_under_load else ""))
+               f"onnxruntime {plan.onnxruntime_version}")
+    if plan.exact or plan.measured_under_load:
+        click.echo(", ".join(["exact mode"] * plan.exact + ["measured under load (`fastrun warmup` measures it again)"]
+                             * plan.measured_under_load))
     if problem:
         click.echo(f"not served here: {problem}")
     if plan.whole_model:
@@ -205,7 +207,7 @@ def print_plan(plan, problem: str = "") -> None:
         click.echo(f"runs as one onnxruntime ORT_ENABLE_ALL session: no assignment beat it end to end by "
                    f"{WHOLE_MODEL_MARGIN:.0%}" if plan.policy != "heuristic" else
                    "runs as one onnxruntime ORT_ENABLE_ALL session: no rule predicts a host kernel wins enough")
-    header = f"{'node':<17} {'op':<5} {'signature':<27} {'implementation':<20} {'ms':>7} {'x ort':>6} {'error':>6} formats"
+    header = f"{'node':<17} {'op':<5} {'signature':<25} {'implementation':<20} {'ms':>7} {'x ort':>6} {'error':>6} formats"
     click.echo(header)
     click.echo("-" * 100)
     heavy = [n for n in plan.nodes if n.spec]
@@ -214,7 +216,7 @@ def print_plan(plan, problem: str = "") -> None:
         fmt = n.in_formats[0] if n.in_formats else "-"
         fmt = fmt if fmt == n.out_format else f"{fmt}>{n.out_format}"
         error = n.errors.get(n.impl)
-        click.echo(f"{cut(n.name, 17):<17} {n.op_type[:5]:<5} {n.spec[:27]:<27} {n.impl[:20]:<20} "
+        click.echo(f"{cut(n.name, 17):<17} {n.op_type[:5]:<5} {n.spec[:25]:<25} {n.impl[:20]:<20} "
                    f"{ms(n.time_ms):>7} {gain:>6} {'-' if error is None else f'{error:.0e}':>6} {fmt[:6]}")
     light = Counter(n.out_format for n in plan.nodes if not n.spec)
     if light:

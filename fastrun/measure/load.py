@@ -18,8 +18,10 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
-# Other processes' average use of fastrun's cores above which a measurement is "under load".
+# Other processes' average use of fastrun's cores above which a measurement is "under load";
+# ``FASTRUN_BUSY_CORES`` replaces it (``inf``: never, for machines with known background work).
 BUSY_CORES = 0.25
+ENV_BUSY = "FASTRUN_BUSY_CORES"
 # How long an idle check watches the machine.
 CHECK_SECONDS = 0.5
 PROC_STAT = "/proc/stat"
@@ -31,6 +33,14 @@ class Snapshot:
     wall: float
     busy: Optional[float]      # seconds the watched cores were busy or stolen (None: unknown)
     own: float                 # this process's CPU seconds (all its threads)
+
+
+def busy_threshold() -> float:
+    """Other processes' use of the cores, in cores, above which the machine counts as busy."""
+    try:
+        return float(os.environ.get(ENV_BUSY, BUSY_CORES))
+    except ValueError:
+        return BUSY_CORES
 
 
 def _busy_seconds(cores: set[int], path: str = PROC_STAT) -> Optional[float]:
@@ -68,7 +78,7 @@ class Load:
 
     @property
     def busy(self) -> bool:
-        return self.other_cores is not None and self.other_cores > BUSY_CORES
+        return self.other_cores is not None and self.other_cores > busy_threshold()
 
     def to_json(self) -> dict:
         return {"other_cores": None if self.other_cores is None else round(self.other_cores, 3),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from fastrun.measure import load
 from fastrun.workflows import lookup
 from fastrun.workflows import profile as profiling
 from fastrun.runtime import compiler
@@ -192,9 +193,13 @@ def _ensure_program(caches: Caches, plan: Plan, graph: graph_mod.Graph, model, f
 
 def _complete_plan(caches: Caches, fingerprint: str, graph: graph_mod.Graph, exact: bool = False) -> Optional[Plan]:
     """The cached plan, unless there is none, its profiling ran out of budget (then it resumes) or
-    it was measured under load (then it is measured again)."""
+    it was measured under load and the machine is quiet now (then it is measured again)."""
     plan = lookup.find_plan(caches, fingerprint, graph, exact)
-    return None if plan is None or plan.policy == "partial" or plan.measured_under_load else plan
+    if plan is None or plan.policy == "partial":
+        return None
+    if plan.measured_under_load and not load.check().busy:
+        return None
+    return plan
 
 
 def _describe(shapes: Mapping[str, Sequence[int]]) -> str:
