@@ -124,7 +124,9 @@ def fingerprint(json_to) -> None:
         return
     click.echo(fp.fingerprint(fields))
     for k, v in fields.items():
-        click.echo(f"  {k:<12} {' '.join(v) if isinstance(v, list) else v}")
+        text = " ".join(v) if isinstance(v, list) else ", ".join(f"{a}: {b}" for a, b in v.items()) \
+            if isinstance(v, dict) else v
+        click.echo(f"  {k:<12} {text}")
 
 
 @main.command()
