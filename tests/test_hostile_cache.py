@@ -114,7 +114,7 @@ def _point_row_at(store_dir: Path, target: str) -> None:
 
 
 @pytest.mark.parametrize("store_name", ["timings", "plans"])
-@pytest.mark.parametrize("command", [["verify", "--fix"], ["clear"]])
+@pytest.mark.parametrize("command", [["verify", "--fix"], ["clear", "--yes"]])
 def test_a_row_naming_a_file_outside_never_deletes_it(tmp_path, model_path, victim, store_name, command):
     cache_dir = str(tmp_path / "cache")
     fastrun.profile(model_path, cache_dir=cache_dir, op_limit=0.02, measure=False, verify=False)
@@ -300,7 +300,7 @@ def test_a_program_directory_linking_outside_is_never_followed_or_emptied(tmp_pa
     assert res.exit_code == 1 and "symbolic link" in res.output
     assert verify(cache_dir, "--fix").exit_code == 0
     assert victim.read_bytes() == SECRET
-    assert CliRunner().invoke(main, ["cache", "clear", "--cache-dir", cache_dir]).exit_code == 0
+    assert CliRunner().invoke(main, ["cache", "clear", "--yes", "--cache-dir", cache_dir]).exit_code == 0
     assert victim.read_bytes() == SECRET
 
 
