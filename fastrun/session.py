@@ -102,6 +102,9 @@ class InferenceSession:
         self._stored_interface: Optional[tuple[list[NodeArg], list[NodeArg]]] = None
         self._feed_spec: Optional[list[tuple[str, Optional[np.dtype], list]]] = None
         self._output_names: list[str] = []
+        # What each feed signature (the inputs' shapes and dtypes, in declared order) ran last: the
+        # checks and the shape key cost more per call than the smallest models run.
+        self._seen: dict[tuple, Optional[tuple[Program, Plan]]] = {}
         if self._original.device:
             log.warning("providers %s: fastrun's plans are CPU plans, so none applies; the model runs on "
                         "onnxruntime with these providers", self._original.device)
@@ -130,7 +133,7 @@ class InferenceSession:
         return self._interface()[1]
 
     def run(self, output_names: Optional[Sequence[str]], input_feed: Mapping[str, Any], run_options: Any = None) -> list:
-        outputs = self._run_planned(output_names, input_feed)
+        outputs = self._run_planned(output_names, input_feed) if not self._original.device else None
         return outputs if outputs is not None else self._original.run(output_names, input_feed, run_options)
 
     def run_with_ort_values(self, output_names: Optional[Sequence[str]], input_dict_ort_values: Mapping[str, Any],
@@ -217,6 +220,20 @@ class InferenceSession:
         spec = self._feed_spec or self._make_feed_spec()
         if len(feed) != len(spec):
             return None
+        seen = _feed_key(feed, spec)
+        if seen is not None:
+            found = self._seen.get(seen, _UNSEEN)
+            if found is not _UNSEEN:
+                return found
+        found = self._checked_program(feed, spec)
+        if seen is not None:
+            with self._lock:
+                if len(self._seen) >= MAX_UNPLANNED:
+                    self._seen.clear()
+                self._seen[seen] = found
+        return found
+
+    def _checked_program(self, feed: Mapping[str, Any], spec: list) -> Optional[tuple[Program, Plan]]:
         for name, dtype, declared in spec:
             value = feed.get(name)
             if not isinstance(value, np.ndarray) or value.dtype != dtype or not _fits(value.shape, declared):
@@ -242,6 +259,7 @@ class InferenceSession:
             table[key] = found
             if len(table) > (self._max_programs if found is not None else MAX_UNPLANNED):
                 table.popitem(last=False)
+                self._seen.clear()  # it may hold the evicted program
             return found
 
     def _load(self, shapes: dict) -> Optional[tuple[Program, Plan]]:
@@ -390,6 +408,20 @@ class InferenceSession:
         if self._data is None:
             self._data = reader.read_bytes(self._source)
         return self._data
+
+
+_UNSEEN = object()
+
+
+def _feed_key(feed: Mapping[str, Any], spec: list) -> Optional[tuple]:
+    """The shapes and dtypes of a feed of plain arrays, in declared order (None: not such a feed)."""
+    key = []
+    for name, _, _ in spec:
+        value = feed.get(name)
+        if type(value) is not np.ndarray:
+            return None
+        key.append((value.shape, value.dtype))
+    return tuple(key)
 
 
 def _fits(shape: Sequence[int], declared: Sequence[Union[int, str, None]]) -> bool:
