@@ -131,9 +131,7 @@ def fingerprint(json_to) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDx..",
-              help="Input shape; repeat a name for several shape sets (one plan each), e.g. "
-                   "--shape x:1x3x224x224 --shape x:8x3x224x224.")
+@shape_option
 @cache_option
 @click.option("--budget", type=float, default=None, metavar="SECONDS",
               help="Per model and shape set: stop profiling new signatures after this long.")

@@ -130,8 +130,11 @@ cache_option = click.option("--cache-dir", type=click.Path(file_okay=False), def
                             help="Cache directory (default: $FASTRUN_CACHE_DIR or ./cache in a checkout).")
 
 
-shape_option = click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDx..",
-                            help="Concrete input shape, e.g. data:1x3x224x224 (repeatable).")
+SHAPES_HELP = ("Input shape NAME:D1xD2x..., e.g. data:1x3x224x224; repeat a name for several shape sets (one plan "
+               "each); with several inputs the i-th shapes of each pair up. A dim may be a range "
+               "[START:STOP:STEP] (STOP included) or a list [1,4,8]: --shape 'input_ids:1x[8:128:8]' "
+               "is 16 shape sets.")
+shape_option = click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDx..", help=SHAPES_HELP)
 
 
 def parse_shape_sets(shapes: tuple[str, ...]) -> list[dict[str, tuple[int, ...]]]:

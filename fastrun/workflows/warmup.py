@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,47 @@ log = logging.getLogger(__name__)
 ShapeSet = dict[str, tuple[int, ...]]
 
 
+_BRACKET = re.compile(r"\[([^\]]*)\]")
+
+
+def expand_shape(text: str) -> list[str]:
+    """One ``--shape`` value with brackets -> the plain values it stands for.
+
+    A bracket in place of a dim is a range, ``[START:STOP:STEP]`` with STOP included (STEP 1 if
+    left out), or a list, ``[1,4,8]``: ``ids:1x[8:32:8]`` -> ``ids:1x8 ids:1x16 ids:1x24 ids:1x32``.
+    Several brackets give every combination, the last varying fastest.
+    """
+    match = _BRACKET.search(text)
+    if match is None:
+        return [text]
+    head, tail = text[:match.start()], text[match.end():]
+    return [e for value in _bracket_values(match.group(1), text) for e in expand_shape(f"{head}{value}{tail}")]
+
+
+def _bracket_values(inner: str, text: str) -> list[int]:
+    try:
+        if ":" not in inner:
+            values = [int(v) for v in inner.split(",")]
+        else:
+            start, stop, *step = (int(v) for v in inner.split(":"))
+            if len(step) > 1 or (step and step[0] <= 0) or stop < start:
+                raise ValueError
+            values = list(range(start, stop + 1, step[0] if step else 1))
+    except ValueError:
+        raise InputError(f"bad shape {text!r}: a bracket is START:STOP[:STEP] (STOP included) or a list "
+                         f"like 1,4,8") from None
+    return values
+
+
 def shape_sets(texts: Sequence[str]) -> list[ShapeSet]:
     """``--shape`` values -> shape sets, one plan each.
 
-    Repeating an input name gives several sets (``x:1x3x8x8 x:8x3x8x8`` -> two); with several
-    inputs, the i-th shape of every input forms the i-th set, so each input needs as many.
+    Repeating an input name gives several sets (``x:1x3x8x8 x:8x3x8x8`` -> two), and so does a
+    bracket (:func:`expand_shape`: ``ids:1x[8:32:8]`` -> four); with several inputs, the i-th shape
+    of every input forms the i-th set, so each input needs as many.
     """
     per_input: dict[str, list[tuple[int, ...]]] = {}
-    for text in texts:
+    for text in (t for given in texts for t in expand_shape(given)):
         name, shape = reader.parse_shape(text)
         per_input.setdefault(name, []).append(shape)
     counts = {name: len(shapes) for name, shapes in per_input.items()}
