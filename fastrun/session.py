@@ -45,6 +45,7 @@ from fastrun.shapes import as_shape, shapes_text
 from fastrun.store import programcheck
 from fastrun.store.cache import Caches
 from fastrun.system import fingerprint as fp
+from fastrun.system import precision as precisions
 from fastrun.workflows import fallback, lookup
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,11 @@ class InferenceSession:
                  providers: Optional[Sequence[Any]] = None, provider_options: Optional[Sequence[dict]] = None,
                  *, cache_dir: Optional[str] = None, policy: Optional[str] = None,
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None, op_limit: Optional[float] = None,
-                 max_programs: int = MAX_PROGRAMS, exact: bool = False, **kwargs: Any):
+                 max_programs: int = MAX_PROGRAMS, exact: bool = False, precision: Optional[str] = None,
+                 **kwargs: Any):
         self._policy = policy or os.environ.get(ENV_POLICY) or DEFAULT_POLICY
+        # the precision policy whose plans this session serves (fastrun.system.precision; fp32 by default)
+        self._precision = precisions.policy(precision).precision
         if self._policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self._policy!r}")
         self._original = OriginalModel(path_or_bytes, sess_options, providers, provider_options, kwargs)
@@ -265,7 +269,7 @@ class InferenceSession:
     def _load(self, shapes: dict) -> Optional[tuple[Program, Plan]]:
         """A program for these shapes, by policy; None: the original model runs them."""
         plan = lookup.stored_plan(self._caches, self._fingerprint, self._hash, shapes, self._label or "the model",
-                                  self._exact)
+                                  self._exact, self._precision)
         stored = self._stored_program(plan) if plan is not None else None
         if stored is not None:
             return stored
@@ -313,7 +317,7 @@ class InferenceSession:
             graph = reader.from_proto(self._model(), self._bytes(), shapes, self._initializers)
         except Exception as exc:  # the front end cannot take it: the original model runs, as a plan
             return self._original_program(shapes, exc)
-        plan = lookup.find_plan(self._caches, self._fingerprint, graph, self._exact)
+        plan = lookup.find_plan(self._caches, self._fingerprint, graph, self._exact, self._precision)
         if plan is not None:
             try:
                 recipe = compiler.build_recipe(graph, plan)

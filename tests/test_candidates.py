@@ -101,7 +101,7 @@ def test_a_registered_engine_races_and_serves_without_changing_the_race(tiny_mod
     monkeypatch.setattr(candidates, "_CANDIDATES", dict(candidates._CANDIDATES))
     engines.register("test-basic", basic_level)
     candidates.register(candidates.WholeModelCandidate(
-        "test-basic", lambda graph, plan: candidates.engine_plan(plan, "test-basic")))
+        "test-basic", lambda graph, plan, original: candidates.engine_plan(plan, "test-basic")))
     graph, caches, prof, plan, original, reference = _setup(tiny_model, cache_dir)
     raced: dict = {}
     _fixed_race(monkeypatch, "test-basic", raced)

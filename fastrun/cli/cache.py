@@ -73,8 +73,8 @@ def cache_ls(cache_dir, json_to) -> None:
         for p in info.plans:
             note = f"  not served: {p.problem}" if p.problem else ("" if p.program else "  (no compiled program)")
             policy = "loaded" if p.measured_under_load else p.policy
-            click.echo(f"  {cut(p.model_name, 20):<20} {p.model_hash[:12]:<12} {cut(p.shapes, 28):<28} "
-                       f"{policy:<9} {ms(p.predicted_ms):>8} ms{note}"[:100])
+            click.echo(f"  {cut(p.model_name, 18):<18} {p.model_hash[:10]:<10} {cut(p.shapes, 24):<24} "
+                       f"{policy:<9} {cut(p.runs, 16):<16} {ms(p.predicted_ms):>8} ms{note}"[:100])
     if any(p.measured_under_load for info in infos for p in info.plans):
         click.echo("loaded: measured under load (other processes used the cores); `fastrun warmup` measures it again")
 

@@ -9,8 +9,8 @@ import click
 
 from fastrun._version import __version__
 from fastrun.cli.cache import cache, show_plans
-from fastrun.cli.options import (Group, cache_option, json_option, parse_shape_sets, resolve_model, setup_logging,
-                                 shape_option, show_options, verbosity)
+from fastrun.cli.options import (Group, cache_option, json_option, load_inputs, parse_shape_sets, precision_options,
+                                 resolve_model, setup_logging, shape_option, show_options, verbosity)
 from fastrun.cli.output import emit_json, print_profile, print_warmup, progress_printer, write_report
 
 
@@ -48,8 +48,12 @@ def main() -> None:
               "(e.g. after profiling on a busy machine).")
 @click.option("--exact", is_flag=True, help="Exact mode: no approximate algorithm (Winograd, FFT); every kernel within "
               "direct evaluation's error of onnxruntime, for reproducible numerics (a plan of its own).")
+@precision_options
+@click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE.npz",
+              help="Check inputs (np.savez: one array per model input name) the race's outputs are compared on "
+                   "[default: random].")
 def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, json_to, report_path, no_measure, repeats,
-            refresh, exact) -> None:
+            refresh, exact, precision, tolerance, inputs_path) -> None:
     """Profile MODEL, store its plan, print what was chosen and what it gains."""
     from fastrun.workflows import profile as profiling
 
@@ -59,7 +63,8 @@ def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, jso
     for shape_set in parse_shape_sets(shapes) or [None]:  # one plan per shape set
         report = profiling.profile(path, shape_set, cache_dir=cache_dir, budget=budget, op_limit=op_limit,
                                    op_timeout=op_timeout, progress=show, measure=not no_measure, repeats=repeats,
-                                   refresh=refresh, exact=exact)
+                                   refresh=refresh, exact=exact, precision=precision, tolerance=tolerance,
+                                   inputs=load_inputs(inputs_path))
         done()
         results.append(report.to_json())
         if json_to != "-":
@@ -140,7 +145,8 @@ def fingerprint(json_to) -> None:
 @json_option("The summary")
 @click.option("--exact", is_flag=True, help="Exact mode: no approximate algorithm (Winograd, FFT); every kernel within "
               "direct evaluation's error of onnxruntime, for reproducible numerics (a plan of its own).")
-def warmup(paths, shapes, cache_dir, budget, op_limit, json_to, exact) -> None:
+@precision_options
+def warmup(paths, shapes, cache_dir, budget, op_limit, json_to, exact, precision, tolerance) -> None:
     """Profile what is missing for PATHS (model files, directories searched for *.onnx).
 
     Plans already cached are not touched: a second run times nothing (a plan cut short by
@@ -154,7 +160,8 @@ def warmup(paths, shapes, cache_dir, budget, op_limit, json_to, exact) -> None:
 
     sets = parse_shape_sets(shapes)
     show, done = progress_printer(enabled=verbosity() >= 0)
-    results = run_warmup(paths, sets, cache_dir=cache_dir, progress=show, budget=budget, op_limit=op_limit, exact=exact)
+    results = run_warmup(paths, sets, cache_dir=cache_dir, progress=show, budget=budget, op_limit=op_limit, exact=exact,
+                         precision=precision, tolerance=tolerance)
     done()
     if json_to != "-":
         print_warmup(results)

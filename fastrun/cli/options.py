@@ -156,3 +156,30 @@ def show_options(fn):
     ]):
         fn = option(fn)
     return fn
+
+
+def precision_options(fn):
+    """--precision and --tolerance: the precision policy (fastrun.system.precision)."""
+    for option in reversed([
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                     help="Numerics the plan may compute in; bf16/fp16 only on a CPU that has them natively, "
+                          "and only where the outputs stay within --tolerance of onnxruntime's."),
+        click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=None, metavar="REL",
+                     help="Error budget of --precision bf16/fp16: max abs error relative to max |output| "
+                          "on the check inputs [default: 1e-2]."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def load_inputs(path: Optional[str]):
+    """The check inputs of ``--inputs FILE.npz``: one array per model input, by name."""
+    if path is None:
+        return None
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise FastrunError(f"cannot read the check inputs {path}: {exc}") from None
+

@@ -133,8 +133,17 @@ def _print_winner(d: dict) -> None:
                 "onnxruntime on fastrun's specialised graph" if d["winner"] == "onnxruntime" else d["winner"])
         click.echo(f"runs: {what} (fastest eligible in the end-to-end race)")
     if verified.get("errors"):
-        errors = "  ".join(f"{k} {v:.1e}" for k, v in verified["errors"].items())
-        click.echo(f"race: {verified.get('rule', '')}: bound {verified.get('bound', 0):.1e}; errors: {errors}")
+        click.echo(f"race: {verified.get('rule', '')}: bound {verified.get('bound', 0):.1e}"
+                   + (f" ({d['precision_policy']} budget {d['tolerance']:.1e})" if d.get("tolerance") else ""))
+        for name, error in verified["errors"].items():
+            timed = verified.get(f"{name}_ms")
+            click.echo(f"  {name:<22} {ms(timed) + ' ms' if timed is not None else 'not timed':>12}   error {error:.1e}"
+                       + ("   <- kept" if name == verified.get("kept") else ""))
+    for name, why in ((d.get("solver") or {}).get("failed_candidates") or {}).items():
+        click.echo(f"  {name:<22} failed: {why}")
+    if d.get("precision", "fp32") != "fp32":
+        click.echo(f"PRECISION: the plan computes in {d['precision'].upper()}, not fp32 (allowed by --precision "
+                   f"{d['precision_policy']}, error budget {d['tolerance']:.1e})")
 
 
 def print_load(d: dict) -> None:
@@ -201,6 +210,12 @@ def print_plan(plan, problem: str = "") -> None:
                              * plan.measured_under_load))
     if problem:
         click.echo(f"not served here: {problem}")
+    if plan.runs_original:
+        version = f" {plan.engine_version}" if plan.engine_version else ""
+        click.echo(f"runs: the original model on {plan.engine}{version} ({plan.threads or 'all'} threads)")
+    if plan.precision != "fp32" or plan.precision_policy != "fp32":
+        click.echo(f"PRECISION: computes in {plan.precision.upper()} (policy --precision {plan.precision_policy}, "
+                   f"error budget {plan.tolerance:.1e}); served only to sessions asking for {plan.precision_policy}")
     if plan.whole_model:
         from fastrun.workflows.verify import WHOLE_MODEL_MARGIN
 

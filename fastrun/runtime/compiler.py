@@ -30,6 +30,7 @@ from fastrun.ops import builtin  # noqa: F401  (registers the built-in implement
 from fastrun.ops import formats, layout_ops, registry, reorders
 from fastrun.ops.registry import OnnxFragment
 from fastrun.runtime.plan import LIGHT_IMPL, Plan
+from fastrun.runtime import openvino_engine
 from fastrun.runtime.engines import OriginalModelSource
 from fastrun.runtime.program import Program, instantiate
 from fastrun.runtime.recipe import WHOLE_MODEL_LEVEL, HostRecipe, ModelRecipe, Recipe, SegmentRecipe
@@ -59,16 +60,23 @@ def compile_plan(graph: Graph, plan: Plan, threads: Optional[int] = None,
     return instantiate(build_recipe(graph, plan, threads), original=original)
 
 
-def model_recipe(plan: Plan, inputs: Sequence[str], outputs: Sequence[str], threads: Optional[int] = None) -> Recipe:
-    """The recipe of a plan that runs the original model whole on its engine (no graph needed)."""
-    part = ModelRecipe(plan.engine, list(inputs), list(outputs), threads or plan.threads)
+def model_recipe(plan: Plan, inputs: Sequence[str], outputs: Sequence[str], threads: Optional[int] = None,
+                 original: Optional[OriginalModelSource] = None) -> Recipe:
+    """The recipe of a plan that runs the original model whole on its engine (no graph needed);
+    with ``original``, an engine that has a compiled form (OpenVINO's blob) stores it in the recipe."""
+    part = ModelRecipe(plan.engine, list(inputs), list(outputs), threads or plan.threads, plan.precision,
+                       plan.engine_version, {k: list(v) for k, v in plan.input_shapes.items()})
+    if original is not None and plan.engine == openvino_engine.OpenVINOEngine.name:
+        part.blob = openvino_engine.compiled_blob(original.source, part)
     return Recipe(parts=[part], constants={}, outputs={t: t for t in outputs})
 
 
-def build_recipe(graph: Graph, plan: Plan, threads: Optional[int] = None) -> Recipe:
-    """Build every ONNX step (weights transformed once) and merge them into segments."""
+def build_recipe(graph: Graph, plan: Plan, threads: Optional[int] = None,
+                 original: Optional[OriginalModelSource] = None) -> Recipe:
+    """Build every ONNX step (weights transformed once) and merge them into segments (``original``:
+    see :func:`model_recipe`)."""
     if plan.runs_original:
-        return model_recipe(plan, graph.inputs, graph.outputs, threads)
+        return model_recipe(plan, graph.inputs, graph.outputs, threads, original)
     produced = {t: formats.NCHW for t in graph.inputs}
     produced.update({t: f for t, f in plan.tensor_formats.items()})
     choices = {c.name: c for c in plan.nodes}

@@ -8,14 +8,17 @@ that turns the original model (:class:`OriginalModelSource`) into a runner
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from fastrun.runtime.plan import ENGINE_ORIGINAL
+from fastrun.runtime import openvino_engine
 from fastrun.system import ortutil
 
 Runner = Callable[[list, dict], list]
+OPENVINO = openvino_engine.OpenVINOEngine.name
 
 
 @dataclass
@@ -73,3 +76,4 @@ def _onnxruntime_original(original: OriginalModelSource, recipe: Any) -> Runner:
 
 
 register(ENGINE_ORIGINAL, _onnxruntime_original)
+register(OPENVINO, functools.partial(openvino_engine.build_runner, fallback=_onnxruntime_original))

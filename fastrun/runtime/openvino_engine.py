@@ -114,3 +114,39 @@ def _compiled(compiled, precision: str, threads: int) -> CompiledModel:
             return [np.array(request.get_output_tensor(i).data) for i in wanted]
 
     return CompiledModel(inputs, outputs, run, compiled, precision, threads)
+
+
+# -- serving: a plan's ModelRecipe on OpenVINO (registered in fastrun.runtime.engines)
+
+_warned: set[str] = set()
+
+
+def serving_problem(version: str) -> str:
+    """Why a plan made with OpenVINO ``version`` cannot run on it here ("" when it can)."""
+    if not OpenVINOEngine().available():
+        return "OpenVINO is not installed here"
+    if version and version != installed_version():
+        return f"the plan was made with OpenVINO {version} and this machine has {installed_version()}"
+    return ""
+
+
+def build_runner(original, recipe, fallback):
+    """The runner of an OpenVINO plan's recipe: its stored compiled form when it has one (no compile
+    from ONNX), else the original model compiled now. Where OpenVINO is missing or another version,
+    ``fallback(original, recipe)`` (onnxruntime on the original model), with one warning per reason."""
+    problem = serving_problem(recipe.engine_version)
+    if problem:
+        if problem not in _warned:
+            _warned.add(problem)
+            log.warning("%s: running the model on onnxruntime instead", problem)
+        return fallback(original, recipe)
+    engine = OpenVINOEngine()
+    if recipe.blob:
+        return engine.load(recipe.blob, recipe.precision, recipe.threads).run
+    return engine.compile(original.source, recipe.shapes, recipe.precision, recipe.threads).run
+
+
+def compiled_blob(source: ModelInput, recipe) -> bytes:
+    """The compiled form a program stores for ``recipe`` (compiled from the original model now)."""
+    engine = OpenVINOEngine()
+    return engine.export(engine.compile(source, recipe.shapes, recipe.precision, recipe.threads))

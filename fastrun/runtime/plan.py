@@ -15,6 +15,7 @@ import onnxruntime
 
 from fastrun._version import SCHEMA, __version__
 from fastrun.system import ortutil
+from fastrun.system.precision import FP32
 
 LIGHT_IMPL = "onnxruntime"  # the impl name of nodes that run as their own ONNX node
 
@@ -75,6 +76,10 @@ class Plan:
     # Exact mode: only implementations that compute the direct result up to summation order, and
     # whose measured error stays at that level (planner.exact_limit); part of the plan's key.
     exact: bool = False
+    engine_version: str = ""        # the whole-model engine's version (its stored form is valid for it only)
+    precision: str = FP32           # what the plan computes in (fastrun.system.precision)
+    precision_policy: str = FP32    # what the user allowed: plans are stored and found under it
+    tolerance: Optional[float] = None  # the error budget of a reduced precision policy
     fastrun_version: str = __version__
     onnxruntime_version: str = onnxruntime.__version__
     schema: int = SCHEMA

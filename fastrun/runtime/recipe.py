@@ -6,11 +6,12 @@ onnxruntime segments.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fastrun.ops.registry import OpSpec
+from fastrun.system.precision import FP32
 
 SEGMENT_LEVEL = "extended"  # the plan makes the layout decisions; ORT must not redo them
 WHOLE_MODEL_LEVEL = "all"   # a whole-model plan leaves them to onnxruntime
@@ -51,6 +52,10 @@ class ModelRecipe:
     inputs: list[str]
     outputs: list[str]
     threads: int = 0                 # intra-op threads; 0: the engine's default (all cores)
+    precision: str = FP32            # what the engine computes in
+    engine_version: str = ""         # the version that made ``blob``
+    shapes: dict = field(default_factory=dict)  # input -> shape the engine compiles for ({}: the model's)
+    blob: bytes = b""                # the engine's compiled form (b"": compile from the original model)
 
 
 @dataclass

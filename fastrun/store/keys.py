@@ -9,6 +9,7 @@ import onnxruntime
 
 from fastrun import _version
 from fastrun.shapes import shapes_text as shape_list
+from fastrun.system.precision import FP32
 
 ENV_DIR = "FASTRUN_CACHE_DIR"
 
@@ -42,9 +43,15 @@ def timing_key(fingerprint: str, spec_key: str, impl_id: str) -> str:
     return f"{fingerprint}/{software_tag()}/{spec_key}/{impl_id}"
 
 
-def plan_key(fingerprint: str, model_hash: str, shapes: dict[str, tuple[int, ...]], exact: bool = False) -> str:
-    """The key of a plan; exact-mode plans (``plan.exact``) are kept apart from the others."""
-    return f"{fingerprint}/{model_hash}/{shapes_text(shapes)}" + ("/exact" if exact else "")
+def plan_key(fingerprint: str, model_hash: str, shapes: dict[str, tuple[int, ...]], exact: bool = False,
+             precision: str = FP32) -> str:
+    """The key of a plan; exact-mode plans (``plan.exact``) and reduced-precision policies' plans are
+    kept apart from the others (a bf16 plan is never found by an fp32 session)."""
+    return f"{fingerprint}/{model_hash}/{shapes_text(shapes)}" + ("/exact" if exact else "") + precision_suffix(precision)
+
+
+def precision_suffix(precision: str) -> str:
+    return "" if precision == FP32 else f"@{precision}"
 
 
 def shapes_text(shapes: dict[str, Any]) -> str:

@@ -48,9 +48,10 @@ import numpy as np
 
 from fastrun.system import ortutil
 from fastrun.store import programcheck, untrusted
-from fastrun.store.keys import shapes_text, software_tag
+from fastrun.store.keys import precision_suffix, shapes_text, software_tag
 from fastrun.runtime.recipe import HostRecipe, ModelRecipe, Recipe, SegmentRecipe
 from fastrun.runtime.plan import Plan
+from fastrun.system.precision import FP32
 from fastrun.ops.registry import OpSpec
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class ProgramStore:
         return self.directory / untrusted.component(fingerprint) / untrusted.component(model_hash)
 
     def path_for(self, plan: Plan, digest: Optional[str] = None) -> Path:
-        shapes = _shapes_key(plan)
+        shapes = _shapes_key(plan) + precision_suffix(plan.precision_policy)
         shapes_id = hashlib.sha256(shapes.encode()).hexdigest()[:12]
         return self._model_dir(plan.fingerprint, plan.model_hash) / f"{shapes_id}.{digest or plan_digest(plan)}"
 
@@ -344,7 +345,8 @@ def _write(recipe: Recipe, path: Path) -> dict:
                               "steps": p.steps, "label": p.label, "threads": p.threads, "level": p.level})
             elif isinstance(p, ModelRecipe):
                 parts.append({"kind": "model", "engine": p.engine, "inputs": p.inputs, "outputs": p.outputs,
-                              "threads": p.threads})
+                              "threads": p.threads, "precision": p.precision, "engine_version": p.engine_version,
+                              "shapes": p.shapes, "blob": blob.add(np.frombuffer(p.blob, np.uint8))})
             else:
                 parts.append({"kind": "host", "name": p.name, "impl": p.impl, "spec": p.spec.to_json(),
                               "consts": {str(i): blob.add(v) for i, v in p.consts.items()},
@@ -423,7 +425,10 @@ def _read(manifest: dict, data: np.ndarray, interface: Optional[dict]) -> Recipe
                                     str(p["output"]), ortutil.bounded_threads(p["threads"])))
         elif p["kind"] == "model":
             parts.append(ModelRecipe(str(p["engine"]), _names(p["inputs"]), _names(p["outputs"]),
-                                     ortutil.bounded_threads(p["threads"])))
+                                     ortutil.bounded_threads(p["threads"]),
+                                     str(p.get("precision", FP32)), str(p.get("engine_version", "")),
+                                     {k: list(v) for k, v in p.get("shapes", {}).items()},
+                                     array(p["blob"]).tobytes() if "blob" in p else b""))
         else:
             raise ValueError(f"unknown part kind {p['kind']!r}")
     recipe = Recipe(parts, {str(k): array(v) for k, v in manifest["constants"].items()},

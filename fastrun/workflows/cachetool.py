@@ -46,6 +46,7 @@ class PlanInfo:
     model_hash: str = ""
     shapes: str = ""
     policy: str = ""
+    runs: str = ""                  # what runs it: "fastrun", "onnxruntime", "openvino bf16"...
     predicted_ms: Optional[float] = None
     program: bool = False           # its compiled program is stored (serving skips compiling)
     measured_under_load: bool = False  # other processes used the cores while it was profiled
@@ -131,6 +132,7 @@ def listing(caches: Caches) -> list[FingerprintInfo]:
         if plan is not None:
             item.model_name, item.policy, item.predicted_ms = plan.model_name, plan.policy, plan.predicted_ms
             item.measured_under_load = plan.measured_under_load
+            item.runs = plan.winner + ("" if plan.precision == "fp32" else f" {plan.precision.upper()}")
             item.problem = plan_problem(plan)
             item.program = caches.programs.has(plan)
         elif not item.problem:
@@ -253,7 +255,7 @@ def _importable(store: str, key: str, value: Any) -> bool:
 
 def _plan_key(plan: Plan) -> str:
     return Caches.plan_key(plan.fingerprint, plan.model_hash, {k: tuple(v) for k, v in plan.input_shapes.items()},
-                           plan.exact)
+                           plan.exact, plan.precision_policy)
 
 
 # ------------------------------------------------------------------------------ verify, clear

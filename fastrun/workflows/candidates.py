@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from fastrun.ir.graph import Graph
 from fastrun.planning import planner
+from fastrun.runtime.engines import OriginalModelSource
 from fastrun.runtime.plan import ENGINE_ORIGINAL, Plan
 
 # The default: what a user had without fastrun. Every other candidate must beat it to be kept.
@@ -25,7 +26,8 @@ SPECIALISED = "onnxruntime"  # onnxruntime on fastrun's specialised graph (``pla
 @dataclass(frozen=True)
 class WholeModelCandidate:
     name: str                                             # what ``plan.winner`` reports when it wins
-    make_plan: Callable[[Graph, Plan], Optional[Plan]]    # its plan from the selected one (None: n/a)
+    # its plan from the selected one and the original model (None: it does not apply here)
+    make_plan: Callable[[Graph, Plan, Optional[OriginalModelSource]], Optional[Plan]]
     needs_original: bool = True                           # runs the original model (needs its source)
 
 
@@ -46,5 +48,6 @@ def candidates() -> list[WholeModelCandidate]:
     return list(_CANDIDATES.values())
 
 
-register(WholeModelCandidate(ENGINE_ORIGINAL, lambda graph, plan: engine_plan(plan, ENGINE_ORIGINAL)))
-register(WholeModelCandidate(SPECIALISED, planner.whole_model_plan, needs_original=False))
+register(WholeModelCandidate(ENGINE_ORIGINAL, lambda graph, plan, original: engine_plan(plan, ENGINE_ORIGINAL)))
+register(WholeModelCandidate(SPECIALISED, lambda graph, plan, original: planner.whole_model_plan(graph, plan),
+                             needs_original=False))

@@ -16,11 +16,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
+from fastrun.ir.graph import Graph
 from fastrun.measure import isolation
 from fastrun.runtime.engine_api import ModelInput
+from fastrun.runtime.engines import OriginalModelSource
 from fastrun.runtime.openvino_engine import OpenVINOEngine
+from fastrun.runtime.plan import Plan
+from fastrun.system.precision import FP32, PRECISIONS
+from fastrun.workflows import candidates
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +79,35 @@ def _probe(model: ModelInput, shapes: Mapping[str, Sequence[int]], config: dict,
         last = (done.stderr.strip().splitlines() or [""])[-1]
         return f"its compile {isolation.exit_reason(done.returncode)}" + (f": {last}" if done.returncode > 0 and last else "")
     return done.stdout.strip()
+
+
+# -- OpenVINO's candidates in the race
+
+def openvino_plan(precision: str) -> Callable[[Graph, Plan, Optional[OriginalModelSource]], Optional[Plan]]:
+    """The candidate plan maker of OpenVINO at ``precision``: fp32 wherever OpenVINO is installed;
+    a reduced precision only when the plan's precision policy allows it (checked native when the
+    policy was made). A model whose first compile fails is a failed candidate, recorded in the
+    selected plan's ``solver["failed_candidates"]``."""
+    def make(graph: Graph, plan: Plan, original: Optional[OriginalModelSource]) -> Optional[Plan]:
+        engine = OpenVINOEngine()
+        if original is None or precision not in (FP32, plan.precision_policy) or not engine.available():
+            return None
+        name = candidate_name(precision)
+        problem = compile_problem(engine.name, original.source, plan.input_shapes, precision, plan.threads)
+        if problem:
+            log.info("%s is not a candidate for %s: %s", name, graph.name, problem)
+            plan.solver.setdefault("failed_candidates", {})[name] = problem
+            return None
+        made = candidates.engine_plan(plan, engine.name)
+        made.engine_version = engine.version()
+        made.precision = precision
+        return made
+    return make
+
+
+def candidate_name(precision: str) -> str:
+    return OpenVINOEngine.name if precision == FP32 else f"{OpenVINOEngine.name}-{precision}"
+
+
+for _precision in PRECISIONS:
+    candidates.register(candidates.WholeModelCandidate(candidate_name(_precision), openvino_plan(_precision)))

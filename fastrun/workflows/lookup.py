@@ -11,16 +11,18 @@ from fastrun.store.cache import Caches
 from fastrun.ir.graph import Graph
 from fastrun.ir.reader import ModelSource
 from fastrun.runtime.plan import Plan
+from fastrun.system.precision import FP32
 from fastrun.planning.plancheck import plan_problem
 from fastrun.ops import builtin  # noqa: F401  (registers the built-in implementations this module queries)
 
 log = logging.getLogger(__name__)
 
 
-def find_plan(caches: Caches, fingerprint: str, graph: Graph, exact: bool = False) -> Optional[Plan]:
-    """The cached plan for this graph's model and input shapes (the exact-mode one with ``exact``),
-    if one exists and is valid."""
-    plan = stored_plan(caches, fingerprint, graph.model_hash, graph.input_shapes(), graph.name, exact)
+def find_plan(caches: Caches, fingerprint: str, graph: Graph, exact: bool = False,
+              precision: str = FP32) -> Optional[Plan]:
+    """The cached plan for this graph's model and input shapes (the exact-mode one with ``exact``;
+    the one of a precision policy), if one exists and is valid."""
+    plan = stored_plan(caches, fingerprint, graph.model_hash, graph.input_shapes(), graph.name, exact, precision)
     if plan is None:
         return None
 
@@ -32,10 +34,11 @@ def find_plan(caches: Caches, fingerprint: str, graph: Graph, exact: bool = Fals
 
 
 def stored_plan(caches: Caches, fingerprint: str, model_hash: str, shapes: Mapping[str, Sequence[int]],
-                label: str = "the model", exact: bool = False) -> Optional[Plan]:
+                label: str = "the model", exact: bool = False, precision: str = FP32) -> Optional[Plan]:
     """The cached plan for a model hash and input shapes, checked against everything but the graph
     (versions, machine, registered implementations); :func:`find_plan` checks the graph too."""
-    value = caches.plans.get(Caches.plan_key(fingerprint, model_hash, {k: tuple(v) for k, v in shapes.items()}, exact))
+    value = caches.plans.get(Caches.plan_key(fingerprint, model_hash, {k: tuple(v) for k, v in shapes.items()},
+                                             exact, precision))
     if value is None:
         return None
     try:
@@ -75,7 +78,8 @@ def implementation_change(plan: Plan) -> Optional[str]:
 
 def store_plan(caches: Caches, plan: Plan) -> bool:
     shapes = {k: tuple(v) for k, v in plan.input_shapes.items()}
-    return caches.plans.set(Caches.plan_key(plan.fingerprint, plan.model_hash, shapes, plan.exact), plan.to_json())
+    return caches.plans.set(Caches.plan_key(plan.fingerprint, plan.model_hash, shapes, plan.exact,
+                                            plan.precision_policy), plan.to_json())
 
 
 def load_plan(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+import numpy as np
+
 from fastrun.measure import load, timing
 from fastrun.runtime import compiler
 from fastrun.runtime.program import Program, instantiate
@@ -27,6 +29,7 @@ from fastrun.workflows.lookup import store_plan
 from fastrun.runtime import engines
 from fastrun.runtime.engines import OriginalModelSource
 from fastrun.system import ortutil
+from fastrun.system import precision as precisions
 from fastrun.workflows import eligibility, fallback
 from fastrun.workflows.verify import choose_threads, model_reference, random_feed, relative_error, verify_plan
 
@@ -102,6 +105,10 @@ class ProfileReport:
             "engine": plan.engine,
             "winner": plan.winner,
             "fallback_reason": plan.fallback_reason,
+            "engine_version": plan.engine_version,
+            "precision": plan.precision,
+            "precision_policy": plan.precision_policy,
+            "tolerance": plan.tolerance,
             "kernel_ceiling_ms": list(ceiling) if ceiling else None,
             "max_error": self.max_error,
             "segments": self.segments,
@@ -139,7 +146,8 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
             op_limit: float = DEFAULT_OP_LIMIT, progress: Optional[Callable[[str], None]] = None,
             measure: bool = True, repeats: int = 10, verify: bool = True,
             op_timeout: Optional[float] = None, isolate: bool = True, refresh: bool = False,
-            exact: bool = False) -> ProfileReport:
+            exact: bool = False, precision: Optional[str] = None, tolerance: Optional[float] = None,
+            inputs: Optional[Mapping[str, np.ndarray]] = None) -> ProfileReport:
     """Profile every heavy node (cached signatures are reused), solve, store and measure the plan.
 
     ``refresh`` measures everything again, ignoring (and then overwriting) cached timings.
@@ -157,7 +165,13 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     ``verify`` times the optimal assignment against the heuristic one end to end and keeps the
     faster: per-operator timings predict the whole well, not perfectly (caches, segment
     boundaries), and a profiled plan must never be slower than not profiling.
+
+    ``precision`` (fp32 by default; bf16 or fp16 where the CPU computes them natively) lets
+    whole-model candidates compute in that precision when their outputs stay within
+    ``tolerance`` of onnxruntime's on the check inputs: ``inputs`` (one feed of the model's
+    inputs), or random ones. The plan is stored under its precision policy.
     """
+    allowed = precisions.policy(precision, tolerance)
     start = time.perf_counter()
     model_proto, data = reader.read_model(model)
     original = OriginalModelSource(engines.model_source(model if isinstance(model, (str, Path)) else data))
@@ -168,7 +182,8 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
             profiler = Profiler(caches, fp.fingerprint(), budget_s=budget, op_limit_s=op_limit, op_timeout=op_timeout,
                                 isolate=isolate, refresh=refresh)
             report = _profile_locked(model, model_proto, data, original, input_shapes, caches, profiler,
-                                     dict(progress=progress, measure=measure, repeats=repeats, verify=verify, exact=exact))
+                                     dict(progress=progress, measure=measure, repeats=repeats, verify=verify, exact=exact,
+                                          allowed=allowed, inputs=inputs))
     finally:
         caches.close()
     report.seconds = time.perf_counter() - start
@@ -187,10 +202,12 @@ def _profile_locked(model: ModelSource, model_proto, data: bytes, original: Orig
         return _fallback(model, model_proto, data, original, input_shapes, caches, fingerprint, exc)
     loads = {"before": load.check()}
     plan = planner.make_plan(graph, fingerprint, profiler, progress=progress, exact=options["exact"])
+    plan.precision_policy, plan.tolerance = options["allowed"].precision, options["allowed"].tolerance
     if options["verify"] and plan.policy == "profiled":
         if progress:
             progress("racing the plan end to end against the whole-model candidates")
-        reference = model_reference(graph, original, bool(eligibility.quantized_ops(model_proto)))
+        reference = model_reference(graph, original, bool(eligibility.quantized_ops(model_proto)),
+                                    options["inputs"])
         plan = verify_plan(graph, plan, profiler, fingerprint, repeats, original, reference)
         if not plan.runs_original:
             monitor = load.LoadMonitor().start()
@@ -200,7 +217,7 @@ def _profile_locked(model: ModelSource, model_proto, data: bytes, original: Orig
     _mark_load(plan, loads)
     if not store_plan(caches, plan):
         log.warning("the plan could not be stored in %s (read-only?)", caches.root)
-    recipe = compiler.build_recipe(graph, plan)
+    recipe = compiler.build_recipe(graph, plan, original=original)
     caches.programs.save(plan, recipe, reader.declared_interface(model_proto))
     report = ProfileReport(model=_model_label(model, graph), plan=plan, stats=profiler.stats,
                            seconds=0.0, edges=_edges(graph))

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from fastrun.errors import InputError
 from fastrun.measure import timing
 from fastrun.runtime import compiler
 from fastrun.runtime.program import Program, Segment, with_host_threads
@@ -16,7 +17,8 @@ from fastrun.ir.graph import Graph
 from fastrun.runtime.plan import Plan
 from fastrun.measure.profiler import Profiler
 from fastrun.runtime.engines import OriginalModelSource
-from fastrun.workflows import candidates
+from fastrun.system.precision import FP32
+from fastrun.workflows import candidates, engine_candidates  # noqa: F401  (registers the engines' candidates)
 from fastrun.workflows.eligibility import MODEL_TOLERANCE, Reference, make_reference, max_relative_error  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,25 @@ def random_feed(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
 relative_error = max_relative_error
 
 
-def model_reference(graph: Graph, original: OriginalModelSource, quantized: bool) -> Reference:
-    """The outputs of the original model that whole-model candidates must match, on a random feed
-    (:mod:`fastrun.workflows.eligibility`)."""
-    feed = random_feed(graph)
+def check_feed(graph: Graph, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The user's check inputs as a feed of ``graph``: every input, of the planned shape and dtype."""
+    feed = {}
+    for name in graph.inputs:
+        info = graph.tensors[name]
+        if name not in inputs:
+            raise InputError(f"the check inputs have no {name!r} (they have {', '.join(inputs) or 'nothing'})")
+        value = np.asarray(inputs[name])
+        if tuple(value.shape) != tuple(info.shape):
+            raise InputError(f"check input {name!r} has shape {list(value.shape)}; the plan is for {list(info.shape)}")
+        feed[name] = value.astype(info.dtype, copy=False)
+    return feed
+
+
+def model_reference(graph: Graph, original: OriginalModelSource, quantized: bool,
+                    inputs: Optional[Mapping[str, np.ndarray]] = None) -> Reference:
+    """The outputs of the original model that whole-model candidates must match, on ``inputs``
+    (the user's check inputs) or a random feed (:mod:`fastrun.workflows.eligibility`)."""
+    feed = check_feed(graph, inputs) if inputs is not None else random_feed(graph)
     names = list(graph.outputs)
     default = ortutil.session(original.source, level="all").run(names, feed)
     semantics = ortutil.session(original.source, level="disable").run(names, feed) if quantized else ()
@@ -98,11 +115,11 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
     contenders = {"optimal": plan}
     if plan.assignment() != alternative.assignment():
         contenders["heuristic"] = alternative
-    whole = _whole_model_plans(graph, plan, original is not None)
+    whole = _whole_model_plans(graph, plan, original)
     contenders.update(whole)
     programs = {k: compiler.compile_plan(graph, p, original=original) for k, p in contenders.items()}
     errors = {k: reference.error(p.run(dict(reference.feed))) for k, p in programs.items()} if reference else {}
-    eligible = [k for k in programs if k == candidates.BASELINE or not reference or errors[k] <= reference.bound]
+    eligible = [k for k in programs if k == candidates.BASELINE or not reference or errors[k] <= _bound(contenders[k], reference)]
     eligible = eligible or ["optimal"]  # no baseline to fall back on: the plan as before
     record = {"errors": errors, **(reference.describe() if reference else {})}
     if len(eligible) == 1:
@@ -120,16 +137,21 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
     return chosen
 
 
-def _whole_model_plans(graph: Graph, plan: Plan, have_original: bool) -> dict[str, Plan]:
+def _whole_model_plans(graph: Graph, plan: Plan, original: Optional[OriginalModelSource]) -> dict[str, Plan]:
     """The plan of every whole-model candidate that applies (those of the original need its source)."""
     plans = {}
     for c in candidates.candidates():
-        if c.needs_original and not have_original:
+        if c.needs_original and original is None:
             continue
-        made = c.make_plan(graph, plan)
+        made = c.make_plan(graph, plan, original)
         if made is not None:
             plans[c.name] = made
     return plans
+
+
+def _bound(plan: Plan, reference: Reference) -> float:
+    """The largest error ``plan`` may have: the reference's, or a reduced precision's own budget."""
+    return max(reference.bound, plan.tolerance or 0.0) if plan.precision != FP32 else reference.bound
 
 
 def _beats(a: str, b: str, blocks: list[dict[str, float]]) -> bool:

@@ -28,6 +28,8 @@ from fastrun.store.cache import Caches
 from fastrun.errors import FastrunError, InputError
 from fastrun.runtime.plan import Plan
 from fastrun.shapes import shapes_text
+from fastrun.runtime.engines import OriginalModelSource
+from fastrun.system import precision as precisions
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,8 @@ def warmup(paths: Sequence[os.PathLike], shapes_list: Sequence[Mapping[str, Sequ
     onnxruntime is skipped unless ``measure=True`` is among them.
     """
     profile_options.setdefault("measure", False)
+    allowed = precisions.policy(profile_options.get("precision"), profile_options.get("tolerance"))
+    profile_options.update(precision=allowed.precision, tolerance=allowed.tolerance)
     sets: list[Optional[Mapping[str, Sequence[int]]]] = list(shapes_list) or [None]
     caches = Caches(cache_dir)
     fingerprint = fp.fingerprint()
@@ -175,23 +179,24 @@ def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches:
             return _fall_back(path, shapes, caches, result, start, options)
         result.shapes = {k: list(v) for k, v in graph.input_shapes().items()}
         exact = bool(options.get("exact"))
-        plan = _complete_plan(caches, fingerprint, graph, exact)
+        precision = options["precision"]
+        plan = _complete_plan(caches, fingerprint, graph, exact, precision)
         result.status = "cached"
         if plan is None:
             with caches.profiling_lock():
-                plan = _complete_plan(caches, fingerprint, graph, exact)  # made meanwhile by another process?
+                plan = _complete_plan(caches, fingerprint, graph, exact, precision)  # made meanwhile by another process?
                 if plan is None:
-                    earlier = lookup.find_plan(caches, fingerprint, graph, exact)
+                    earlier = lookup.find_plan(caches, fingerprint, graph, exact, precision)
                     if earlier is not None and earlier.measured_under_load:  # its timings are suspect too
                         options = dict(options, refresh=True)
                     report = profiling.profile(path, shapes, cache_dir=caches.root, progress=progress, **options)
                     result.status, result.measured, result.reused = "profiled", report.stats.measured, report.stats.from_cache
-                    plan = lookup.find_plan(caches, fingerprint, graph, exact)
+                    plan = lookup.find_plan(caches, fingerprint, graph, exact, precision)
                     if plan is None:
                         raise FastrunError(f"the plan could not be stored in {caches.root} (read-only?)")
         result.plan_policy, result.predicted_ms, result.speedup = plan.policy, plan.predicted_ms, predicted_speedup(plan)
         result.measured_under_load = plan.measured_under_load
-        result.program = _ensure_program(caches, plan, graph, model, fresh=result.status == "profiled")
+        result.program = _ensure_program(caches, plan, graph, model, path, fresh=result.status == "profiled")
     except FastrunError as exc:
         result.status, result.error = "failed", str(exc)
     except Exception as exc:  # a bug on one model must not stop the others
@@ -217,18 +222,19 @@ def _fall_back(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches
     return result
 
 
-def _ensure_program(caches: Caches, plan: Plan, graph: graph_mod.Graph, model, fresh: bool) -> str:
+def _ensure_program(caches: Caches, plan: Plan, graph: graph_mod.Graph, model, path: Path, fresh: bool) -> str:
     """Store the plan's compiled program unless it is there (``fresh``: profiling just stored it)."""
     if caches.programs.has(plan):
         return "compiled" if fresh else "cached"
-    recipe = compiler.build_recipe(graph, plan)
+    recipe = compiler.build_recipe(graph, plan, original=OriginalModelSource(str(path)))
     return "compiled" if caches.programs.save(plan, recipe, reader.declared_interface(model)) else "missing"
 
 
-def _complete_plan(caches: Caches, fingerprint: str, graph: graph_mod.Graph, exact: bool = False) -> Optional[Plan]:
+def _complete_plan(caches: Caches, fingerprint: str, graph: graph_mod.Graph, exact: bool = False,
+                   precision: str = precisions.FP32) -> Optional[Plan]:
     """The cached plan, unless there is none, its profiling ran out of budget (then it resumes) or
     it was measured under load and the machine is quiet now (then it is measured again)."""
-    plan = lookup.find_plan(caches, fingerprint, graph, exact)
+    plan = lookup.find_plan(caches, fingerprint, graph, exact, precision)
     if plan is None or plan.policy == "partial":
         return None
     if plan.measured_under_load and not load.check().busy:
