@@ -33,6 +33,7 @@ from fastrun.measure import timing as benchmark
 from fastrun.ops.builtin import estimates
 from fastrun.planning import planner
 from fastrun.runtime import compiler
+from fastrun.runtime.engines import OriginalModelSource
 from fastrun.system import fingerprint, ortutil
 from fastrun.ir import graph as G
 from fastrun.ir import reader
@@ -46,19 +47,21 @@ def direct_gflop(graph: G.Graph) -> float:
     return sum(estimates.direct_flops(spec_for_node(h.node, graph)) for h in planner.heavy_nodes(graph)) / 1e9
 
 
-def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: float) -> dict:
+def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: float, precision: str = "fp32",
+                tolerance: float | None = None, budget: float | None = None) -> dict:
     model = models.randomized(models.example_path(name), seed=0, batch=batch if batch != 1 else None)
     data = model.SerializeToString()
     graph = reader.from_proto(model, data)
     fp = fingerprint.fingerprint()
     caches = Caches(cache_dir)
     t0 = time.perf_counter()
-    plan = lookup.find_plan(caches, fp, graph)
+    plan = lookup.find_plan(caches, fp, graph, precision)
     if plan is None:
         log.info("%s b%d: profiling", name, batch)
-        plan = profiling.profile(data, cache_dir=cache_dir, op_limit=op_limit, measure=False).plan
+        plan = profiling.profile(data, cache_dir=cache_dir, op_limit=op_limit, measure=False, precision=precision,
+                                 tolerance=tolerance, budget=budget).plan
     profile_s = time.perf_counter() - t0
-    profiled = compiler.compile_plan(graph, plan)
+    profiled = compiler.compile_plan(graph, plan, original=OriginalModelSource(data))
     heuristic_plan = planner.heuristic_plan(graph, fp)
     heuristic = compiler.compile_plan(graph, heuristic_plan)
     ort_all = ortutil.session(data, level="all")
@@ -81,6 +84,7 @@ def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: f
     gflop = direct_gflop(graph)
     return {
         "model": name, "batch": batch, **{f"{k}_ms": v for k, v in times.items()},
+        "winner": plan.winner, "precision": plan.precision,
         "ort_default_alone_ms": lone_ms, "ort_all_alone_ms": all_alone_ms,
         "ratio": times["ort_all"] / times["profiled"],
         "heuristic_ratio": times["ort_all"] / times["heuristic"],
@@ -114,14 +118,16 @@ def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| model | batch | ORT_ALL ms | ORT_EXT ms | heuristic ms | profiled ms | predicted ms | "
+    head = ("| model | batch | runs | ORT_ALL ms | ORT_EXT ms | heuristic ms | profiled ms | max rel err | predicted ms | "
             "ratio ALL/profiled | ALL/heuristic | heuristic/profiled | kernel ceiling | GFLOP/s profiled | GFLOP/s ORT | "
             "alone: ORT_ALL / default ORT ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         pred = f"{r['predicted_ms']:.1f}" if r["predicted_ms"] else "-"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['ort_all_ms']:.1f} | {r['ort_extended_ms']:.1f} | "
-                     f"{r['heuristic_ms']:.1f} | {r['profiled_ms']:.1f} | {pred} | {r['ratio']:.2f} | "
+        runs = r.get("winner", "fastrun") + ("" if r.get("precision", "fp32") == "fp32" else f" {r['precision']}")
+        lines.append(f"| {r['model']} | {r['batch']} | {runs} | {r['ort_all_ms']:.1f} | {r['ort_extended_ms']:.1f} | "
+                     f"{r['heuristic_ms']:.1f} | {r['profiled_ms']:.1f} | {r['max_error']['profiled']:.1e} | "
+                     f"{pred} | {r['ratio']:.2f} | "
                      f"{r['heuristic_ratio']:.2f} | {r['heuristic_over_profiled']:.2f}{' =' if r.get('same_assignment') else ''} | "
                      f"{_ceiling(r)} | "
                      f"{r['profiled_gflops']:.0f} | {r['ort_gflops']:.0f} | "
@@ -158,6 +164,10 @@ def main() -> int:
     p.add_argument("--op-limit", type=float, default=1.0)
     p.add_argument("--cache-dir", default=None, help="default: the fastrun default cache")
     p.add_argument("--out", default="bench-results", help="directory for bench.md and bench.json")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="the precision policy of the profiled plans (fastrun profile --precision)")
+    p.add_argument("--tolerance", type=float, default=None, help="its error budget (fastrun profile --tolerance)")
+    p.add_argument("--budget", type=float, default=None, help="seconds of per-operator profiling per model")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cache_dir = args.cache_dir or str(Caches().root)
@@ -165,7 +175,8 @@ def main() -> int:
     for name in args.models:
         for batch in args.batch:
             try:
-                rows.append(bench_model(name, batch, cache_dir, args.repeats, args.op_limit))
+                rows.append(bench_model(name, batch, cache_dir, args.repeats, args.op_limit, args.precision,
+                                        args.tolerance, args.budget))
             except Exception as exc:  # one model failing must not lose the others' numbers
                 log.error("%s batch %d failed: %s", name, batch, exc)
                 continue
@@ -173,7 +184,11 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     peak = sgemm_gflops()
-    table = (f"sgemm peak (numpy BLAS, 2048^3, every core): {peak:.0f} GFLOP/s\n"
+    described = fingerprint.describe()
+    table = (f"CPU: {described['cpu']}; flags: {' '.join(described['isa'])}; onnxruntime {described['onnxruntime']}, "
+             f"openvino {described.get('openvino') or 'not installed'}; precision policy {args.precision}"
+             + (f" (tolerance {args.tolerance:g})" if args.tolerance else "") + "\n"
+             f"sgemm peak (numpy BLAS, 2048^3, every core): {peak:.0f} GFLOP/s\n"
              "heuristic/profiled marked = : the two plans run the same assignment (the ratio is noise)\n\n"
              + markdown(rows) + "\n\n" + formats_markdown(rows))
     (out / "bench.md").write_text(table + "\n")

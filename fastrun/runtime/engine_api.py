@@ -30,6 +30,7 @@ class CompiledModel:
         self.native = native          # the engine's own compiled object (for export)
         self.precision = precision
         self.threads = threads
+        self.keep_alive: object = None  # memory the engine's object reads from, kept as long as it is
 
     def run(self, output_names: Sequence[str] | None, feed: Mapping[str, np.ndarray]) -> list:
         return self._run(list(output_names or self.outputs), feed)

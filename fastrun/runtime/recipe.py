@@ -55,7 +55,7 @@ class ModelRecipe:
     precision: str = FP32            # what the engine computes in
     engine_version: str = ""         # the version that made ``blob``
     shapes: dict = field(default_factory=dict)  # input -> shape the engine compiles for ({}: the model's)
-    blob: bytes = b""                # the engine's compiled form (b"": compile from the original model)
+    blob: "bytes | np.ndarray" = b""  # the engine's compiled form (empty: compile from the original model)
 
 
 @dataclass

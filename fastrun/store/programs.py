@@ -428,7 +428,7 @@ def _read(manifest: dict, data: np.ndarray, interface: Optional[dict]) -> Recipe
                                      ortutil.bounded_threads(p["threads"]),
                                      str(p.get("precision", FP32)), str(p.get("engine_version", "")),
                                      {k: list(v) for k, v in p.get("shapes", {}).items()},
-                                     array(p["blob"]).tobytes() if "blob" in p else b""))
+                                     array(p["blob"]) if "blob" in p else b""))
         else:
             raise ValueError(f"unknown part kind {p['kind']!r}")
     recipe = Recipe(parts, {str(k): array(v) for k, v in manifest["constants"].items()},
