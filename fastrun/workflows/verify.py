@@ -117,8 +117,8 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
         contenders["heuristic"] = alternative
     whole = _whole_model_plans(graph, plan, original)
     contenders.update(whole)
-    programs = {k: compiler.compile_plan(graph, p, original=original) for k, p in contenders.items()}
-    errors = {k: reference.error(p.run(dict(reference.feed))) for k, p in programs.items()} if reference else {}
+    programs, errors = _checked_programs(graph, contenders, set(whole) - {candidates.BASELINE}, plan, original,
+                                         reference)
     eligible = [k for k in programs if k == candidates.BASELINE or not reference or errors[k] <= _bound(contenders[k], reference)]
     eligible = eligible or ["optimal"]  # no baseline to fall back on: the plan as before
     record = {"errors": errors, **(reference.describe() if reference else {})}
@@ -135,6 +135,26 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
         log.info("kept %s (%.2f ms; the predicted optimum ran %s ms)", kept, times[kept],
                  f"{times['optimal']:.2f}" if "optimal" in times else "n/a, ineligible")
     return chosen
+
+
+def _checked_programs(graph: Graph, contenders: dict[str, Plan], fallible: set[str], plan: Plan,
+                      original: Optional[OriginalModelSource], reference: Optional[Reference]):
+    """Every contender's program and its error against ``reference``; a ``fallible`` one (another
+    engine) that fails to compile or to run is left out, and recorded in ``plan.solver["failed_candidates"]``."""
+    programs, errors = {}, {}
+    for k, p in contenders.items():
+        try:
+            programs[k] = compiler.compile_plan(graph, p, original=original)
+            if reference:
+                errors[k] = reference.error(programs[k].run(dict(reference.feed)))
+        except Exception as exc:
+            if k not in fallible:
+                raise
+            log.info("whole-model candidate %s failed: %s", k, exc)
+            plan.solver.setdefault("failed_candidates", {})[k] = f"raised {type(exc).__name__}: " + \
+                (str(exc).strip().splitlines() or [""])[-1][:200]
+            programs.pop(k, None)
+    return programs, errors
 
 
 def _whole_model_plans(graph: Graph, plan: Plan, original: Optional[OriginalModelSource]) -> dict[str, Plan]:
