@@ -9,7 +9,8 @@ import click
 
 from fastrun._version import __version__
 from fastrun.cli.cache import cache, show_plans
-from fastrun.cli.options import (Group, cache_option, json_option, load_inputs, parse_shape_sets, precision_options,
+from fastrun.cli.options import (Group, cache_option, exact_option, json_option, load_inputs, parse_shape_sets,
+                                 precision_options,
                                  resolve_model, setup_logging, shape_option, show_options, verbosity)
 from fastrun.cli.output import emit_json, print_profile, print_warmup, progress_printer, write_report
 
@@ -46,8 +47,7 @@ def main() -> None:
 @click.option("--repeats", type=int, default=10, show_default=True, help="Rounds of the end-to-end comparison.")
 @click.option("--refresh", is_flag=True, help="Measure every signature again, ignoring cached timings "
               "(e.g. after profiling on a busy machine).")
-@click.option("--exact", is_flag=True, help="Exact mode: no approximate algorithm (Winograd, FFT); every kernel within "
-              "direct evaluation's error of onnxruntime, for reproducible numerics (a plan of its own).")
+@exact_option
 @precision_options
 @click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE.npz",
               help="Check inputs (np.savez: one array per model input name) the race's outputs are compared on "
@@ -143,8 +143,7 @@ def fingerprint(json_to) -> None:
 @click.option("--op-limit", type=float, default=2.0, show_default=True, metavar="SECONDS",
               help="Timing budget per op signature.")
 @json_option("The summary")
-@click.option("--exact", is_flag=True, help="Exact mode: no approximate algorithm (Winograd, FFT); every kernel within "
-              "direct evaluation's error of onnxruntime, for reproducible numerics (a plan of its own).")
+@exact_option
 @precision_options
 def warmup(paths, shapes, cache_dir, budget, op_limit, json_to, exact, precision, tolerance) -> None:
     """Profile what is missing for PATHS (model files, directories searched for *.onnx).

@@ -134,6 +134,11 @@ SHAPES_HELP = ("Input shape NAME:D1xD2x..., e.g. data:1x3x224x224; repeat a name
                "each); with several inputs the i-th shapes of each pair up. A dim may be a range "
                "[START:STOP:STEP] (STOP included) or a list [1,4,8]: --shape 'input_ids:1x[8:128:8]' "
                "is 16 shape sets.")
+exact_option = click.option("--exact", is_flag=True, help="Exact mode: no approximate algorithm (Winograd, FFT); every "
+                            "kernel within direct evaluation's error of onnxruntime, for reproducible numerics "
+                            "(a plan of its own).")
+
+
 shape_option = click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDx..", help=SHAPES_HELP)
 
 

@@ -240,7 +240,3 @@ def _complete_plan(caches: Caches, fingerprint: str, graph: graph_mod.Graph, exa
     if plan.measured_under_load and not load.check().busy:
         return None
     return plan
-
-
-def _describe(shapes: Mapping[str, Sequence[int]]) -> str:
-    return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
