@@ -9,7 +9,8 @@ a plan, is the policy (keyword ``policy=`` or ``$FASTRUN_POLICY``):
 * ``onnxruntime`` (default): run it on the original session, as onnxruntime would; no compiling,
   no graph parsing; one warning says how to make a plan;
 * ``heuristic``: compile the heuristic choice of implementations (one warning);
-* ``profile``: profile now and persist (like ``cudnn.benchmark``, but it survives the process);
+* ``profile``: make the plan now, as ``fastrun profile`` does, and persist it (like
+  ``cudnn.benchmark``, but it survives the process);
 * ``require``: raise :class:`PlanNotFoundError` (for images that must ship warm).
 
 Compiled programs are kept per shape set, the ``max_programs`` most recently used (LRU). Only
@@ -41,12 +42,14 @@ from fastrun.runtime.plan import Plan
 from fastrun.runtime import engines
 from fastrun.runtime.engines import OriginalModelSource
 from fastrun.runtime.program import Program, instantiate
+from fastrun.runtime.recipe import Recipe
 from fastrun.shapes import as_shape, shapes_text
 from fastrun.store import programcheck
 from fastrun.store.cache import Caches
 from fastrun.system import fingerprint as fp
 from fastrun.system import precision as precisions
 from fastrun.workflows import fallback, lookup
+from fastrun.workflows import profile as profiling
 
 log = logging.getLogger(__name__)
 
@@ -325,12 +328,11 @@ class InferenceSession:
             except Exception as exc:  # a cached plan is foreign data: never fail serving because of it
                 log.warning("ignoring the cached plan for %s: it does not compile (%s)", graph.name, exc)
                 plan = None
+            else:  # its program was missing (e.g. an imported plan): stored if the cache is writable
+                self._caches.programs.save(plan, recipe, reader.declared_interface(self._model()))
         if plan is None:
-            plan = self._new_plan(graph, shapes)
-            recipe = compiler.build_recipe(graph, plan)
+            plan, recipe = self._new_plan(graph, shapes)
             program = instantiate(recipe, self._original.thread_cap(), self._original_source())
-        if plan.policy != "heuristic":  # only policy="profile" opens the cache writable
-            self._caches.programs.save(plan, recipe, reader.declared_interface(self._model()))
         return program, plan
 
     def _original_program(self, shapes: dict, exc: Exception) -> tuple[Program, Plan]:
@@ -351,27 +353,28 @@ class InferenceSession:
         """The original model for plans that run it whole; onnxruntime's engine runs it on this session's own."""
         return OriginalModelSource(engines.model_source(self._original.source), shared=self._original.run)
 
-    def _new_plan(self, graph: graph_mod.Graph, shapes: dict) -> Plan:
-        """A plan for shapes the cache has none for (policy heuristic or profile; require raises)."""
+    def _new_plan(self, graph: graph_mod.Graph, shapes: dict) -> tuple[Plan, Recipe]:
+        """A plan for shapes the cache has none for (policy heuristic or profile; the others raise)."""
         described = shapes_text(shapes)
         if self._policy in ("require", "onnxruntime"):  # a stored plan that does not fit the graph
             raise self._not_found(shapes)
         if self._policy == "profile":
             log.info("no cached plan for %s (%s): profiling now", graph.name, described)
-            from fastrun.measure.profiler import Profiler
-
-            limit = {"op_limit_s": self._op_limit} if self._op_limit else {}
             with self._caches.profiling_lock():  # one profiling writer per cache at a time
-                plan = lookup.find_plan(self._caches, self._fingerprint, graph, self._exact)  # made meanwhile?
-                if plan is None:
-                    profiler = Profiler(self._caches, self._fingerprint, **limit)
-                    plan = planner.make_plan(graph, self._fingerprint, profiler, exact=self._exact)
-                    lookup.store_plan(self._caches, plan)
-                    self.profiled += 1
-            return plan
+                plan = lookup.find_plan(self._caches, self._fingerprint, graph, self._exact,
+                                        self._precision)  # made meanwhile by another process?
+                if plan is not None:
+                    return plan, compiler.build_recipe(graph, plan)
+                limit = {"op_limit": self._op_limit} if self._op_limit else {}
+                made = profiling.make_and_store_plan(graph, self._model(), self._caches, self._fingerprint,
+                                                     self._original_source(), exact=self._exact,
+                                                     allowed=precisions.policy(self._precision), **limit)
+                self.profiled += 1
+                return made.plan, made.recipe
         self._warn_once("no cached fastrun plan for %s (%s) on this machine; using the heuristic choice "
                         "(run `fastrun profile` to make one)", graph.name, described)
-        return planner.heuristic_plan(graph, self._fingerprint, self._exact)
+        plan = planner.heuristic_plan(graph, self._fingerprint, self._exact)
+        return plan, compiler.build_recipe(graph, plan)
 
     # -- the model
     def _interface(self) -> tuple[list, list]:

@@ -149,11 +149,13 @@ def warmup(paths, shapes, cache_dir, budget, op_limit, json_to, exact, precision
     """Profile what is missing for PATHS (model files, directories searched for *.onnx).
 
     Plans already cached are not touched: a second run times nothing (a plan cut short by
-    --budget is resumed). Failed models are reported after the others finish, with exit status 1.
-    For container builds:
+    --budget is resumed, a plan not checked end to end here, e.g. imported, is checked again).
+    Failed models are reported after the others finish, with exit status 1. For container builds:
 
     \b
         RUN fastrun warmup models/ --cache-dir /opt/fastrun
+        RUN fastrun warmup models/bert.onnx --shape 'input_ids:1x[8:128:8]' \\
+                --shape 'attention_mask:1x[8:128:8]' --cache-dir /opt/fastrun
     """
     from fastrun.workflows.warmup import warmup as run_warmup
 

@@ -176,7 +176,8 @@ def print_warmup(results) -> None:
         gain = f"{r.speedup:.2f}x" if r.speedup else "-"
         click.echo(f"{cut(r.model, 34):<34} {cut(shapes_cell(r.shapes), 24):<24} {plan:<9} {r.measured:>6} "
                    f"{r.reused:>6} {ms(r.predicted_ms):>9} {gain:>6} {r.program or '-':<8}")
-    profiled = [r for r in results if r.status == "profiled"]
+    profiled = [r for r in results if r.status in ("profiled", "rechecked")]
+    rechecked = sum(r.status == "rechecked" for r in results)
     cached = sum(r.status == "cached" for r in results)
     failed = [r for r in results if not r.ok]
     measured = sum(r.measured for r in results)
@@ -189,7 +190,9 @@ def print_warmup(results) -> None:
                    + (f"; {compiled} program(s) compiled and stored" if compiled else ""))
     else:
         click.echo(f"{len(results)} plan(s): {len(profiled)} profiled now ({measured} timings measured, "
-                   f"{sum(r.reused for r in results)} reused), {cached} already cached, {len(failed)} failed")
+                   f"{sum(r.reused for r in results)} reused"
+                   + (f"; {rechecked} of them unverified plans checked again" if rechecked else "")
+                   + f"), {cached} already cached, {len(failed)} failed")
     for r in results:
         if r.note:
             click.echo(f"{r.model}: {r.note}")

@@ -69,7 +69,6 @@ class Plan:
     engine: str = ENGINE_FASTRUN
     # Why the original model runs as is, when fastrun's front end could not take it ("" otherwise)
     fallback_reason: str = ""
-    policy: str = "profiled"        # "profiled" | "heuristic" | "partial" (budget ran out)
     # Other processes used fastrun's cores while it profiled (fastrun.measure.load): the timings are
     # suspect, the thread counts were not kept (all cores), and warmup measures it again.
     measured_under_load: bool = False
@@ -80,6 +79,11 @@ class Plan:
     precision: str = FP32           # what the plan computes in (fastrun.system.precision)
     precision_policy: str = FP32    # what the user allowed: plans are stored and found under it
     tolerance: Optional[float] = None  # the error budget of a reduced precision policy
+    # Checked end to end on this machine by the one function that makes plans
+    # (fastrun.workflows.profile.make_and_store_plan: races against onnxruntime, threads chosen).
+    # False for any other plan (heuristic, imported from a bundle, unchecked, older JSON without
+    # the field): `fastrun warmup` checks it again rather than taking it as complete.
+    verified: bool = False
     fastrun_version: str = __version__
     onnxruntime_version: str = onnxruntime.__version__
     schema: int = SCHEMA

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
+import onnx
 
 from fastrun.measure import load, timing
 from fastrun.runtime import compiler
@@ -23,6 +24,7 @@ from fastrun.store.cache import Caches
 from fastrun.ir.graph import Graph
 from fastrun.ir.reader import ModelSource
 from fastrun.runtime.plan import Plan
+from fastrun.runtime.recipe import Recipe
 from fastrun.measure.profiler import DEFAULT_OP_LIMIT, Profiler, Stats
 from fastrun.ops import builtin  # noqa: F401  (registers the built-in implementations this module queries)
 from fastrun.workflows.lookup import store_plan
@@ -102,6 +104,7 @@ class ProfileReport:
             "segment_threads": plan.segment_threads,
             "host_threads": plan.host_threads,
             "whole_model": plan.whole_model,
+            "verified": plan.verified,
             "engine": plan.engine,
             "winner": plan.winner,
             "fallback_reason": plan.fallback_reason,
@@ -141,6 +144,58 @@ def kernel_ceiling(plan: Plan) -> Optional[tuple[float, float]]:
     return (best, ort) if ort else None
 
 
+@dataclass
+class MadePlan:
+    """What :func:`make_and_store_plan` made: the plan, its compiled recipe, the profiling counts."""
+
+    plan: Plan
+    recipe: Recipe
+    stats: Stats
+
+
+def make_and_store_plan(graph: Graph, model_proto: onnx.ModelProto, caches: Caches, fingerprint: str,
+                        original: OriginalModelSource, *, budget: Optional[float] = None,
+                        op_limit: float = DEFAULT_OP_LIMIT, op_timeout: Optional[float] = None,
+                        isolate: bool = True, refresh: bool = False, repeats: int = 10, verify: bool = True,
+                        exact: bool = False, allowed: Optional[precisions.PrecisionPolicy] = None,
+                        inputs: Optional[Mapping[str, np.ndarray]] = None,
+                        progress: Optional[Callable[[str], None]] = None) -> MadePlan:
+    """The one way a plan is made: profile, search, race end to end, choose threads, store.
+
+    ``fastrun profile``, ``fastrun warmup`` and ``InferenceSession(policy="profile")`` all call it,
+    so their plans are the same. It runs under the cache's profiling lock and watches the load
+    other processes put on the cores (:func:`_mark_load`). A complete profile (not cut short by
+    ``budget``) with ``verify`` is raced against the whole-model candidates (:func:`verify_plan`),
+    gets its thread counts measured (:func:`choose_threads`) and is marked ``verified``. The plan
+    is stored under its precision policy (``allowed``: fp32 by default) with its compiled program
+    (a read-only cache logs and carries on).
+    """
+    allowed = allowed or precisions.policy()
+    with caches.profiling_lock():
+        profiler = Profiler(caches, fingerprint, budget_s=budget, op_limit_s=op_limit, op_timeout=op_timeout,
+                            isolate=isolate, refresh=refresh)
+        loads = {"before": load.check()}
+        plan = planner.make_plan(graph, fingerprint, profiler, progress=progress, exact=exact)
+        plan.precision_policy, plan.tolerance = allowed.precision, allowed.tolerance
+        if verify and plan.policy == "profiled":
+            if progress:
+                progress("racing the plan end to end against the whole-model candidates")
+            reference = model_reference(graph, original, bool(eligibility.quantized_ops(model_proto)), inputs)
+            plan = verify_plan(graph, plan, profiler, fingerprint, repeats, original, reference)
+            if not plan.runs_original:
+                monitor = load.LoadMonitor().start()
+                plan = choose_threads(graph, plan, repeats)
+                loads["threads"] = monitor.stop()
+            plan.verified = True
+        loads["after"] = load.check()
+        _mark_load(plan, loads)
+        if not store_plan(caches, plan):
+            log.warning("the plan could not be stored in %s (read-only?)", caches.root)
+        recipe = compiler.build_recipe(graph, plan, original=original)
+        caches.programs.save(plan, recipe, reader.declared_interface(model_proto))
+    return MadePlan(plan, recipe, profiler.stats)
+
+
 def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
             cache_dir: Optional[str] = None, budget: Optional[float] = None,
             op_limit: float = DEFAULT_OP_LIMIT, progress: Optional[Callable[[str], None]] = None,
@@ -148,7 +203,7 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
             op_timeout: Optional[float] = None, isolate: bool = True, refresh: bool = False,
             exact: bool = False, precision: Optional[str] = None, tolerance: Optional[float] = None,
             inputs: Optional[Mapping[str, np.ndarray]] = None) -> ProfileReport:
-    """Profile every heavy node (cached signatures are reused), solve, store and measure the plan.
+    """Make and store a model's plan (:func:`make_and_store_plan`), then measure it against onnxruntime.
 
     ``refresh`` measures everything again, ignoring (and then overwriting) cached timings.
 
@@ -170,6 +225,8 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     whole-model candidates compute in that precision when their outputs stay within
     ``tolerance`` of onnxruntime's on the check inputs: ``inputs`` (one feed of the model's
     inputs), or random ones. The plan is stored under its precision policy.
+
+    A model fastrun's front end cannot take gets the plan that runs the original model as is.
     """
     allowed = precisions.policy(precision, tolerance)
     start = time.perf_counter()
@@ -177,13 +234,11 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     original = OriginalModelSource(engines.model_source(model if isinstance(model, (str, Path)) else data))
     caches = Caches(cache_dir)
     reader.input_shapes(model_proto, input_shapes)  # the caller's shapes must fit the model: their error
+    making = dict(budget=budget, op_limit=op_limit, op_timeout=op_timeout, isolate=isolate, refresh=refresh,
+                  repeats=repeats, verify=verify, exact=exact, allowed=allowed, inputs=inputs, progress=progress)
     try:
         with caches.profiling_lock():
-            profiler = Profiler(caches, fp.fingerprint(), budget_s=budget, op_limit_s=op_limit, op_timeout=op_timeout,
-                                isolate=isolate, refresh=refresh)
-            report = _profile_locked(model, model_proto, data, original, input_shapes, caches, profiler,
-                                     dict(progress=progress, measure=measure, repeats=repeats, verify=verify, exact=exact,
-                                          allowed=allowed, inputs=inputs))
+            report = _profile_locked(model, model_proto, data, original, input_shapes, caches, making, measure)
     finally:
         caches.close()
     report.seconds = time.perf_counter() - start
@@ -191,40 +246,21 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
 
 
 def _profile_locked(model: ModelSource, model_proto, data: bytes, original: OriginalModelSource,
-                    input_shapes: Optional[Mapping[str, Sequence[int]]], caches: Caches, profiler: Profiler,
-                    options: dict) -> ProfileReport:
-    """:func:`profile` under the cache's profiling lock (``options``: its progress, measure, repeats,
-    verify and exact arguments)."""
-    fingerprint, progress, repeats = profiler.fingerprint, options["progress"], options["repeats"]
+                    input_shapes: Optional[Mapping[str, Sequence[int]]], caches: Caches, making: dict,
+                    measure: bool) -> ProfileReport:
+    """:func:`profile` under the cache's profiling lock (``making``: :func:`make_and_store_plan`'s options)."""
+    fingerprint = fp.fingerprint()
     try:
         graph = reader.from_proto(model_proto, data, input_shapes)
     except Exception as exc:  # the front end cannot take it: onnxruntime decides, and runs the original
         return _fallback(model, model_proto, data, original, input_shapes, caches, fingerprint, exc)
-    loads = {"before": load.check()}
-    plan = planner.make_plan(graph, fingerprint, profiler, progress=progress, exact=options["exact"])
-    plan.precision_policy, plan.tolerance = options["allowed"].precision, options["allowed"].tolerance
-    if options["verify"] and plan.policy == "profiled":
-        if progress:
-            progress("racing the plan end to end against the whole-model candidates")
-        reference = model_reference(graph, original, bool(eligibility.quantized_ops(model_proto)),
-                                    options["inputs"])
-        plan = verify_plan(graph, plan, profiler, fingerprint, repeats, original, reference)
-        if not plan.runs_original:
-            monitor = load.LoadMonitor().start()
-            plan = choose_threads(graph, plan, repeats)
-            loads["threads"] = monitor.stop()
-    loads["after"] = load.check()
-    _mark_load(plan, loads)
-    if not store_plan(caches, plan):
-        log.warning("the plan could not be stored in %s (read-only?)", caches.root)
-    recipe = compiler.build_recipe(graph, plan, original=original)
-    caches.programs.save(plan, recipe, reader.declared_interface(model_proto))
-    report = ProfileReport(model=_model_label(model, graph), plan=plan, stats=profiler.stats,
+    made = make_and_store_plan(graph, model_proto, caches, fingerprint, original, **making)
+    report = ProfileReport(model=_model_label(model, graph), plan=made.plan, stats=made.stats,
                            seconds=0.0, edges=_edges(graph))
-    if options["measure"]:
-        if progress:
-            progress("measuring the plan end to end against onnxruntime")
-        _measure(report, graph, instantiate(recipe, original=original), original, repeats)
+    if measure:
+        if making["progress"]:
+            making["progress"]("measuring the plan end to end against onnxruntime")
+        _measure(report, graph, instantiate(made.recipe, original=original), original, making["repeats"])
     return report
 
 

@@ -4,8 +4,10 @@ This is the offline half of "profile once, serve many times" (a container build 
 provisioning): ``fastrun warmup models/ --shape ...`` makes every missing plan, and a second run
 over the same inputs finds them all and times nothing. Each plan's compiled program is stored too
 (:mod:`fastrun.store.programs`; compiled now if the plan came from elsewhere, e.g. an imported bundle),
-so that serving starts without compiling. A model that fails is reported and the
-others still run. Processes sharing a cache profile one at a time (:meth:`Caches.profiling_lock`).
+so that serving starts without compiling. A plan not checked end to end on this machine (see
+``Plan.verified``: imported, unchecked, older) is made again by the same function as a new one
+(:func:`fastrun.workflows.profile.make_and_store_plan`), reusing its cached timings. A model that
+fails is reported and the others still run. Processes sharing a cache profile one at a time (:meth:`Caches.profiling_lock`).
 """
 from __future__ import annotations
 
@@ -102,11 +104,12 @@ class WarmupResult:
 
     model: str
     shapes: dict[str, list[int]] = field(default_factory=dict)
-    status: str = "failed"             # "cached" | "profiled" | "failed"
+    status: str = "failed"             # "cached" | "profiled" | "rechecked" (an unverified plan made again) | "failed"
     measured: int = 0                  # candidate timings measured now
     reused: int = 0                    # candidate timings found in the cache
     plan_policy: str = ""              # the plan's policy: "profiled" | "partial"
     measured_under_load: bool = False  # other processes used the cores while it was profiled
+    verified: bool = False             # the plan was checked end to end on this machine
     predicted_ms: Optional[float] = None
     speedup: Optional[float] = None    # :func:`predicted_speedup`
     program: str = ""                  # stored program: "cached" | "compiled" (now) | "missing" (not stored)
@@ -142,8 +145,9 @@ def warmup(paths: Sequence[os.PathLike], shapes_list: Sequence[Mapping[str, Sequ
     """Make the missing plans of every model under ``paths`` for every shape set; one result each.
 
     No shape sets means each model's declared shapes. ``profile_options`` go to
-    :func:`fastrun.workflows.profile.profile` (``op_limit``, ``budget``...); the end-to-end measurement against
-    onnxruntime is skipped unless ``measure=True`` is among them.
+    :func:`fastrun.workflows.profile.profile`, which makes plans with
+    :func:`fastrun.workflows.profile.make_and_store_plan` (``op_limit``, ``budget``, ``verify``...); the
+    end-to-end measurement against onnxruntime is skipped unless ``measure=True`` is among them.
     """
     profile_options.setdefault("measure", False)
     allowed = precisions.policy(profile_options.get("precision"), profile_options.get("tolerance"))
@@ -180,23 +184,26 @@ def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches:
         result.shapes = {k: list(v) for k, v in graph.input_shapes().items()}
         exact = bool(options.get("exact"))
         precision = options["precision"]
-        plan = _complete_plan(caches, fingerprint, graph, exact, precision)
+        checked = options.get("verify", True)
+        plan = _complete_plan(caches, fingerprint, graph, exact, precision, checked)
         result.status = "cached"
         if plan is None:
             with caches.profiling_lock():
-                plan = _complete_plan(caches, fingerprint, graph, exact, precision)  # made meanwhile by another process?
+                plan = _complete_plan(caches, fingerprint, graph, exact, precision, checked)  # made meanwhile?
                 if plan is None:
                     earlier = lookup.find_plan(caches, fingerprint, graph, exact, precision)
                     if earlier is not None and earlier.measured_under_load:  # its timings are suspect too
                         options = dict(options, refresh=True)
                     report = profiling.profile(path, shapes, cache_dir=caches.root, progress=progress, **options)
-                    result.status, result.measured, result.reused = "profiled", report.stats.measured, report.stats.from_cache
+                    unverified = earlier is not None and earlier.policy != "partial" and not earlier.verified
+                    result.status = "rechecked" if unverified else "profiled"
+                    result.measured, result.reused = report.stats.measured, report.stats.from_cache
                     plan = lookup.find_plan(caches, fingerprint, graph, exact, precision)
                     if plan is None:
                         raise FastrunError(f"the plan could not be stored in {caches.root} (read-only?)")
         result.plan_policy, result.predicted_ms, result.speedup = plan.policy, plan.predicted_ms, predicted_speedup(plan)
-        result.measured_under_load = plan.measured_under_load
-        result.program = _ensure_program(caches, plan, graph, model, path, fresh=result.status == "profiled")
+        result.measured_under_load, result.verified = plan.measured_under_load, plan.verified
+        result.program = _ensure_program(caches, plan, graph, model, path, fresh=result.status != "cached")
     except FastrunError as exc:
         result.status, result.error = "failed", str(exc)
     except Exception as exc:  # a bug on one model must not stop the others
@@ -231,11 +238,12 @@ def _ensure_program(caches: Caches, plan: Plan, graph: graph_mod.Graph, model, p
 
 
 def _complete_plan(caches: Caches, fingerprint: str, graph: graph_mod.Graph, exact: bool = False,
-                   precision: str = precisions.FP32) -> Optional[Plan]:
-    """The cached plan, unless there is none, its profiling ran out of budget (then it resumes) or
-    it was measured under load and the machine is quiet now (then it is measured again)."""
+                   precision: str = precisions.FP32, checked: bool = True) -> Optional[Plan]:
+    """The cached plan, unless there is none, its profiling ran out of budget (then it resumes),
+    it was measured under load and the machine is quiet now (then it is measured again) or, when
+    plans are ``checked``, it was not checked end to end here (then it is checked again)."""
     plan = lookup.find_plan(caches, fingerprint, graph, exact, precision)
-    if plan is None or plan.policy == "partial":
+    if plan is None or plan.policy == "partial" or (checked and not plan.verified):
         return None
     if plan.measured_under_load and not load.check().busy:
         return None
