@@ -44,10 +44,9 @@ def test_profile_policy_makes_the_plan_fastrun_profile_makes(model_n, tmp_path):
                                rtol=1e-4, atol=1e-5)
     assert sess.profiled == 1
     made = [stored(model_n, d) for d in (by_cli, by_session)]
-    for plan in made:
-        assert plan.verified and plan.policy == "profiled"
-        assert {"verified", "threads"} <= set(plan.solver) and plan.threads > 0
-    assert set(made[0].solver) == set(made[1].solver)
+    for plan in made:  # raced end to end, threads measured unless the original model won
+        assert plan.verified and plan.policy == "profiled" and "verified" in plan.solver
+        assert plan.runs_original or "threads" in plan.solver
     assert json.loads((tmp_path / "p.json").read_text())["verified"] is True
 
 
