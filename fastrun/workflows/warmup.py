@@ -195,7 +195,8 @@ def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches:
                     if earlier is not None and earlier.measured_under_load:  # its timings are suspect too
                         options = dict(options, refresh=True)
                     report = profiling.profile(path, shapes, cache_dir=caches.root, progress=progress, **options)
-                    unverified = earlier is not None and earlier.policy != "partial" and not earlier.verified
+                    unverified = (checked and earlier is not None and earlier.policy != "partial"
+                                  and not earlier.verified and not earlier.measured_under_load)
                     result.status = "rechecked" if unverified else "profiled"
                     result.measured, result.reused = report.stats.measured, report.stats.from_cache
                     plan = lookup.find_plan(caches, fingerprint, graph, exact, precision)
