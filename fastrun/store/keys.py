@@ -7,7 +7,7 @@ from typing import Any
 
 import onnxruntime
 
-from fastrun import _version
+from fastrun._version import __version__
 from fastrun.shapes import shapes_text as shape_list
 from fastrun.system.precision import FP32
 
@@ -36,7 +36,7 @@ def software_tag() -> str:
     The fingerprint hashes the versions too, but ``FASTRUN_FINGERPRINT`` (a fleet's shared id)
     replaces the fingerprint: an upgrade must still never reuse a timing measured by other software.
     """
-    return f"fastrun-{_version.__version__}+ort-{onnxruntime.__version__}+t{TIMING_METHOD}"
+    return f"fastrun-{__version__}+ort-{onnxruntime.__version__}+t{TIMING_METHOD}"
 
 
 def timing_key(fingerprint: str, spec_key: str, impl_id: str) -> str:
