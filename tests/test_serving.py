@@ -486,7 +486,8 @@ def test_software_upgrade_never_reuses_plans_or_timings(tiny_model, cache_dir, m
     if which == "onnxruntime":
         monkeypatch.setattr(ort, "__version__", ort.__version__ + ".post1")
     else:
-        for module in (fastrun, fastrun._version, fastrun.runtime.plan, fastrun.system.fingerprint):
+        for module in (fastrun, fastrun._version, fastrun.runtime.plan, fastrun.store.keys,
+                       fastrun.system.fingerprint):
             monkeypatch.setattr(module, "__version__", fastrun.__version__ + ".post1")
     assert software_tag() != tag
     assert fastrun.load_plan(tiny_model, cache_dir=cache_dir) is None
