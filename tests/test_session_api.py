@@ -248,3 +248,23 @@ def test_lazy_original_session_when_a_stored_program_covers_the_declared_shape(t
     sess.get_modelmeta()  # onnxruntime's own answer: the session is made now
     assert sess._original.created
     assert relative_error(sess.run(None, feed(1)), ort.InferenceSession(tiny_model).run(None, feed(1))) < 1e-4
+
+
+def test_a_one_session_plan_is_called_directly_with_any_output_names(tmp_path, cache_dir, monkeypatch):
+    """A plan that is one onnxruntime session (no host kernels, no splits) is served by calling that
+    session: no per-call bookkeeping, the requested outputs in the requested order."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in ("a", "b")]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["x"], ["b"])],
+                              "two_outputs", [x], outputs)
+    path = str(tmp_path / "two.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    ours = fastrun.InferenceSession(path, cache_dir=cache_dir, policy="heuristic")
+    theirs = ort.InferenceSession(path, providers=CPU)
+    monkeypatch.setattr(program_mod.Program, "run", lambda *a, **k: pytest.fail("Program.run was called"))
+    data = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
+    for names in (None, ["b", "a"], ["b"]):
+        close(ours.run(names, data), theirs.run(names, data))
+    assert ours.plan_for({"x": (3, 4)}) is not None

@@ -108,3 +108,23 @@ def test_external_data_loads_from_another_directory(cache_dir, tmp_path, monkeyp
     feed = zoo.image_feed(2)
     check_outputs(zoo.CASES["resnet_external_data"], model,
                   fastrun.InferenceSession(model, cache_dir=cache_dir).run(None, feed), feed)
+
+
+@pytest.mark.parametrize("name", sorted(QUICK_TO_PROFILE))
+def test_specialised_program_passes_the_stored_program_check(name):
+    """What serving checks a stored program against before running it (fastrun.store.programcheck)
+    accepts the program of fastrun's specialised graph: an output onnxruntime cannot infer a shape
+    for (a Loop's) is reported as [] and is not taken for a scalar."""
+    from fastrun.ir import modelinterface, reader
+    from fastrun.planning import planner
+    from fastrun.runtime import compiler
+    from fastrun.runtime.program import instantiate
+    from fastrun.store import programcheck
+
+    case = zoo.CASES[name]
+    model = _model_path(case)
+    graph = reader.load(model, zoo.input_shapes(case))
+    recipe = compiler.build_recipe(graph, planner.heuristic_plan(graph, "test"))
+    interface = modelinterface.declared(model)
+    programcheck.check_outputs(recipe, interface)
+    programcheck.check_program(instantiate(recipe), interface)

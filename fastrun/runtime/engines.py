@@ -69,10 +69,10 @@ def model_source(source: Any) -> Union[str, bytes]:
 
 
 def _onnxruntime_original(original: OriginalModelSource, recipe: Any) -> Runner:
-    """onnxruntime on the original model with its default optimizations, spinning as fastrun's sessions do."""
+    """onnxruntime on the original model with its default optimizations and spinning, as the user's session runs it."""
     if original.shared is not None:
         return original.shared
-    return ortutil.session(original.source, level="all", threads=recipe.threads or None).run
+    return ortutil.session(original.source, level="all", threads=recipe.threads or None, spin_after_run=True).run
 
 
 register(ENGINE_ORIGINAL, _onnxruntime_original)

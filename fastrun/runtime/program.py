@@ -29,6 +29,9 @@ class Segment:
         results = self.session.run(self.outputs, {k: values[k] for k in self.inputs})
         values.update(zip(self.outputs, results))
 
+    def call(self, output_names: list, feed: dict) -> list:
+        return self.session.run(output_names, feed)
+
 
 @dataclass
 class HostCall:
@@ -56,6 +59,9 @@ class ModelCall:
         results = self.runner(self.outputs, {k: values[k] for k in self.inputs})
         values.update(zip(self.outputs, results))
 
+    def call(self, output_names: list, feed: dict) -> list:
+        return self.runner(output_names, feed)
+
 
 @dataclass
 class Program:
@@ -66,8 +72,12 @@ class Program:
     host_steps: int = 0
     segments: int = 0
     released: list[list[str]] = field(init=False, default_factory=list)  # per part: tensors dropped after it
+    # The program's one part, when it is one session or engine run whose outputs are the graph's:
+    # serving calls it directly, with none of run()'s bookkeeping (small models run in microseconds).
+    single: "Segment | ModelCall | None" = field(init=False, default=None)
 
     def __post_init__(self) -> None:
+        self.single = self._whole_part()
         # Per part, the tensors no later part reads: dropped as soon as it ran, so that a run
         # holds the live activations only, not every intermediate until it returns (as
         # onnxruntime's arena does inside a segment). Measured on VGG-19 b1: same speed.
@@ -80,6 +90,13 @@ class Program:
         for t, i in last_use.items():
             if t not in kept:
                 self.released[i].append(t)
+
+    def _whole_part(self) -> "Segment | ModelCall | None":
+        if len(self.program) != 1 or self.constants or not isinstance(self.program[0], (Segment, ModelCall)):
+            return None
+        part = self.program[0]
+        same = len(self.outputs) == len(part.outputs) and all(self.outputs.get(n) == n for n in part.outputs)
+        return part if same else None
 
     def run(self, feed: dict[str, np.ndarray], part_seconds: Optional[list[list[float]]] = None) -> dict[str, np.ndarray]:
         """The graph outputs; ``part_seconds`` (one list per part) collects each part's time."""
@@ -119,6 +136,8 @@ def instantiate(recipe: Recipe, max_threads: int = 0, original: Optional[Origina
     bounds what a plan uses, whatever thread counts it measured best. ``original`` is the
     original model, which a whole-model part (:class:`ModelRecipe`) runs.
     """
+    alone = len(recipe.parts) == 1  # one session and nothing else: it may spin between calls (ortutil)
+
     def make(part):
         threads = capped_threads(part.threads, max_threads)
         if isinstance(part, ModelRecipe):
@@ -130,7 +149,7 @@ def instantiate(recipe: Recipe, max_threads: int = 0, original: Optional[Origina
             return HostCall(part.inputs, part.output, kernel, threads, part.name)
         try:
             sess = ortutil.session(part.model, level=part.level, threads=threads or None,
-                                   external=part.weights)
+                                   external=part.weights, spin_after_run=alone)
         except Exception as exc:
             raise RuntimeError(f"onnxruntime rejected a segment of {part.steps} steps ({part.label}): "
                                f"{str(exc).strip().splitlines()[-1]}") from None
