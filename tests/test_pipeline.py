@@ -187,6 +187,25 @@ def test_budget_zero_profiles_nothing_and_falls_back(cache_dir, tiny_model):
     assert all(n.source == "heuristic" for n in report.plan.nodes if n.spec)
 
 
+@pytest.mark.parametrize("fastest", ["onnxruntime-original", "optimal"])
+def test_a_plan_cut_by_the_budget_is_raced_and_stored_as_the_race_decided(cache_dir, tiny_model, monkeypatch,
+                                                                           fastest):
+    """A partial plan (its nodes on estimated costs) must not skip the race: it runs only where it wins."""
+    raced = []
+
+    def fixed_race(runners, **kw):  # the race's outcome fixed: timing is noise on a shared machine
+        raced.append(set(runners))
+        return {k: 1.0 if k in (fastest, "2") else 10.0 for k in runners}
+
+    monkeypatch.setattr(timing, "interleaved", fixed_race)
+    report = fastrun.profile(tiny_model, cache_dir=cache_dir, budget=1e-9, measure=False, repeats=2)
+    assert report.plan.policy == "partial" and report.stats.skipped_budget == 2
+    assert any({"optimal", "onnxruntime-original"} <= r for r in raced)
+    stored = fastrun.load_plan(tiny_model, cache_dir=cache_dir)
+    assert stored.verified and stored.policy == "partial" and stored.solver["verified"]["kept"] == fastest
+    assert stored.runs_original == (fastest == "onnxruntime-original")
+
+
 def test_thread_counts_worth_timing():
     assert verify.thread_counts(4) == [4, 2, 1]
     assert verify.thread_counts(2) == [2, 1]

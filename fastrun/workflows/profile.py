@@ -164,9 +164,11 @@ def make_and_store_plan(graph: Graph, model_proto: onnx.ModelProto, caches: Cach
 
     ``fastrun profile``, ``fastrun warmup`` and ``InferenceSession(policy="profile")`` all call it,
     so their plans are the same. It runs under the cache's profiling lock and watches the load
-    other processes put on the cores (:func:`_mark_load`). A complete profile (not cut short by
-    ``budget``) with ``verify`` is raced against the whole-model candidates (:func:`verify_plan`),
-    gets its thread counts measured (:func:`choose_threads`) and is marked ``verified``. The plan
+    other processes put on the cores (:func:`_mark_load`). With ``verify``, the plan is raced
+    against the whole-model candidates (:func:`verify_plan`), gets its thread counts measured
+    (:func:`choose_threads`) and is marked ``verified``; a profile cut short by ``budget`` (policy
+    ``partial``: its unprofiled nodes on estimated costs) races too, so that no stored plan runs
+    slower than onnxruntime on the original model, and warmup resumes its profiling later. The plan
     is stored under its precision policy (``allowed``: fp32 by default) with its compiled program
     (a read-only cache logs and carries on).
     """
@@ -177,7 +179,7 @@ def make_and_store_plan(graph: Graph, model_proto: onnx.ModelProto, caches: Cach
         loads = {"before": load.check()}
         plan = planner.make_plan(graph, fingerprint, profiler, progress=progress, exact=exact)
         plan.precision_policy, plan.tolerance = allowed.precision, allowed.tolerance
-        if verify and plan.policy == "profiled":
+        if verify:
             if progress:
                 progress("racing the plan end to end against the whole-model candidates")
             reference = model_reference(graph, original, bool(eligibility.quantized_ops(model_proto)), inputs)
