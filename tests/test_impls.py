@@ -117,7 +117,7 @@ SPECS = {
 # transforms amplify fp32 rounding by their coefficients' range; F(6,3) most.
 BASE_TOL = 3e-6
 # by name prefix: every Winograd F(4,3) / F(6,3) variant shares its transforms' precision
-TOL_FACTOR = {"winograd_f4": 10.0, "winograd_f6": 100.0, "fft_conv": 5.0}
+TOL_FACTOR = {"winograd_f4": 10.0, "winograd_f6": 100.0, "winograd_onnx_f4": 10.0, "fft_conv": 5.0}
 
 
 def reduction_length(spec: OpSpec) -> int:

@@ -73,21 +73,26 @@ def direct(rank: int, depthwise_traffic: Optional[float] = None) -> Estimator:
     return lambda spec: direct_ms(spec, rank, depthwise_traffic)
 
 
-def winograd_ms(spec: OpSpec, m: int, gemm_gflops: float, ns_per_element: float) -> float:
+def winograd_ms(spec: OpSpec, m: int, gemm_gflops: float, ns_per_element: float, call_ms: float = HOST_CALL_MS,
+                weights_per_image: bool = False) -> float:
     """Time of F(m x m, 3 x 3) on a 3x3 stride-1 Conv as measured beside onnxruntime, in ms.
 
     Its batched product runs at ``gemm_gflops``, every transformed element (alpha^2 (C + K) per
     tile, alpha = m + 2) costs ``ns_per_element``, the transformed weights (alpha^2 K C) stream
-    from memory once per call, and the call pays :data:`HOST_CALL_MS`.
+    from memory once per call (once per image with ``weights_per_image``), and the call pays
+    ``call_ms`` (a host kernel: :data:`HOST_CALL_MS`).
     """
     (n, c, _, _), k, (p, q) = spec.inputs[0], spec.inputs[1][0], spec.output[2:]
     alpha = m + 2
     tiles = n * -(-p // m) * -(-q // m)
     gemm = 2.0 * alpha * alpha * k * c * tiles / (gemm_gflops * 1e6)
     transforms = alpha * alpha * (c + k) * tiles * ns_per_element * 1e-6
-    return gemm + transforms + traffic_ms(alpha * alpha * k * c, passes=1.0) + HOST_CALL_MS
+    weights = traffic_ms(alpha * alpha * k * c, passes=float(n) if weights_per_image else 1.0)
+    return gemm + transforms + weights + call_ms
 
 
-def winograd(m: int, gemm_gflops: float, ns_per_element: float, rank: int) -> Estimator:
+def winograd(m: int, gemm_gflops: float, ns_per_element: float, rank: int, call_ms: float = HOST_CALL_MS,
+             weights_per_image: bool = False) -> Estimator:
     """The estimator of a Winograd variant of ``rank``, on the nominal scale."""
-    return lambda spec: winograd_ms(spec, m, gemm_gflops, ns_per_element) * ORT_GFLOPS / NOMINAL_GFLOPS * margin(rank)
+    return lambda spec: (winograd_ms(spec, m, gemm_gflops, ns_per_element, call_ms, weights_per_image)
+                         * ORT_GFLOPS / NOMINAL_GFLOPS * margin(rank))
