@@ -127,3 +127,34 @@ def test_gemm_with_a_scalar_runtime_c(cache_dir):
     feed = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal((4, 5)).astype(np.float32),
             "c": np.array(2.0, np.float32)}
     _answers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), feed, cache_dir)
+
+
+@pytest.mark.slow
+def test_a_model_over_2_gb_is_profiled_and_served(cache_dir, tmp_path, monkeypatch):
+    """Weights past protobuf's 2 GB limit (external data, as such models must be saved): the
+    front end checks what it can, the plan is made and served, answers as onnxruntime's."""
+    rows, width = (1 << 19) + 1024, 1024  # a 2.15 GB fp32 embedding table, written straight to its file
+    folder = tmp_path / "model"
+    folder.mkdir()
+    table = np.empty((rows, width), dtype=np.float32)
+    table[:] = np.linspace(-1, 1, width, dtype=np.float32)
+    table[:, 0] = np.arange(rows, dtype=np.float32) / rows
+    table.tofile(folder / "table.bin")
+    del table
+    stub = onnx.TensorProto(name="table", data_type=T.FLOAT, dims=[rows, width], data_location=T.EXTERNAL)
+    stub.external_data.add(key="location", value="table.bin")
+    project = np.random.default_rng(0).standard_normal((width, 32)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"]),
+             helper.make_node("MatMul", ["rows", "project"], ["y"])]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("ids", T.INT64, ["N"])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, ["N", 32])],
+                              [stub, numpy_helper.from_array(project, "project")])
+    path = str(folder / "big.onnx")
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    monkeypatch.chdir(tmp_path)
+    feed = {"ids": np.array([0, 7, rows - 1, 12345], dtype=np.int64)}
+    report = fastrun.profile(path, {"ids": (4,)}, cache_dir=cache_dir, op_limit=0.05, repeats=3)
+    assert not report.plan.fallback_reason  # fastrun's front end took it
+    got = fastrun.InferenceSession(path, cache_dir=cache_dir, policy="require").run(None, feed)
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ from typing import BinaryIO, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
+from google.protobuf import message
 from onnx import external_data_helper, helper
 
 from fastrun.system import ortutil
@@ -243,11 +244,19 @@ def _run_checker(model: onnx.ModelProto, data: bytes) -> None:
                          {t.name for t in checked.graph.initializer})
     del checked.graph.node[:]
     checked.graph.node.extend(nodes)
-    if checked.ByteSize() < MAX_CHECKED_BYTES:  # larger protos cannot be serialized: onnxruntime judges them
+    if _serialized_size(checked) < MAX_CHECKED_BYTES:  # larger protos cannot be serialized: onnxruntime judges them
         onnx.checker.check_model(checked)
 
 
 MAX_CHECKED_BYTES = (2 << 30) - 1
+
+
+def _serialized_size(model: onnx.ModelProto) -> int:
+    """The proto's serialized size; protobuf raises rather than count past 2 GB."""
+    try:
+        return model.ByteSize()
+    except message.EncodeError:
+        return MAX_CHECKED_BYTES
 
 
 def sorted_nodes(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
