@@ -55,7 +55,7 @@ def bench_model(name: str, batch: int, cache_dir: str, repeats: int, op_limit: f
     fp = fingerprint.fingerprint()
     caches = Caches(cache_dir)
     t0 = time.perf_counter()
-    plan = lookup.find_plan(caches, fp, graph, precision)
+    plan = lookup.find_plan(caches, fp, graph, precision=precision)
     if plan is None:
         log.info("%s b%d: profiling", name, batch)
         plan = profiling.profile(data, cache_dir=cache_dir, op_limit=op_limit, measure=False, precision=precision,
