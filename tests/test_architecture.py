@@ -39,7 +39,7 @@ def _imported(module: str, path: Path, known: set[str]) -> set[str]:
         for target in targets:
             while target and target not in known:
                 target = target.rpartition(".")[0]
-            if target and target != module and target != "fastrun":
+            if target and target != module:
                 found.add(target)
     return found
 
@@ -92,6 +92,14 @@ def test_cycle_finder_sees_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
     assert find_cycle({"p": {"p.x"}, "p.x": {"q"}, "q": set()}) == []  # a package importing its own module
+
+
+def test_imports_of_the_package_face_are_seen(tmp_path):
+    """``from fastrun import __version__`` in a submodule imports fastrun/__init__.py, which imports
+    the session and everything under it: an edge the cycle check must see."""
+    module = tmp_path / "keys.py"
+    module.write_text("from fastrun import __version__\nfrom fastrun import errors\n")
+    assert _imported("fastrun.store.keys", module, set(_modules())) == {"fastrun", "fastrun.errors"}
 
 
 def test_lazy_imports_are_seen():

@@ -603,16 +603,3 @@ def test_a_plan_with_compiled_kernels_served_without_numba_falls_back_with_a_war
     assert list(sess.plans.values())[0].policy == "heuristic"
     ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, x)
     assert fastrun.workflows.verify.relative_error(out, ref) < fastrun.workflows.verify.MODEL_TOLERANCE
-
-
-def test_shape_ranges_and_lists():
-    from fastrun.workflows.warmup import expand_shape
-
-    assert expand_shape("ids:1x[8:32:8]") == ["ids:1x8", "ids:1x16", "ids:1x24", "ids:1x32"]
-    assert expand_shape("x:[1,4]x[3:4]") == ["x:1x3", "x:1x4", "x:4x3", "x:4x4"]
-    assert expand_shape("x:1x3") == ["x:1x3"]
-    sets = shape_sets(["input_ids:1x[8:128:8]", "attention_mask:1x[8:128:8]"])
-    assert len(sets) == 16 and sets[1] == {"input_ids": (1, 16), "attention_mask": (1, 16)}
-    for bad in ("x:1x[8:4]", "x:1x[a]", "x:[1:2:3:4]", "x:[1:8:0]", "x:1x[]"):
-        with pytest.raises(InputError, match="bracket"):
-            expand_shape(bad)
