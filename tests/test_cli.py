@@ -63,6 +63,8 @@ def test_profile_says_when_the_plan_is_onnxruntimes_own_session(tmp_path, tiny_m
     (["profile", "--example", "nonet"], "unknown example"),
     (["profile", "--example", "squeezenet", "--shape", "bad"], "bad shape"),
     (["profile", "--example", "squeezenet", "--shape", "other:1x3"], "unknown input"),
+    (["profile", "--example", "squeezenet", "--engines", "onnxruntime,tensorrt"], "unknown engine 'tensorrt'"),
+    (["warmup", "/no/such/dir", "--engines", "tensorrt"], "unknown engine 'tensorrt'"),
 ])
 def test_user_errors_are_one_line_and_nonzero(args, needle, tmp_path):
     res = CliRunner().invoke(main, args + ["--cache-dir", str(tmp_path)])

@@ -9,8 +9,8 @@ import click
 
 from fastrun._version import __version__
 from fastrun.cli.cache import cache, show_plans
-from fastrun.cli.options import (Group, cache_option, exact_option, json_option, load_inputs, parse_shape_sets,
-                                 precision_options,
+from fastrun.cli.options import (Group, cache_option, engines_option, exact_option, json_option, load_inputs,
+                                 parse_shape_sets, precision_options,
                                  resolve_model, setup_logging, shape_option, show_options, verbosity)
 from fastrun.cli.output import emit_json, print_profile, print_warmup, progress_printer, write_report
 
@@ -49,11 +49,12 @@ def main() -> None:
               "(e.g. after profiling on a busy machine).")
 @exact_option
 @precision_options
+@engines_option
 @click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE.npz",
               help="Check inputs (np.savez: one array per model input name) the race's outputs are compared on "
                    "[default: random].")
 def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, json_to, report_path, no_measure, repeats,
-            refresh, exact, precision, tolerance, inputs_path) -> None:
+            refresh, exact, precision, tolerance, engines, inputs_path) -> None:
     """Profile MODEL, store its plan, print what was chosen and what it gains."""
     from fastrun.workflows import profile as profiling
 
@@ -64,7 +65,7 @@ def profile(model, example, shapes, cache_dir, budget, op_limit, op_timeout, jso
         report = profiling.profile(path, shape_set, cache_dir=cache_dir, budget=budget, op_limit=op_limit,
                                    op_timeout=op_timeout, progress=show, measure=not no_measure, repeats=repeats,
                                    refresh=refresh, exact=exact, precision=precision, tolerance=tolerance,
-                                   inputs=load_inputs(inputs_path))
+                                   inputs=load_inputs(inputs_path), engines=engines)
         done()
         results.append(report.to_json())
         if json_to != "-":
@@ -145,7 +146,8 @@ def fingerprint(json_to) -> None:
 @json_option("The summary")
 @exact_option
 @precision_options
-def warmup(paths, shapes, cache_dir, budget, op_limit, json_to, exact, precision, tolerance) -> None:
+@engines_option
+def warmup(paths, shapes, cache_dir, budget, op_limit, json_to, exact, precision, tolerance, engines) -> None:
     """Profile what is missing for PATHS (model files, directories searched for *.onnx).
 
     Plans already cached are not touched: a second run times nothing (a plan cut short by
@@ -162,7 +164,7 @@ def warmup(paths, shapes, cache_dir, budget, op_limit, json_to, exact, precision
     sets = parse_shape_sets(shapes)
     show, done = progress_printer(enabled=verbosity() >= 0)
     results = run_warmup(paths, sets, cache_dir=cache_dir, progress=show, budget=budget, op_limit=op_limit, exact=exact,
-                         precision=precision, tolerance=tolerance)
+                         precision=precision, tolerance=tolerance, engines=engines)
     done()
     if json_to != "-":
         print_warmup(results)

@@ -177,6 +177,12 @@ def precision_options(fn):
     return fn
 
 
+engines_option = click.option(
+    "--engines", default=None, metavar="LIST",
+    help="Whole-model engines the end-to-end race may use, comma-separated (onnxruntime, openvino); "
+         "onnxruntime always races [default: $FASTRUN_ENGINES, else every installed engine].")
+
+
 def load_inputs(path: Optional[str]):
     """The check inputs of ``--inputs FILE.npz``: one array per model input, by name."""
     if path is None:

@@ -137,7 +137,8 @@ def _print_winner(d: dict) -> None:
         click.echo(f"runs: {what} (fastest eligible in the end-to-end race)")
     if verified.get("errors"):
         click.echo(f"race: {verified.get('rule', '')}: bound {verified.get('bound', 0):.1e}"
-                   + (f" ({d['precision_policy']} budget {d['tolerance']:.1e})" if d.get("tolerance") else ""))
+                   + (f" ({d['precision_policy']} budget {d['tolerance']:.1e})" if d.get("tolerance") else "")
+                   + (f"; engines: {', '.join(d['engines'])}" if d.get("engines") else ""))
         for name, error in verified["errors"].items():
             timed = verified.get(f"{name}_ms")
             click.echo(f"  {name:<22} {ms(timed) + ' ms' if timed is not None else 'not timed':>12}   error {error:.1e}"

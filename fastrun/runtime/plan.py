@@ -84,6 +84,9 @@ class Plan:
     # False for any other plan (heuristic, imported from a bundle, unchecked, older JSON without
     # the field): `fastrun warmup` checks it again rather than taking it as complete.
     verified: bool = False
+    # The whole-model engines its race ran (fastrun.workflows.engine_choice; [] when it was not
+    # raced, or was made before plans recorded them)
+    engines: list[str] = field(default_factory=list)
     fastrun_version: str = __version__
     onnxruntime_version: str = onnxruntime.__version__
     schema: int = SCHEMA
@@ -142,6 +145,9 @@ class Plan:
         if not isinstance(segment_threads, list):
             raise ValueError("segment_threads is not a list")
         d["segment_threads"] = [ortutil.bounded_threads(n) for n in segment_threads]
+        engines = d.get("engines", [])
+        if not isinstance(engines, list) or not all(isinstance(e, str) for e in engines):
+            raise ValueError("engines is not a list of names")
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in known})
 

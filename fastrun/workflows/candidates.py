@@ -21,6 +21,7 @@ from fastrun.runtime.plan import ENGINE_ORIGINAL, Plan
 # The default: what a user had without fastrun. Every other candidate must beat it to be kept.
 BASELINE = ENGINE_ORIGINAL
 SPECIALISED = "onnxruntime"  # onnxruntime on fastrun's specialised graph (``plan.whole_model``)
+ONNXRUNTIME = "onnxruntime"  # the engine of both: every race has it (:mod:`fastrun.workflows.engine_choice`)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class WholeModelCandidate:
     # its plan from the selected one and the original model (None: it does not apply here)
     make_plan: Callable[[Graph, Plan, Optional[OriginalModelSource]], Optional[Plan]]
     needs_original: bool = True                           # runs the original model (needs its source)
+    engine: str = ONNXRUNTIME                             # what runs it: FASTRUN_ENGINES / --engines choose
 
 
 def engine_plan(plan: Plan, engine: str, reason: str = "") -> Plan:

@@ -110,4 +110,5 @@ def candidate_name(precision: str) -> str:
 
 
 for _precision in PRECISIONS:
-    candidates.register(candidates.WholeModelCandidate(candidate_name(_precision), openvino_plan(_precision)))
+    candidates.register(candidates.WholeModelCandidate(candidate_name(_precision), openvino_plan(_precision),
+                                                       engine=OpenVINOEngine.name))

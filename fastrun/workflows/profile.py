@@ -28,11 +28,10 @@ from fastrun.runtime.recipe import Recipe
 from fastrun.measure.profiler import DEFAULT_OP_LIMIT, Profiler, Stats
 from fastrun.ops import builtin  # noqa: F401  (registers the built-in implementations this module queries)
 from fastrun.workflows.lookup import store_plan
-from fastrun.runtime import engines
-from fastrun.runtime.engines import OriginalModelSource
+from fastrun.runtime.engines import OriginalModelSource, model_source
 from fastrun.system import ortutil
 from fastrun.system import precision as precisions
-from fastrun.workflows import eligibility, fallback
+from fastrun.workflows import eligibility, engine_choice, fallback
 from fastrun.workflows.verify import choose_threads, model_reference, random_feed, relative_error, verify_plan
 
 log = logging.getLogger(__name__)
@@ -105,6 +104,7 @@ class ProfileReport:
             "host_threads": plan.host_threads,
             "whole_model": plan.whole_model,
             "verified": plan.verified,
+            "engines": plan.engines,
             "engine": plan.engine,
             "winner": plan.winner,
             "fallback_reason": plan.fallback_reason,
@@ -159,7 +159,8 @@ def make_and_store_plan(graph: Graph, model_proto: onnx.ModelProto, caches: Cach
                         isolate: bool = True, refresh: bool = False, repeats: int = 10, verify: bool = True,
                         exact: bool = False, allowed: Optional[precisions.PrecisionPolicy] = None,
                         inputs: Optional[Mapping[str, np.ndarray]] = None,
-                        progress: Optional[Callable[[str], None]] = None) -> MadePlan:
+                        progress: Optional[Callable[[str], None]] = None,
+                        engines: "str | Sequence[str] | None" = None) -> MadePlan:
     """The one way a plan is made: profile, search, race end to end, choose threads, store.
 
     ``fastrun profile``, ``fastrun warmup`` and ``InferenceSession(policy="profile")`` all call it,
@@ -168,11 +169,13 @@ def make_and_store_plan(graph: Graph, model_proto: onnx.ModelProto, caches: Cach
     against the whole-model candidates (:func:`verify_plan`), gets its thread counts measured
     (:func:`choose_threads`) and is marked ``verified``; a profile cut short by ``budget`` (policy
     ``partial``: its unprofiled nodes on estimated costs) races too, so that no stored plan runs
-    slower than onnxruntime on the original model, and warmup resumes its profiling later. The plan
-    is stored under its precision policy (``allowed``: fp32 by default) with its compiled program
+    slower than onnxruntime on the original model, and warmup resumes its profiling later. The race
+    uses the whole-model ``engines`` (:func:`fastrun.workflows.engine_choice.allowed`: default
+    ``$FASTRUN_ENGINES``, else all) and the plan records those it ran. The plan is stored under its precision policy (``allowed``: fp32 by default) with its compiled program
     (a read-only cache logs and carries on).
     """
     allowed = allowed or precisions.policy()
+    racing = engine_choice.allowed(engines)
     with caches.profiling_lock():
         profiler = Profiler(caches, fingerprint, budget_s=budget, op_limit_s=op_limit, op_timeout=op_timeout,
                             isolate=isolate, refresh=refresh)
@@ -183,7 +186,8 @@ def make_and_store_plan(graph: Graph, model_proto: onnx.ModelProto, caches: Cach
             if progress:
                 progress("racing the plan end to end against the whole-model candidates")
             reference = model_reference(graph, original, bool(eligibility.quantized_ops(model_proto)), inputs)
-            plan = verify_plan(graph, plan, profiler, fingerprint, repeats, original, reference)
+            plan = verify_plan(graph, plan, profiler, fingerprint, repeats, original, reference, racing)
+            plan.engines = engine_choice.raced(racing)
             if not plan.runs_original:
                 monitor = load.LoadMonitor().start()
                 plan = choose_threads(graph, plan, repeats)
@@ -204,7 +208,8 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
             measure: bool = True, repeats: int = 10, verify: bool = True,
             op_timeout: Optional[float] = None, isolate: bool = True, refresh: bool = False,
             exact: bool = False, precision: Optional[str] = None, tolerance: Optional[float] = None,
-            inputs: Optional[Mapping[str, np.ndarray]] = None) -> ProfileReport:
+            inputs: Optional[Mapping[str, np.ndarray]] = None,
+            engines: "str | Sequence[str] | None" = None) -> ProfileReport:
     """Make and store a model's plan (:func:`make_and_store_plan`), then measure it against onnxruntime.
 
     ``refresh`` measures everything again, ignoring (and then overwriting) cached timings.
@@ -228,16 +233,21 @@ def profile(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[int
     ``tolerance`` of onnxruntime's on the check inputs: ``inputs`` (one feed of the model's
     inputs), or random ones. The plan is stored under its precision policy.
 
+    ``engines`` (a comma list or names; default ``$FASTRUN_ENGINES``, else every installed engine)
+    are the whole-model engines the race may use (:mod:`fastrun.workflows.engine_choice`).
+
     A model fastrun's front end cannot take gets the plan that runs the original model as is.
     """
     allowed = precisions.policy(precision, tolerance)
+    racing = engine_choice.allowed(engines)
     start = time.perf_counter()
     model_proto, data = reader.read_model(model)
-    original = OriginalModelSource(engines.model_source(model if isinstance(model, (str, Path)) else data))
+    original = OriginalModelSource(model_source(model if isinstance(model, (str, Path)) else data))
     caches = Caches(cache_dir)
     reader.input_shapes(model_proto, input_shapes)  # the caller's shapes must fit the model: their error
     making = dict(budget=budget, op_limit=op_limit, op_timeout=op_timeout, isolate=isolate, refresh=refresh,
-                  repeats=repeats, verify=verify, exact=exact, allowed=allowed, inputs=inputs, progress=progress)
+                  repeats=repeats, verify=verify, exact=exact, allowed=allowed, inputs=inputs, progress=progress,
+                  engines=racing)
     try:
         with caches.profiling_lock():
             report = _profile_locked(model, model_proto, data, original, input_shapes, caches, making, measure)

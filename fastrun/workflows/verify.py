@@ -93,10 +93,12 @@ VERIFY_BLOCKS = 3  # ...in each of this many consecutive races
 
 
 def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, repeats: int,
-                original: Optional[OriginalModelSource] = None, reference: Optional[Reference] = None) -> Plan:
+                original: Optional[OriginalModelSource] = None, reference: Optional[Reference] = None,
+                engines: Optional[Sequence[str]] = None) -> Plan:
     """The fastest eligible one, measured end to end (interleaved), of ``plan``, the heuristic
     assignment and the whole-model candidates (:mod:`fastrun.workflows.candidates`: onnxruntime on
-    the ``original`` model, onnxruntime on fastrun's specialised graph, any registered engine).
+    the ``original`` model, onnxruntime on fastrun's specialised graph, any registered engine of
+    ``engines``, default all).
 
     Eligible: outputs within ``reference``'s bound (:mod:`fastrun.workflows.eligibility`; without a
     reference every candidate is). Of the optimum and the heuristic assignment the measured faster
@@ -115,7 +117,7 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
     contenders = {"optimal": plan}
     if plan.assignment() != alternative.assignment():
         contenders["heuristic"] = alternative
-    whole = _whole_model_plans(graph, plan, original)
+    whole = _whole_model_plans(graph, plan, original, engines)
     contenders.update(whole)
     programs, errors = _checked_programs(graph, contenders, set(whole) - {candidates.BASELINE}, plan, original,
                                          reference)
@@ -157,11 +159,13 @@ def _checked_programs(graph: Graph, contenders: dict[str, Plan], fallible: set[s
     return programs, errors
 
 
-def _whole_model_plans(graph: Graph, plan: Plan, original: Optional[OriginalModelSource]) -> dict[str, Plan]:
-    """The plan of every whole-model candidate that applies (those of the original need its source)."""
+def _whole_model_plans(graph: Graph, plan: Plan, original: Optional[OriginalModelSource],
+                       engines: Optional[Sequence[str]] = None) -> dict[str, Plan]:
+    """The plan of every whole-model candidate that applies (those of the original need its source)
+    on one of ``engines`` (None: any)."""
     plans = {}
     for c in candidates.candidates():
-        if c.needs_original and original is None:
+        if (c.needs_original and original is None) or (engines is not None and c.engine not in engines):
             continue
         made = c.make_plan(graph, plan, original)
         if made is not None:

@@ -8,6 +8,7 @@ so that serving starts without compiling. A plan not checked end to end on this 
 ``Plan.verified``: imported, unchecked, older) is made again by the same function as a new one
 (:func:`fastrun.workflows.profile.make_and_store_plan`), reusing its cached timings. A model that
 fails is reported and the others still run. Processes sharing a cache profile one at a time (:meth:`Caches.profiling_lock`).
+A plan whose race the allowed engines would change (:mod:`fastrun.workflows.engine_choice`) is raced again.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from fastrun.measure import load
-from fastrun.workflows import lookup
+from fastrun.workflows import engine_choice, lookup
 from fastrun.workflows import profile as profiling
 from fastrun.runtime import compiler
 from fastrun.system import fingerprint as fp
@@ -114,7 +115,7 @@ class WarmupResult:
     speedup: Optional[float] = None    # :func:`predicted_speedup`
     program: str = ""                  # stored program: "cached" | "compiled" (now) | "missing" (not stored)
     error: str = ""
-    note: str = ""                     # what was left to onnxruntime, and why
+    note: str = ""                     # what was left to onnxruntime and why, or why a plan was raced again
     seconds: float = 0.0
 
     @property
@@ -151,7 +152,8 @@ def warmup(paths: Sequence[os.PathLike], shapes_list: Sequence[Mapping[str, Sequ
     """
     profile_options.setdefault("measure", False)
     allowed = precisions.policy(profile_options.get("precision"), profile_options.get("tolerance"))
-    profile_options.update(precision=allowed.precision, tolerance=allowed.tolerance)
+    profile_options.update(precision=allowed.precision, tolerance=allowed.tolerance,
+                           engines=engine_choice.allowed(profile_options.get("engines")))
     sets: list[Optional[Mapping[str, Sequence[int]]]] = list(shapes_list) or [None]
     caches = Caches(cache_dir)
     fingerprint = fp.fingerprint()
@@ -185,11 +187,12 @@ def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches:
         exact = bool(options.get("exact"))
         precision = options["precision"]
         checked = options.get("verify", True)
-        plan = _complete_plan(caches, fingerprint, graph, exact, precision, checked)
+        engines = options["engines"] if checked else None
+        plan = _complete_plan(caches, fingerprint, graph, exact, precision, checked, engines)
         result.status = "cached"
         if plan is None:
             with caches.profiling_lock():
-                plan = _complete_plan(caches, fingerprint, graph, exact, precision, checked)  # made meanwhile?
+                plan = _complete_plan(caches, fingerprint, graph, exact, precision, checked, engines)  # made meanwhile?
                 if plan is None:
                     earlier = lookup.find_plan(caches, fingerprint, graph, exact, precision)
                     if earlier is not None and earlier.measured_under_load:  # its timings are suspect too
@@ -198,6 +201,9 @@ def _warm_one(path: Path, shapes: Optional[Mapping[str, Sequence[int]]], caches:
                     unverified = (checked and earlier is not None and earlier.policy != "partial"
                                   and not earlier.verified and not earlier.measured_under_load)
                     result.status = "rechecked" if unverified else "profiled"
+                    if earlier is not None and earlier.verified and engines is not None:
+                        why = engine_choice.race_again_reason(earlier, engines)
+                        result.note = f"raced again: {why}" if why else ""
                     result.measured, result.reused = report.stats.measured, report.stats.from_cache
                     plan = lookup.find_plan(caches, fingerprint, graph, exact, precision)
                     if plan is None:
@@ -239,12 +245,16 @@ def _ensure_program(caches: Caches, plan: Plan, graph: graph_mod.Graph, model, p
 
 
 def _complete_plan(caches: Caches, fingerprint: str, graph: graph_mod.Graph, exact: bool = False,
-                   precision: str = precisions.FP32, checked: bool = True) -> Optional[Plan]:
+                   precision: str = precisions.FP32, checked: bool = True,
+                   engines: Optional[Sequence[str]] = None) -> Optional[Plan]:
     """The cached plan, unless there is none, its profiling ran out of budget (then it resumes),
     it was measured under load and the machine is quiet now (then it is measured again) or, when
-    plans are ``checked``, it was not checked end to end here (then it is checked again)."""
+    plans are ``checked``, it was not checked end to end here or its race the allowed ``engines``
+    would change (then it is checked again)."""
     plan = lookup.find_plan(caches, fingerprint, graph, exact, precision)
     if plan is None or plan.policy == "partial" or (checked and not plan.verified):
+        return None
+    if engines is not None and engine_choice.race_again_reason(plan, engines):
         return None
     if plan.measured_under_load and not load.check().busy:
         return None
