@@ -300,7 +300,7 @@ def test_whole_model_on_onnxruntime_is_kept_when_it_runs_faster(cache_dir, squee
 
     def race(graph, programs, repeats):
         raced.update(programs)
-        return [{"optimal": 10.0, "heuristic": 9.95, "onnxruntime": 9.5}] * verify.VERIFY_BLOCKS
+        return [{"optimal": 10.0, "heuristic": 9.95, verify.UNSPLIT: 9.97, "onnxruntime": 9.5}] * verify.VERIFY_BLOCKS
 
     monkeypatch.setattr(verify, "_race_blocks", race)
     chosen = verify.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2)
@@ -326,7 +326,7 @@ def test_whole_model_on_onnxruntime_is_kept_when_it_runs_faster(cache_dir, squee
     assert "NCHW" in plancheck.plan_problem(graph, blocked)
     # the assignment must beat onnxruntime by the margin to be kept, in every race
     for optimal_ms, whole in (((9.0, 9.0, 9.0), False), ((9.9, 9.0, 9.0), True), ((9.0, 9.0, 10.1), True)):
-        blocks = [{"optimal": ms, "heuristic": 10.5, "onnxruntime": 10.0} for ms in optimal_ms]
+        blocks = [{"optimal": ms, "heuristic": 10.5, verify.UNSPLIT: 10.5, "onnxruntime": 10.0} for ms in optimal_ms]
         monkeypatch.setattr(verify, "_race_blocks", lambda graph, programs, repeats: blocks)
         assert verify.verify_plan(graph, plan, prof, fingerprint.fingerprint(), repeats=2).whole_model == whole
 

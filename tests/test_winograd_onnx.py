@@ -77,3 +77,29 @@ def test_filter_transform_is_g_w_gt_per_position():
     u = winograd_onnx.transformed_filter(w, 4)
     assert u.shape == (36, 3, 2)
     np.testing.assert_allclose(u[:, 1, 0].reshape(6, 6), g @ w[1, 0] @ g.T, rtol=1e-5, atol=1e-6)
+
+
+def test_the_race_keeps_the_unsplit_assignment_when_it_runs_fastest(tmp_path, monkeypatch):
+    """The optimum among onnxruntime's kernels alone races too: kept, it compiles to one session."""
+    from fastrun.measure.profiler import Profiler
+    from fastrun.store.cache import Caches
+    from fastrun.workflows import verify
+
+    graph = reader.load(tiny_conv_model(batch=1))
+    prof = Profiler(Caches(str(tmp_path / "cache")), fp.fingerprint(), op_limit_s=0.05, isolate=False)
+    plan = planner.make_plan(graph, fp.fingerprint(), prof)
+    plan.node("conv1").impl = registry.get("Conv", "im2col_gemm").id  # a host step in the optimum
+    plan.node("conv1").in_formats, plan.node("conv1").out_format = ["NCHW"], "NCHW"
+    raced = {}
+
+    def race(graph, programs, repeats):
+        raced.update(programs)
+        return [{k: (1.0 if k == verify.UNSPLIT else 10.0) for k in programs}] * verify.VERIFY_BLOCKS
+
+    monkeypatch.setattr(verify, "_race_blocks", race)
+    chosen = verify.verify_plan(graph, plan, prof, fp.fingerprint(), repeats=2)
+    assert verify.UNSPLIT in raced and chosen.solver["verified"]["kept"] == verify.UNSPLIT
+    heavy = [n for n in chosen.nodes if n.spec]
+    assert heavy and all(registry.by_id(n.op_type, n.impl).is_onnxruntime_kernel for n in heavy)
+    program = compiler.compile_plan(graph, chosen)
+    assert program.host_steps == 0 and program.segments == 1

@@ -90,6 +90,10 @@ def print_profile(d: dict) -> None:
     if verified.get("kept") == "heuristic":
         click.echo(f"end-to-end check: the heuristic assignment ran faster ({verified['heuristic_ms']:.2f} vs "
                    f"{verified['optimal_ms']:.2f} ms for the predicted optimum): kept it")
+    elif verified.get("kept") == "unsplit":
+        click.echo(f"end-to-end check: the assignment among onnxruntime's kernels alone (no host step splits its "
+                   f"session) ran faster ({verified['unsplit_ms']:.2f} vs {verified['optimal_ms']:.2f} ms for the "
+                   f"predicted optimum): kept it")
     elif verified.get("kept") == "onnxruntime":
         from fastrun.workflows.verify import VERIFY_BLOCKS, WHOLE_MODEL_MARGIN
 

@@ -54,9 +54,10 @@ def exact_limit(spec: OpSpec) -> float:
     return EXACT_SHARE * tolerance(spec)
 
 
-def heavy_nodes(graph: Graph, exact: bool = False) -> list[HeavyNode]:
+def heavy_nodes(graph: Graph, exact: bool = False, onnx_kernels: bool = False) -> list[HeavyNode]:
     """Nodes that have registered implementations (the ones fastrun selects for); ``exact`` keeps
-    only the implementations declared exact."""
+    only the implementations declared exact, ``onnx_kernels`` only those onnxruntime runs (where a
+    node has one)."""
     heavy_types = registry.heavy_op_types()
     out = []
     for node in graph.nodes:
@@ -64,6 +65,8 @@ def heavy_nodes(graph: Graph, exact: bool = False) -> list[HeavyNode]:
             continue
         spec = spec_for_node(node, graph)
         impls = [i for i in registry.candidates(spec) if i.exact or not exact]
+        if onnx_kernels:
+            impls = [i for i in impls if i.is_onnxruntime_kernel] or impls
         if impls:
             out.append(HeavyNode(node, spec, impls))
     return out
@@ -149,15 +152,17 @@ def whole_model_plan(graph: Graph, plan: Plan) -> Optional[Plan]:
 
 def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = None,
               allowed_formats: Optional[set[str]] = None, progress: Optional[Progress] = None,
-              assignment: str = "optimal", exact: bool = False) -> Plan:
+              assignment: str = "optimal", exact: bool = False, onnx_kernels: bool = False) -> Plan:
     """The plan for ``graph``: profiled (with a profiler) or heuristic (without).
 
     ``assignment="heuristic"`` with a profiler keeps the heuristic choices but prices them with
     the measured costs: the alternative that end-to-end verification compares against.
+    ``onnx_kernels`` chooses among onnxruntime's kernels only (its own and ONNX fragments such as
+    ``winograd_onnx``): a plan with no host step, one session that no host kernel splits.
     ``exact`` runs only exact implementations whose measured error is within :func:`exact_limit`.
     """
     allowed = set(allowed_formats or formats.machine_formats())
-    heavy = {h.node.name: h for h in heavy_nodes(graph, exact)}
+    heavy = {h.node.name: h for h in heavy_nodes(graph, exact, onnx_kernels)}
     timings: dict[str, dict[str, Timing]] = {}
     if profiler is not None:
         specs: dict[str, HeavyNode] = {}

@@ -352,7 +352,7 @@ def _cards(d: dict) -> str:
     search = f"{solver.get('seconds', 0) * 1e3:.0f} ms, gap {solver.get('gap', 0) or 0:.1e}" if solver else ""
     verified = solver.get("verified") or {}
     if verified.get("optimal_ms") is not None:   # the optimum was timed end to end against the alternatives
-        timed = ", ".join(f"{fmt_ms(verified[k + '_ms'])} ms {k}" for k in ("optimal", "heuristic", "onnxruntime")
+        timed = ", ".join(f"{fmt_ms(verified[k + '_ms'])} ms {k}" for k in ("optimal", "heuristic", "unsplit", "onnxruntime")
                           if verified.get(k + "_ms") is not None)
         kept = verified.get("kept")
         search += (f"; end to end kept {'the whole model on onnxruntime' if kept == 'onnxruntime' else f'the {kept} assignment'}"
