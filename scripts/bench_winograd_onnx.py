@@ -3,14 +3,14 @@
 onnxruntime's own Conv, per layer and in a whole model, interleaved in one process (medians).
 
     python scripts/bench_winograd_onnx.py [--repeats 7] [--batch 8,1] [--only vgg,resnet]
-        [--variants 4,4g,6,6g,2] [--whole vgg19:8:4:256:64] [--skip-layers]
+        [--variants 4,4g,6,6g,2] [--whole vgg19:8:4:128:64:56] [--skip-layers]
 
 Layers: the 3x3 convs of VGG-19 (64@224 .. 512@14) and ResNet-50 (64@56 .. 512@7), C -> C, bias
 and ReLU, against a one-node Conv+Relu model (onnxruntime fuses it, in NCHWc); default session
 options. ``--variants``: F(m), ``g`` = the product gathered over every image's tiles. ``--whole
 model:batch:m:min_channels:gather_below`` replaces every 3x3 stride-1 Conv (+ its Relu) with at
 least ``min_channels`` inputs by the fragment (gathered when an image has fewer tiles than
-``gather_below``) in the light model (opset 13) and times it against the original.
+``gather_below``; optionally only images of at most ``max_rows`` rows) in the light model (opset 13) and times it against the original.
 
 Formulations tried (2-core AVX-512 VM, loaded by other jobs: load average 2-4):
 * input transform as a 3-D Conv over [N, 1, C, H, W] (kept: V comes out [N, alpha^2, C, tiles],
@@ -131,9 +131,11 @@ def bench_layers(shapes, batch, variants, repeats, rng):
     return rows
 
 
-def rewrite(model: onnx.ModelProto, m: int, min_channels: int, gather_below: int) -> tuple[onnx.ModelProto, int]:
-    """The model with every 3x3 stride-1 group-1 Conv of >= min_channels inputs (and its Relu)
-    replaced by the F(m) fragment; per-image GEMMs when an image has >= gather_below tiles."""
+def rewrite(model: onnx.ModelProto, m: int, min_channels: int, gather_below: int,
+            max_size: int = 1 << 30) -> tuple[onnx.ModelProto, int]:
+    """The model with every 3x3 stride-1 group-1 Conv of >= min_channels inputs and at most
+    max_size rows (and its Relu) replaced by the F(m) fragment; per-image GEMMs when an image has
+    >= gather_below tiles."""
     model = onnx.shape_inference.infer_shapes(model)
     shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
               for vi in list(model.graph.value_info) + list(model.graph.input)}
@@ -150,7 +152,7 @@ def rewrite(model: onnx.ModelProto, m: int, min_channels: int, gather_below: int
         w = inits.get(node.input[1]) if node.op_type == "Conv" else None
         ok = (w is not None and w.shape[2:] == (3, 3) and list(attrs.get("strides", [1, 1])) == [1, 1]
               and attrs.get("group", 1) == 1 and list(attrs.get("dilations", [1, 1])) == [1, 1]
-              and w.shape[1] >= min_channels)
+              and w.shape[1] >= min_channels and shapes[node.input[0]][2] <= max_size)
         if not ok:
             out_nodes.append(node)
             continue
@@ -177,9 +179,10 @@ def rewrite(model: onnx.ModelProto, m: int, min_channels: int, gather_below: int
     return rewritten, count
 
 
-def bench_whole(name: str, batch: int, m: int, min_channels: int, gather_below: int, repeats: int) -> None:
+def bench_whole(name: str, batch: int, m: int, min_channels: int, gather_below: int, repeats: int,
+                max_size: int = 1 << 30) -> None:
     model = onnx.version_converter.convert_version(randomized(example_path(name), batch=batch, strip_softmax=True), OPSET)
-    rewritten, count = rewrite(model, m, min_channels, gather_below)
+    rewritten, count = rewrite(model, m, min_channels, gather_below, max_size)
     feed_name = model.graph.input[0].name
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(dims).astype(np.float32)
@@ -188,7 +191,7 @@ def bench_whole(name: str, batch: int, m: int, min_channels: int, gather_below: 
     err = float(np.abs(sessions["wino"].run(None, {feed_name: x})[0] - ref).max() / np.abs(ref).max())
     ms = interleaved(sessions, {feed_name: x}, repeats)
     print(f"whole {name} b{batch}: F{m}, {count} convs rewritten (>= {min_channels} channels, gathered below "
-          f"{gather_below} tiles per image): ort {ms['ort']:.1f} ms, fragments {ms['wino']:.1f} ms, "
+          f"{gather_below} tiles per image, <= {max_size} rows): ort {ms['ort']:.1f} ms, fragments {ms['wino']:.1f} ms, "
           f"ratio {ms['ort'] / ms['wino']:.2f}, rel. err {err:.1e}", flush=True)
 
 
@@ -207,7 +210,7 @@ def main() -> None:
     ap.add_argument("--batch", default="8,1")
     ap.add_argument("--only", default="vgg,resnet")
     ap.add_argument("--variants", default="4,4g", help="F(m) variants; g: gathered")
-    ap.add_argument("--whole", default="", help="e.g. vgg19:8:4:128:64 (model:batch:m:min_channels:gather_below)")
+    ap.add_argument("--whole", default="", help="e.g. vgg19:8:4:128:64:56 (model:batch:m:min_channels:gather_below[:max_rows])")
     ap.add_argument("--skip-layers", action="store_true")
     args = ap.parse_args()
     print("CPU flags:", cpu_flags(), "| onnxruntime", ort.__version__)
@@ -216,8 +219,8 @@ def main() -> None:
     print("| layer | batch | ort ms | fragment | fragment ms | ort/fragment | rel. err |")
     print("|---|---|---|---|---|---|---|")
     for spec in filter(None, args.whole.split(",")):
-        name, batch, m, min_c, gather = spec.split(":")
-        bench_whole(name, int(batch), int(m), int(min_c), int(gather), args.repeats)
+        name, batch, m, min_c, gather, *size = spec.split(":")
+        bench_whole(name, int(batch), int(m), int(min_c), int(gather), args.repeats, *map(int, size))
     for batch in [int(b) for b in args.batch.split(",")] if not args.skip_layers else []:
         if "vgg" in args.only:
             bench_layers(VGG, batch, variants, args.repeats, rng)
