@@ -8,14 +8,17 @@ onnxruntime's own Conv, per layer and in a whole model, interleaved in one proce
 Layers: the 3x3 convs of VGG-19 (64@224 .. 512@14) and ResNet-50 (64@56 .. 512@7), C -> C, bias
 and ReLU, against a one-node Conv+Relu model (onnxruntime fuses it, in NCHWc); default session
 options. ``--variants``: F(m), ``g`` = the product gathered over every image's tiles. ``--whole
-model:batch:m:min_channels:gather_below`` replaces every 3x3 stride-1 Conv (+ its Relu) with at
-least ``min_channels`` inputs by the fragment (gathered when an image has fewer tiles than
-``gather_below``; optionally only images of at most ``max_rows`` rows) in the light model (opset 13) and times it against the original.
+model:batch:m:min_channels:gather_below[:max_rows]`` replaces every 3x3 stride-1 Conv (+ its
+Relu) with at least ``min_channels`` inputs (and at most ``max_rows`` rows) by the fragment
+(gathered when an image has fewer tiles than ``gather_below``) in the light model (opset 13) and
+times it against the original.
 
 Formulations tried (2-core AVX-512 VM, loaded by other jobs: load average 2-4):
 * input transform as a 3-D Conv over [N, 1, C, H, W] (kept: V comes out [N, alpha^2, C, tiles],
   no transpose) vs a 2-D Conv over [N*C, 1, H, W] (V [N, C, alpha^2, tiles] needs a Transpose,
-  and onnxruntime runs that Conv in NCHWc with a ReorderOutput): 1.1-1.4x slower end to end;
+  and onnxruntime runs that Conv in NCHWc with a ReorderOutput): by onnxruntime's profiler
+  28.7 vs 20.8 ms at 128@112 b1 and 16.6 vs 12.7 at 256@56 b1; interleaved at b1 the two were
+  within the load's noise of each other (0.63-1.42x vs 0.63-1.41x);
 * scatter back by DepthToSpace after the output-transform MatMul (kept) vs one 6-D Transpose:
   1.4 vs 9.3 ms at 128@112 b1 (onnxruntime's profiler);
 * product per image vs gathered: per image wins with many tiles per image (256@56), gathered
@@ -23,11 +26,16 @@ Formulations tried (2-core AVX-512 VM, loaded by other jobs: load average 2-4):
 * F(6,3) lost to F(4,3) on every layer (e.g. 256@56 b8 1.12x vs 1.27x, 512@14 b8 0.98x vs
   1.32x); F(2,3) only came close on the smallest layers.
 
-Measured (--repeats 5, batch 8, ratio = onnxruntime ms / fragment ms, best F(4) variant):
-64@224 0.62, 128@112 0.88, 256@56 1.27, 512@28 1.50 (g), 512@14 1.32 (g), ResNet 64@56 0.96,
-128@28 0.91, 256@14 1.16 (g), 512@7 1.08 (g); rel. error 6e-6 .. 2e-5. Whole VGG-19 b8:
-1.56x with the >= 256-channel convs rewritten (11 convs), 1.26x with >= 128 (13 convs), rel.
-error 1.5e-6 on the logits. Batch 1 was too noisy under that load to quote.
+Measured (--repeats 5, batch 8, ratio = onnxruntime ms / fragment ms, F4 per image / F4g gathered),
+two runs (load average 2.5-4, then 2.5-4 again while others profiled):
+  VGG 64@224 0.62/0.50, 0.53/0.46; 128@112 0.88/0.78, 0.77/0.63; 256@56 1.27/1.22, 1.18/1.02;
+  512@28 1.40/1.50, 1.22/1.50; 512@14 0.99/1.32, 0.90/1.14;
+  ResNet-50 64@56 0.96/0.93, 0.41/0.38; 128@28 0.91/0.49, 1.29/0.99; 256@14 1.06/1.16, 0.93/0.67;
+  512@7 0.43/1.08, 0.54/1.50 (the small layers are within the noise of a shared machine).
+rel. error 6e-6 .. 2e-5. Whole VGG-19 b8, >= 256-channel convs rewritten (11 convs): 1.56x at load
+average ~2, 1.21x at ~4, 1.15x at ~5 (two other jobs on both cores); >= 128 channels at <= 56
+rows (12 convs): 1.17x, 1.09x. Rel. error 1.5e-6 .. 1.8e-6 on the logits. Batch 1 was too noisy
+under that load to quote.
 """
 from __future__ import annotations
 
@@ -181,7 +189,8 @@ def rewrite(model: onnx.ModelProto, m: int, min_channels: int, gather_below: int
 
 def bench_whole(name: str, batch: int, m: int, min_channels: int, gather_below: int, repeats: int,
                 max_size: int = 1 << 30) -> None:
-    model = onnx.version_converter.convert_version(randomized(example_path(name), batch=batch, strip_softmax=True), OPSET)
+    model = randomized(example_path(name), batch=batch, strip_softmax=True)
+    model = onnx.version_converter.convert_version(model, OPSET)
     rewritten, count = rewrite(model, m, min_channels, gather_below, max_size)
     feed_name = model.graph.input[0].name
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
@@ -210,7 +219,8 @@ def main() -> None:
     ap.add_argument("--batch", default="8,1")
     ap.add_argument("--only", default="vgg,resnet")
     ap.add_argument("--variants", default="4,4g", help="F(m) variants; g: gathered")
-    ap.add_argument("--whole", default="", help="e.g. vgg19:8:4:128:64:56 (model:batch:m:min_channels:gather_below[:max_rows])")
+    ap.add_argument("--whole", default="",
+                    help="e.g. vgg19:8:4:128:64:56 (model:batch:m:min_channels:gather_below[:max_rows])")
     ap.add_argument("--skip-layers", action="store_true")
     args = ap.parse_args()
     print("CPU flags:", cpu_flags(), "| onnxruntime", ort.__version__)

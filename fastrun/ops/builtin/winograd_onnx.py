@@ -19,10 +19,14 @@ Only default-domain ops whose signature is the same in every opset from 7 on (Co
 Reshape, Transpose, DepthToSpace without ``mode``, Gather with non-negative indices, Add, the
 activations), since a fragment runs in a segment at its model's opset.
 
-Measured beside onnxruntime's Conv (NCHWc, fused ReLU), whole VGG-19 at batch 8 with every
-3x3 conv of >= 256 channels as a fragment: 1.56x (2-core AVX-512 VM, loaded;
-``scripts/bench_winograd_onnx.py``). Per layer it wins from 256 channels on and loses at 64
-(the transforms' memory traffic outweighs the smaller product).
+Measured beside onnxruntime's Conv (NCHWc, fused ReLU) on a shared 2-core AVX-512 VM
+(``scripts/bench_winograd_onnx.py``): whole VGG-19 at batch 8 with every 3x3 conv of >= 256
+channels as a fragment ran 1.56x faster with the machine at load 2, 1.21x at load 4, 1.15x at
+load 5; per layer at batch 8 256@56 1.2-1.3x, 512@28 1.5x, 512@14 1.1-1.3x (gathered), and
+losses at 64 channels and at 112 rows and more (the transforms' memory traffic outweighs the
+smaller product). In ``fastrun profile`` of VGG-19 b8 the profiler picks it for the convs from
+128@56 on against onnxruntime's kernels, and the end-to-end race times that one-session plan
+(``unsplit`` in :mod:`fastrun.workflows.verify`).
 """
 from __future__ import annotations
 
