@@ -3,7 +3,7 @@
 onnxruntime's own Conv, per layer and in a whole model, interleaved in one process (medians).
 
     python scripts/bench_winograd_onnx.py [--repeats 7] [--batch 8,1] [--only vgg,resnet]
-        [--variants 4,4g,6,6g,2] [--whole vgg19:8:4:128:64:56] [--skip-layers]
+        [--variants 4,4g,6,6g,2] [--whole vgg19:8:4:128:64:56] [--skip-layers] [--no-spin]
 
 Layers: the 3x3 convs of VGG-19 (64@224 .. 512@14) and ResNet-50 (64@56 .. 512@7), C -> C, bias
 and ReLU, against a one-node Conv+Relu model (onnxruntime fuses it, in NCHWc); default session
@@ -26,16 +26,19 @@ Formulations tried (2-core AVX-512 VM, loaded by other jobs: load average 2-4):
 * F(6,3) lost to F(4,3) on every layer (e.g. 256@56 b8 1.12x vs 1.27x, 512@14 b8 0.98x vs
   1.32x); F(2,3) only came close on the smallest layers.
 
-Measured (--repeats 5, batch 8, ratio = onnxruntime ms / fragment ms, F4 per image / F4g gathered),
-two runs (load average 2.5-4, then 2.5-4 again while others profiled):
-  VGG 64@224 0.62/0.50, 0.53/0.46; 128@112 0.88/0.78, 0.77/0.63; 256@56 1.27/1.22, 1.18/1.02;
-  512@28 1.40/1.50, 1.22/1.50; 512@14 0.99/1.32, 0.90/1.14;
-  ResNet-50 64@56 0.96/0.93, 0.41/0.38; 128@28 0.91/0.49, 1.29/0.99; 256@14 1.06/1.16, 0.93/0.67;
-  512@7 0.43/1.08, 0.54/1.50 (the small layers are within the noise of a shared machine).
-rel. error 6e-6 .. 2e-5. Whole VGG-19 b8, >= 256-channel convs rewritten (11 convs): 1.56x at load
-average ~2, 1.21x at ~4, 1.15x at ~5 (two other jobs on both cores); >= 128 channels at <= 56
-rows (12 convs): 1.17x, 1.09x. Rel. error 1.5e-6 .. 1.8e-6 on the logits. Batch 1 was too noisy
-under that load to quote.
+Measured with --no-spin (load average 2-3; with spinning threads each session's spin after its
+run slowed the next session's run: 256@56 b1 ran 46 ms on onnxruntime interleaved, 29 ms alone),
+ratio = onnxruntime ms / fragment ms, F4 per image / F4g gathered, rel. error 6e-6 .. 2e-5:
+  batch 8 (--repeats 5): VGG 64@224 0.50/0.41, 128@112 0.77/0.66, 256@56 1.28/1.11,
+    512@28 1.43/1.49, 512@14 1.00/1.18; ResNet-50 (--repeats 7) 64@56 0.58/0.51,
+    128@28 0.96/0.83, 256@14 0.83/0.82, 512@7 0.45/1.11;
+  batch 1 (--repeats 7): VGG 64@224 0.62/0.53, 128@112 0.97/0.76, 256@56 1.03/1.20,
+    512@28 1.46/1.45, 512@14 1.04/0.89; ResNet-50 64@56 0.55/0.61, 128@28 0.59/0.66,
+    256@14 0.16/0.68, 512@7 0.52/1.68 (sub-ms layers: per-op overhead dominates).
+Whole VGG-19 b8: 1.26x (1002 vs 798 ms) with the >= 256-channel convs rewritten (11 convs), 1.26x
+with >= 128 channels at <= 56 rows (12 convs); rel. error 1.6e-6 / 1.8e-6 on the logits.
+With spinning threads (default options) and load average 2 .. 5 the same rewrite ran 1.56x, 1.21x
+and 1.15x: contention hurts the fragment's nine ops more than onnxruntime's one Conv.
 """
 from __future__ import annotations
 
@@ -93,9 +96,14 @@ def conv_model(x_shape, w, b, relu):
     return _model(nodes, {"w": w, "b": b}, x_shape, (N, w.shape[0], H, W))
 
 
+SPIN = True
+
+
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the rewritten model keeps the replaced weights unused
+    if not SPIN:  # a session's threads spinning on after its run slow the next session's run
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -222,7 +230,10 @@ def main() -> None:
     ap.add_argument("--whole", default="",
                     help="e.g. vgg19:8:4:128:64:56 (model:batch:m:min_channels:gather_below[:max_rows])")
     ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--no-spin", action="store_true", help="sessions' threads sleep instead of spinning")
     args = ap.parse_args()
+    global SPIN
+    SPIN = not args.no_spin
     print("CPU flags:", cpu_flags(), "| onnxruntime", ort.__version__)
     variants = [(int(v.rstrip("g")), v.endswith("g")) for v in args.variants.split(",")]
     rng = np.random.default_rng(0)

@@ -86,7 +86,7 @@ def _race_blocks(graph: Graph, programs: dict[str, Program], repeats: int) -> li
 VERIFY_MARGIN = 0.0  # the faster of the optimum and the heuristic assignment, measured, is kept
 # The optimum among onnxruntime's kernels alone: no host step splits its session (per-operator
 # times do not price a split; VGG-19 b8's optimum with host Winograd kernels ran 1.15x slower
-# than onnxruntime end to end, where its 3x3 convs as Winograd ONNX fragments ran 1.56x faster).
+# than onnxruntime end to end, where its 3x3 convs as Winograd ONNX fragments ran 1.26x faster).
 UNSPLIT = "unsplit"
 
 

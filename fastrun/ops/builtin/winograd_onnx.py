@@ -20,11 +20,11 @@ Reshape, Transpose, DepthToSpace without ``mode``, Gather with non-negative indi
 activations), since a fragment runs in a segment at its model's opset.
 
 Measured beside onnxruntime's Conv (NCHWc, fused ReLU) on a shared 2-core AVX-512 VM
-(``scripts/bench_winograd_onnx.py``): whole VGG-19 at batch 8 with every 3x3 conv of >= 256
-channels as a fragment ran 1.56x faster with the machine at load 2, 1.21x at load 4, 1.15x at
-load 5; per layer at batch 8 256@56 1.2-1.3x, 512@28 1.5x, 512@14 1.1-1.3x (gathered), and
-losses at 64 channels and at 112 rows and more (the transforms' memory traffic outweighs the
-smaller product). In ``fastrun profile`` of VGG-19 b8 the profiler picks it for the convs from
+(``scripts/bench_winograd_onnx.py --no-spin``): whole VGG-19 at batch 8 with every 3x3 conv of
+>= 256 channels as a fragment ran 1.26x faster; per layer at batch 8 256@56 1.28x, 512@28 1.5x,
+512@14 1.18x (gathered); it loses at 64 channels, at 112 rows and more (the transforms' memory
+traffic outweighs the smaller product) and on ResNet-50's small layers (0.45-0.96x, but
+512@7 gathered 1.11x). In ``fastrun profile`` of VGG-19 b8 the profiler picks it for the convs from
 128@56 on against onnxruntime's kernels, and the end-to-end race times that one-session plan
 (``unsplit`` in :mod:`fastrun.workflows.verify`).
 """
