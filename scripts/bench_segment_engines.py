@@ -20,10 +20,13 @@ For each model and batch size:
    DP's assignment (adjacent segments on one engine merged into one model; numpy arrays passed from
    one engine to the next), round-robin as above.
 
-The table's columns: ``ort``/``ov`` whole-model ms, ``best`` the faster of them, ``sum_ort``/
-``sum_ov`` the segments' sums on one engine (what cutting alone costs), ``pred`` the DP's sum,
-``mixed`` the measured pipeline, ``gain`` best / mixed per round (median [min, max]): above 1 the
-mixed pipeline wins. ``err`` is max|mixed - ort| / max|ort|. Where the assignment mixes engines,
+The segment race also runs the whole model on each engine, so the sums compare with them within
+one race; the machine's load moves between the two races, so a row's ms from one race do not
+compare with the other's: compare the gains. The table's columns: ``ort``/``ov`` whole-model ms
+(whole race), ``best`` the faster of them, ``sum_ort``/``sum_ov`` the segments' sums on one engine
+and ``pred`` the DP's sum (segment race), ``pred_gain`` the faster whole model of the segment race
+over ``pred``, ``mixed`` the measured pipeline, ``gain`` best / mixed per round of the whole race
+(median [min, max]): above 1 the mixed pipeline wins. ``err`` is max|mixed - ort| / max|ort|. Where the assignment mixes engines,
 ``quiet`` is the same pipeline with onnxruntime's threads not spinning after a run (they would take
 the cores from OpenVINO's next segment), and its gain over ``best``.
 
@@ -223,6 +226,49 @@ def race(runs: dict[str, Callable[[], list]], rounds: int, seconds: float, settl
 
 # -- one model
 
+def segment_race(model: onnx.ModelProto, chain: list[Segment], whole: Segment, feed: dict,
+                 args: argparse.Namespace) -> tuple[list[dict[str, float]], dict[str, float], list]:
+    """Median ms of every segment on each engine, fed the activation the whole model computes at its
+    cut, and of the whole model on each engine in the same race (the sums' yardstick)."""
+    cut_names = [s.outputs[0] for s in chain[:-1]]
+    traced = ort.InferenceSession(extract(onnx.utils.Extractor(model), whole.inputs, whole.outputs + cut_names,
+                                          0.0).model, providers=["CPUExecutionProvider"]).run(None, feed)
+    values = {**feed, **dict(zip(whole.outputs + cut_names, traced))}
+    runs = {f"whole:{e}": (lambda c=call: c(feed)) for e, call in whole.runs.items()}
+    for i, segment in enumerate(chain):
+        compile_runs(segment)
+        seg_feed = {n: values[n] for n in segment.inputs}
+        for engine, call in segment.runs.items():
+            runs[f"{i}:{engine}"] = (lambda c=call, f=seg_feed: c(f))
+    for call in runs.values():
+        call()
+    samples = race(runs, args.rounds, args.block, args.settle)
+    seg_ms = [{e: statistics.median(samples[f"{i}:{e}"]) for e in ENGINES} for i in range(len(chain))]
+    return seg_ms, {e: statistics.median(samples[f"whole:{e}"]) for e in ENGINES}, traced[:len(whole.outputs)]
+
+
+def whole_race(model: onnx.ModelProto, chain: list[Segment], whole: Segment, feed: dict, assignment: list[str],
+               args: argparse.Namespace) -> tuple[dict[str, list[float]], float]:
+    """Round-robin samples of the whole model on each engine and of the mixed pipeline(s); the
+    pipeline's error against onnxruntime's whole model."""
+    mixed = pipeline(model, chain, assignment)
+    error = relative_error(mixed(feed), whole.runs["ort"](feed))
+    runs = {"ort": lambda: whole.runs["ort"](feed), "ov": lambda: whole.runs["ov"](feed),
+            "mixed": lambda: mixed(feed)}
+    if len(set(assignment)) > 1:
+        quiet = pipeline(model, chain, assignment, spin=False)
+        runs["mixed_nospin"] = lambda: quiet(feed)
+    for call in runs.values():
+        call()
+    return race(runs, args.rounds, args.block, args.settle), error
+
+
+def gain(samples: dict[str, list[float]], baseline: str, contestant: str) -> tuple[float, float, float]:
+    """Median, lowest and highest per-round speed-up of ``contestant`` over ``baseline``."""
+    ratios = sorted(b / m for b, m in zip(samples[baseline], samples[contestant]))
+    return statistics.median(ratios), ratios[0], ratios[-1]
+
+
 def bench(spec: str, batch: int, args: argparse.Namespace) -> dict:
     model = fixed_model(spec, batch)
     chain = split(model, args.segments)
@@ -230,44 +276,20 @@ def bench(spec: str, batch: int, args: argparse.Namespace) -> dict:
                     model.SerializeToString(), sum(s.gflop for s in chain))
     compile_runs(whole)
     feed = make_feed(ort.InferenceSession(whole.model, providers=["CPUExecutionProvider"]), batch, {})
-    cut_names = [s.outputs[0] for s in chain[:-1]]
-    traced = ort.InferenceSession(extract(onnx.utils.Extractor(model), whole.inputs, whole.outputs + cut_names,
-                                          0.0).model, providers=["CPUExecutionProvider"]).run(None, feed)
-    values = {**feed, **dict(zip(whole.outputs + cut_names, traced))}
-    reference = traced[:len(whole.outputs)]
-    segment_runs = {}
-    for i, segment in enumerate(chain):
-        compile_runs(segment)
-        seg_feed = {n: values[n] for n in segment.inputs}
-        for engine, call in segment.runs.items():
-            segment_runs[f"{i}:{engine}"] = (lambda c=call, f=seg_feed: c(f))
-    for call in segment_runs.values():
-        call()
-    samples = race(segment_runs, args.rounds, args.block, args.settle)
-    seg_ms = [{e: statistics.median(samples[f"{i}:{e}"]) for e in ENGINES} for i in range(len(chain))]
+    seg_ms, whole_ms, reference = segment_race(model, chain, whole, feed, args)
     assignment, predicted = best_assignment(seg_ms, args.switch_ms)
-    mixed = pipeline(model, chain, assignment)
-    error = relative_error(mixed(feed), reference)
-    whole_runs = {"ort": lambda: whole.runs["ort"](feed), "ov": lambda: whole.runs["ov"](feed),
-                  "mixed": lambda: mixed(feed)}
-    if len(set(assignment)) > 1:
-        quiet = pipeline(model, chain, assignment, spin=False)
-        whole_runs["mixed_nospin"] = lambda: quiet(feed)
-    for call in whole_runs.values():
-        call()
-    whole_samples = race(whole_runs, args.rounds, args.block, args.settle)
-    ms = {n: statistics.median(s) for n, s in whole_samples.items()}
+    samples, error = whole_race(model, chain, whole, feed, assignment, args)
+    ms = {n: statistics.median(s) for n, s in samples.items()}
     best = "ort" if ms["ort"] <= ms["ov"] else "ov"
-    gains = sorted(b / m for b, m in zip(whole_samples[best], whole_samples["mixed"]))
-    nospin = sorted(b / m for b, m in zip(whole_samples[best], whole_samples.get("mixed_nospin", [])))
-    nospin_gain = statistics.median(nospin) if nospin else None
     return {"model": spec, "batch": batch, "load_avg_1min": os.getloadavg()[0], "ms": ms, "best": best,
-            "sum_ms": {e: sum(s[e] for s in seg_ms) for e in ENGINES}, "predicted_ms": predicted,
+            "segment_race_whole_ms": whole_ms, "sum_ms": {e: sum(s[e] for s in seg_ms) for e in ENGINES},
+            "predicted_ms": predicted, "predicted_gain": min(whole_ms.values()) / predicted,
             "assignment": "".join("O" if e == "ov" else "R" for e in assignment), "error": error,
-            "gain": (statistics.median(gains), gains[0], gains[-1]), "nospin_gain": nospin_gain,
+            "gain": gain(samples, best, "mixed"),
+            "nospin_gain": gain(samples, best, "mixed_nospin")[0] if "mixed_nospin" in samples else None,
             "segments": [{"cut": s.outputs[0] if i < len(chain) - 1 else "(outputs)", "gflop": s.gflop, **t}
                          for i, (s, t) in enumerate(zip(chain, seg_ms))],
-            "samples_ms": whole_samples}
+            "samples_ms": samples}
 
 
 def print_segments(row: dict) -> None:
@@ -277,17 +299,21 @@ def print_segments(row: dict) -> None:
         winner = "ov" if s["ov"] < s["ort"] else "ort"
         print(f"  {i:3d}  {s['cut'][:34]:<34} {s['gflop']:7.3f} {s['ort']:9.2f} {s['ov']:9.2f}   {winner}"
               f"  ({max(s['ort'], s['ov']) / min(s['ort'], s['ov']):.2f}x)")
+    w, total = row["segment_race_whole_ms"], row["sum_ms"]
+    print(f"  whole model in this race: ort {w['ort']:.2f} ms, ov {w['ov']:.2f} ms; segments' sums: ort "
+          f"{total['ort']:.2f}, ov {total['ov']:.2f}, best per segment {row['predicted_ms']:.2f} "
+          f"({row['predicted_gain']:.2f}x the faster whole model)")
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\nmodel                b     ort      ov    best  sum_ort  sum_ov    pred   mixed  assign"
+    print("\nmodel                b     ort      ov    best  sum_ort  sum_ov    pred pred_gain   mixed  assign"
           "   gain [min, max]      err   quiet  gain")
     for r in rows:
         ms, name = r["ms"], Path(r["model"]).stem
         med, lo, hi = r["gain"]
         quiet = f"{ms['mixed_nospin']:7.2f} {r['nospin_gain']:5.2f}x" if "mixed_nospin" in ms else "      -      -"
         print(f"{name[:18]:<18} {r['batch']:3d} {ms['ort']:7.2f} {ms['ov']:7.2f} {min(ms['ort'], ms['ov']):7.2f}"
-              f" {r['sum_ms']['ort']:8.2f} {r['sum_ms']['ov']:7.2f} {r['predicted_ms']:7.2f} {ms['mixed']:7.2f}"
+              f" {r['sum_ms']['ort']:8.2f} {r['sum_ms']['ov']:7.2f} {r['predicted_ms']:7.2f} {r['predicted_gain']:8.2f}x {ms['mixed']:7.2f}"
               f"  {r['assignment']:<8} {med:.2f}x [{lo:.2f}, {hi:.2f}]  {r['error']:.0e} {quiet}")
 
 
