@@ -294,10 +294,10 @@ def bench(spec: str, batch: int, args: argparse.Namespace) -> dict:
 
 def print_segments(row: dict) -> None:
     print(f"\n{row['model']} b{row['batch']} (load average {row['load_avg_1min']:.1f})")
-    print("  seg  ends at                              GFLOP    ort ms     ov ms   winner")
+    print("  seg  ends at                              MFLOP    ort ms     ov ms   winner")
     for i, s in enumerate(row["segments"]):
         winner = "ov" if s["ov"] < s["ort"] else "ort"
-        print(f"  {i:3d}  {s['cut'][:34]:<34} {s['gflop']:7.3f} {s['ort']:9.2f} {s['ov']:9.2f}   {winner}"
+        print(f"  {i:3d}  {s['cut'][:34]:<34} {s['gflop'] * 1e3:7.1f} {s['ort']:9.2f} {s['ov']:9.2f}   {winner}"
               f"  ({max(s['ort'], s['ov']) / min(s['ort'], s['ov']):.2f}x)")
     w, total = row["segment_race_whole_ms"], row["sum_ms"]
     print(f"  whole model in this race: ort {w['ort']:.2f} ms, ov {w['ov']:.2f} ms; segments' sums: ort "
