@@ -54,10 +54,9 @@ def exact_limit(spec: OpSpec) -> float:
     return EXACT_SHARE * tolerance(spec)
 
 
-def heavy_nodes(graph: Graph, exact: bool = False, onnx_kernels: bool = False) -> list[HeavyNode]:
+def heavy_nodes(graph: Graph, exact: bool = False) -> list[HeavyNode]:
     """Nodes that have registered implementations (the ones fastrun selects for); ``exact`` keeps
-    only the implementations declared exact, ``onnx_kernels`` only those onnxruntime runs (where a
-    node has one)."""
+    only the implementations declared exact."""
     heavy_types = registry.heavy_op_types()
     out = []
     for node in graph.nodes:
@@ -65,8 +64,6 @@ def heavy_nodes(graph: Graph, exact: bool = False, onnx_kernels: bool = False) -
             continue
         spec = spec_for_node(node, graph)
         impls = [i for i in registry.candidates(spec) if i.exact or not exact]
-        if onnx_kernels:
-            impls = [i for i in impls if i.is_onnxruntime_kernel] or impls
         if impls:
             out.append(HeavyNode(node, spec, impls))
     return out
@@ -162,7 +159,7 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
     ``exact`` runs only exact implementations whose measured error is within :func:`exact_limit`.
     """
     allowed = set(allowed_formats or formats.machine_formats())
-    heavy = {h.node.name: h for h in heavy_nodes(graph, exact, onnx_kernels)}
+    heavy = {h.node.name: h for h in heavy_nodes(graph, exact)}
     timings: dict[str, dict[str, Timing]] = {}
     if profiler is not None:
         specs: dict[str, HeavyNode] = {}
@@ -181,7 +178,7 @@ def make_plan(graph: Graph, fingerprint: str, profiler: Optional[Profiler] = Non
         runtime = graph.runtime_inputs(node)
         h = heavy.get(node.name)
         if h is not None:
-            choices = _heavy_choices(h, timings.get(h.spec.key(), {}), allowed, dispatch, exact)
+            choices = _heavy_choices(h, timings.get(h.spec.key(), {}), allowed, dispatch, exact, onnx_kernels)
         else:
             choices = []
             for fmt in light_formats(node, graph, allowed):
@@ -235,8 +232,12 @@ def _in_segment(standalone_ms: float, dispatch: float) -> float:
 
 
 def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], allowed: set[str],
-                   dispatch: float = 0.0, exact: bool = False) -> list[Choice]:
-    by_id = {impl.id: impl for impl in h.impls}
+                   dispatch: float = 0.0, exact: bool = False, onnx_kernels: bool = False) -> list[Choice]:
+    """The node's choices; ``onnx_kernels``: onnxruntime's kernels only, where the node has one
+    (the plan still records every candidate's timing)."""
+    impls = [i for i in h.impls if i.is_onnxruntime_kernel] if onnx_kernels else []
+    impls = impls or h.impls
+    by_id = {impl.id: impl for impl in impls}
     choices = []
     for impl_id, t in timings.items():
         impl = by_id.get(impl_id)
@@ -247,7 +248,7 @@ def _heavy_choices(h: HeavyNode, timings: dict[str, Timing], allowed: set[str],
         if c.out_format in allowed and all(f in allowed for f in c.in_formats):
             choices.append(c)
     if not choices:  # unprofiled (heuristic or out of budget): estimated costs, never a known failure
-        for impl in h.impls:
+        for impl in impls:
             if impl.id in timings and not timings[impl.id].ok:
                 continue
             c = _heavy_choice(impl, h.spec, costmodel.impl_ms(impl, h.spec))
