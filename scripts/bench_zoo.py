@@ -4,8 +4,9 @@
 For each case of ``tests/zoo.py`` (real exported models and their quantized, float16 and
 external-data variants) it profiles the first feed's shapes into a private cache, opens a
 ``fastrun.InferenceSession(policy="require")`` and a default onnxruntime session, and times
-them round-robin on the same feed: every round runs each session ``--calls`` times, in
-alternating order, and gives one ratio (onnxruntime's time over fastrun's: above 1, fastrun is
+them round-robin on the same feed: every round runs each session for about 10 ms (after as
+many untimed calls, so that neither pays for the other's spinning threads), in alternating
+order, and gives one ratio (onnxruntime's time over fastrun's: above 1, fastrun is
 faster). It prints the median ratio with the 10th-90th percentile spread over rounds, and the
 medians of three consecutive blocks of rounds (how stable the ratio is on a busy machine).
 Cases fastrun cannot serve print the reason.
@@ -40,15 +41,22 @@ def _timed(run, calls: int) -> float:
     return time.perf_counter() - start
 
 
+def _settled(run, calls: int) -> float:
+    """``calls`` timed calls after as many untimed ones: a default session's threads spin on after
+    ``run`` returns, and the first calls after the other session's block pay for its spinning."""
+    _timed(run, calls)
+    return _timed(run, calls)
+
+
 def race(fastrun_run, ort_run, rounds: int, calls: int) -> list[float]:
     """Per-round ratios onnxruntime time / fastrun time, the order alternating every round."""
     fastrun_run(), ort_run()
     ratios = []
     for index in range(rounds):
         if index % 2:
-            theirs, ours = _timed(ort_run, calls), _timed(fastrun_run, calls)
+            theirs, ours = _settled(ort_run, calls), _settled(fastrun_run, calls)
         else:
-            ours, theirs = _timed(fastrun_run, calls), _timed(ort_run, calls)
+            ours, theirs = _settled(fastrun_run, calls), _settled(ort_run, calls)
         ratios.append(theirs / ours)
     return ratios
 
