@@ -69,10 +69,11 @@ def model_source(source: Any) -> Union[str, bytes]:
 
 
 def _onnxruntime_original(original: OriginalModelSource, recipe: Any) -> Runner:
-    """onnxruntime on the original model with its default optimizations and spinning, as the user's session runs it."""
+    """onnxruntime on the original model with its default optimizations: the caller's session
+    (serving), else one that stops spinning at return, as every raced candidate does."""
     if original.shared is not None:
         return original.shared
-    return ortutil.session(original.source, level="all", threads=recipe.threads or None, spin_after_run=True).run
+    return ortutil.session(original.source, level="all", threads=recipe.threads or None).run
 
 
 register(ENGINE_ORIGINAL, _onnxruntime_original)

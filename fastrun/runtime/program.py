@@ -129,14 +129,16 @@ def capped_threads(threads: int, cap: int) -> int:
     return min(threads or ortutil.default_threads(), cap)
 
 
-def instantiate(recipe: Recipe, max_threads: int = 0, original: Optional[OriginalModelSource] = None) -> Program:
+def instantiate(recipe: Recipe, max_threads: int = 0, original: Optional[OriginalModelSource] = None,
+                spin_alone: bool = True) -> Program:
     """Create the recipe's onnxruntime sessions and build its host kernels.
 
     ``max_threads`` (0: no cap) caps every part's threads: a user's ``intra_op_num_threads``
     bounds what a plan uses, whatever thread counts it measured best. ``original`` is the
-    original model, which a whole-model part (:class:`ModelRecipe`) runs.
+    original model, which a whole-model part (:class:`ModelRecipe`) runs. ``spin_alone``: a
+    program that is one session keeps spinning between calls (:mod:`fastrun.system.ortutil`).
     """
-    alone = len(recipe.parts) == 1  # one session and nothing else: it may spin between calls (ortutil)
+    alone = spin_alone and len(recipe.parts) == 1
 
     def make(part):
         threads = capped_threads(part.threads, max_threads)
