@@ -272,7 +272,7 @@ def _profile_locked(model: ModelSource, model_proto, data: bytes, original: Orig
     if measure:
         if making["progress"]:
             making["progress"]("measuring the plan end to end against onnxruntime")
-        program = instantiate(made.recipe, original=original, spin_alone=False)  # as its baseline spins
+        program = instantiate(made.recipe, original=original, spin_alone=False)  # stops spinning at return, as its baseline
         _measure(report, graph, program, original, making["repeats"])
     return report
 
