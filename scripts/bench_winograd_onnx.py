@@ -26,8 +26,8 @@ Formulations tried (2-core AVX-512 VM, loaded by other jobs: load average 2-4):
 * F(6,3) lost to F(4,3) on every layer (e.g. 256@56 b8 1.12x vs 1.27x, 512@14 b8 0.98x vs
   1.32x); F(2,3) only came close on the smallest layers.
 
-Measured with --no-spin (load average 2-3; with spinning threads each session's spin after its
-run slowed the next session's run: 256@56 b1 ran 46 ms on onnxruntime interleaved, 29 ms alone),
+Measured with --no-spin (load average 2-3; threads that spin on after a run take the cores from
+whichever model is timed after it: 256@56 b1 on onnxruntime is 46 ms interleaved, 29 ms alone),
 ratio = onnxruntime ms / fragment ms, F4 per image / F4g gathered, rel. error 6e-6 .. 2e-5:
   batch 8 (--repeats 5): VGG 64@224 0.50/0.41, 128@112 0.77/0.66, 256@56 1.28/1.11,
     512@28 1.43/1.49, 512@14 1.00/1.18; ResNet-50 (--repeats 7) 64@56 0.58/0.51,
@@ -102,7 +102,7 @@ SPIN = True
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the rewritten model keeps the replaced weights unused
-    if not SPIN:  # a session's threads spinning on after its run slow the next session's run
+    if not SPIN:  # threads spinning on after a run take the cores from the model timed after it
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
