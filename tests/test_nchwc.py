@@ -207,6 +207,23 @@ def test_clip_opset11_constant_bounds():
     check_light(node, graph, ["NHWC", BLOCKED])
 
 
+@pytest.mark.parametrize("act, params, numpy_act", [
+    ("Clip", (-0.3, 0.7), lambda y: np.clip(y, -0.3, 0.7)),
+    ("LeakyRelu", (0.2,), lambda y: np.where(y >= 0, y, 0.2 * y)),
+    ("HardSigmoid", (0.3, 0.4), lambda y: np.clip(0.3 * y + 0.4, 0, 1))])
+def test_fused_activation_of_a_light_node(act, params, numpy_act):
+    """A light node carrying a fused activation computes it in every format, at an opset (9) where
+    Clip's bounds are attributes."""
+    shape = (1, B + 4, 5, 5)
+    node = Node("add", "Add", "", ["a", "b"], ["y"], {}, activation=act, activation_params=params)
+    graph = make_graph([node], {"a": shape, "b": shape, "y": shape}, opset=9)
+    rng = np.random.default_rng(0)
+    feeds = {t: rng.standard_normal(shape).astype(np.float32) for t in ("a", "b")}
+    want = numpy_act(feeds["a"] + feeds["b"])
+    for fmt in ["NCHW"] + layout_ops.light_formats(node, graph):
+        np.testing.assert_allclose(run_light(node, graph, fmt, feeds), want, rtol=1e-6, atol=1e-6, err_msg=fmt)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Max", "Min", "Div", "Sum"])
 def test_binary_same_shape(shape, op):

@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from fastrun.ops import formats
+from fastrun.ops.builtin.common import activation_nodes
 from fastrun.ops.registry import OnnxFragment
 from fastrun.shapes import as_shape
 from fastrun.ops.reorders import NCHWC_DOMAIN, NCHWC_OPSETS, make_node, to4_shape, to5_shape
@@ -87,28 +88,11 @@ def _used_outputs(node) -> list[str]:
     return [t for t in node.outputs if t]
 
 
-def _activation_nodes(node, src: str, dst: str) -> tuple[list, dict]:
-    """A fused activation carried by a light node (rare), as a separate element-wise node."""
-    act, params = node.activation, list(node.activation_params)
-    name = f"{node.name}/{act}"
-    if act == "Clip":
-        # attribute form (opset < 11) and input form (>= 11) differ: use Max/Min, valid everywhere
-        lo, hi = f"{node.name}/clip_lo", f"{node.name}/clip_hi"
-        mid = f"{node.name}/clip_mid"
-        return ([make_node("Max", [src, lo], [mid], name + "_max"), make_node("Min", [mid, hi], [dst], name + "_min")],
-                {lo: np.array(params[0], np.float32), hi: np.array(params[1], np.float32)})
-    if act == "LeakyRelu":
-        return [make_node("LeakyRelu", [src], [dst], name, attrs={"alpha": params[0]})], {}
-    if act == "HardSigmoid":
-        return [make_node("HardSigmoid", [src], [dst], name, attrs={"alpha": params[0], "beta": params[1]})], {}
-    return [make_node(act, [src], [dst], name)], {}
-
-
 def _finish(node, nodes: list, inits: dict, out_tmp: Optional[str], opsets: dict) -> OnnxFragment:
     if node.activation is not None:
-        extra, extra_inits = _activation_nodes(node, out_tmp, node.outputs[0])
-        nodes = nodes + extra
-        inits = {**inits, **extra_inits}
+        inits = dict(inits)
+        nodes = nodes + activation_nodes(node.activation, node.activation_params, out_tmp, inits,
+                                         out=node.outputs[0], prefix=f"{node.name}/")
     return OnnxFragment(nodes, inits, opsets)
 
 

@@ -1,9 +1,10 @@
-"""Helpers shared by the host (numpy) kernels."""
+"""Helpers shared by the built-in implementations: convolution geometry, fused activations."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+from onnx import NodeProto, helper
 
 from fastrun.ops.registry import OpSpec
 from fastrun.system.ortutil import default_threads
@@ -54,6 +55,34 @@ def activation(spec: OpSpec) -> Callable[[np.ndarray], np.ndarray]:
     if act == "Tanh":
         return lambda y: np.tanh(y, out=y)
     raise ValueError(f"unsupported fused activation {act}")
+
+
+def activation_nodes(act: Optional[str], params: Sequence[float], x: str, inits: dict[str, np.ndarray],
+                     out: str = "out", prefix: str = "", opset: Optional[int] = None) -> list[NodeProto]:
+    """A fused activation as separate ONNX nodes from ``x`` to ``out`` (an Identity when there is none).
+
+    For ONNX fragments, the reference semantics and light ops alike. ``prefix`` starts the names of the
+    nodes and of the initializers added to ``inits``. Clip takes its bounds as inputs from opset 11 and
+    as attributes before: at a known ``opset`` of 11 or more it is a Clip, otherwise Max then Min
+    (the same in every opset).
+    """
+    params = [float(p) for p in params]
+    name = f"{prefix}{act}"
+    if act is None:
+        return [helper.make_node("Identity", [x], [out], name=f"{prefix}identity")]
+    if act == "Clip":
+        lo, hi = f"{prefix}clip_lo", f"{prefix}clip_hi"
+        inits[lo], inits[hi] = np.array(params[0], np.float32), np.array(params[1], np.float32)
+        if opset is not None and opset >= 11:
+            return [helper.make_node("Clip", [x, lo, hi], [out], name=name)]
+        mid = f"{prefix}clip_mid"
+        return [helper.make_node("Max", [x, lo], [mid], name=name + "_max"),
+                helper.make_node("Min", [mid, hi], [out], name=name + "_min")]
+    if act == "LeakyRelu":
+        return [helper.make_node(act, [x], [out], name=name, alpha=params[0])]
+    if act == "HardSigmoid":
+        return [helper.make_node(act, [x], [out], name=name, alpha=params[0], beta=params[1])]
+    return [helper.make_node(act, [x], [out], name=name)]
 
 
 TRANSPOSE_BLOCK = 256  # square tiles: one source tile and one destination tile stay in L2

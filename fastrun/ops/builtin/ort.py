@@ -13,6 +13,8 @@ from onnx import helper
 
 from fastrun.ops.registry import OnnxFragment, OpSpec, implementation
 from fastrun.ops.builtin import estimates
+from fastrun.ops.builtin.common import activation_nodes
+from fastrun.system.ortutil import STANDALONE_OPSET
 
 MS_DOMAIN = "com.microsoft"
 FUSABLE = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid")
@@ -90,15 +92,5 @@ def reference_fragment(spec: OpSpec, consts: dict[int, np.ndarray]) -> OnnxFragm
     else:
         nodes = [helper.make_node(spec.op_type, names, [out], domain=spec.domain, **attrs)]
     if spec.activation is not None:
-        act, params = spec.activation, list(spec.activation_params)
-        if act == "Clip":
-            inits["clip_min"] = np.array(params[0], dtype=np.float32)
-            inits["clip_max"] = np.array(params[1], dtype=np.float32)
-            nodes.append(helper.make_node("Clip", ["pre", "clip_min", "clip_max"], ["out"]))
-        elif act == "LeakyRelu":
-            nodes.append(helper.make_node("LeakyRelu", ["pre"], ["out"], alpha=params[0]))
-        elif act == "HardSigmoid":
-            nodes.append(helper.make_node("HardSigmoid", ["pre"], ["out"], alpha=params[0], beta=params[1]))
-        else:
-            nodes.append(helper.make_node(act, ["pre"], ["out"]))
+        nodes += activation_nodes(spec.activation, spec.activation_params, "pre", inits, opset=STANDALONE_OPSET)
     return OnnxFragment(nodes, inits)

@@ -35,7 +35,7 @@ from onnx import helper
 
 from fastrun.ops.registry import OnnxFragment, OpSpec, implementation
 from fastrun.ops.builtin import estimates
-from fastrun.ops.builtin.common import conv_geometry
+from fastrun.ops.builtin.common import activation_nodes, conv_geometry
 from fastrun.ops.builtin.conv_host import bias_of
 from fastrun.ops.builtin.winograd import winograd_applies, winograd_matrices
 
@@ -46,14 +46,6 @@ ACTIVATIONS = (None, "Relu", "LeakyRelu", "Sigmoid", "Tanh")
 def winograd_onnx_applies(spec: OpSpec) -> bool:
     """3x3, stride 1, dilation 1, one group, constant float32 weights, an opset-stable activation."""
     return spec.activation in ACTIVATIONS and winograd_applies(spec)
-
-
-def _activation_node(spec: OpSpec, x: str) -> list:
-    if spec.activation is None:
-        return [helper.make_node("Identity", [x], ["out"])]
-    if spec.activation == "LeakyRelu":
-        return [helper.make_node("LeakyRelu", [x], ["out"], alpha=float(spec.activation_params[0]))]
-    return [helper.make_node(spec.activation, [x], ["out"])]
 
 
 def transformed_filter(w: np.ndarray, m: int) -> np.ndarray:
@@ -127,7 +119,7 @@ def winograd_fragment(spec: OpSpec, consts: dict[int, np.ndarray], m: int, gathe
     if spec.has_sum:
         nodes.append(helper.make_node("Add", [y, "in3"], ["summed"]))
         y = "summed"
-    return OnnxFragment(nodes + _activation_node(spec, y), inits)
+    return OnnxFragment(nodes + activation_nodes(spec.activation, spec.activation_params, y, inits), inits)
 
 
 # Cost estimates (estimates.winograd with no call cost: a fragment runs inside a segment), fitted on
