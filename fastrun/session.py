@@ -25,7 +25,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -109,9 +109,9 @@ class InferenceSession:
         self._stored_interface: Optional[tuple[list[NodeArg], list[NodeArg]]] = None
         self._feed_spec: Optional[list[tuple[str, Optional[np.dtype], list]]] = None
         self._output_names: list[str] = []
-        # What each feed signature (the inputs' shapes and dtypes, in declared order) ran last: the
-        # checks and the shape key cost more per call than the smallest models run.
-        self._seen: dict[tuple, Optional[tuple[Program, Plan]]] = {}
+        # What each feed signature (:func:`_signature`) runs, decided once: the checks and the shape
+        # key cost more per call than the smallest models run.
+        self._routes: dict[tuple, _Route] = {}
         if self._original.device:
             log.warning("providers %s: fastrun's plans are CPU plans, so none applies; the model runs on "
                         "onnxruntime with these providers", self._original.device)
@@ -140,6 +140,13 @@ class InferenceSession:
         return self._interface()[1]
 
     def run(self, output_names: Optional[Sequence[str]], input_feed: Mapping[str, Any], run_options: Any = None) -> list:
+        route = _known_route(self._routes, input_feed) if run_options is None else None
+        if route is not None:  # a feed signature seen before: straight to what runs it
+            if route.outputs is None:
+                return route.call(output_names, input_feed)
+            names = output_names or self._output_names
+            if route.outputs.issuperset(names):
+                return route.call(names, input_feed)
         outputs = self._run_planned(output_names, input_feed) if not self._original.device else None
         return outputs if outputs is not None else self._original.run(output_names, input_feed, run_options)
 
@@ -184,6 +191,7 @@ class InferenceSession:
     def set_providers(self, providers: Optional[Sequence[Any]] = None,
                       provider_options: Optional[Sequence[dict]] = None) -> None:
         self._original.set_providers(providers, provider_options)
+        self._routes.clear()  # device providers turn plans off
 
     def __getattr__(self, name: str) -> Any:
         """Every other method of ``onnxruntime.InferenceSession`` (get_modelmeta, get_session_options,
@@ -210,37 +218,45 @@ class InferenceSession:
         found = self._program_for(feed)
         if found is None:
             return None
-        program = found[0]
-        if not output_names:
-            self._output_names = self._output_names or [o.name for o in self.get_outputs()]
+        route = _known_route(self._routes, feed) or self._route(found, len(feed))
         names = list(output_names) if output_names else self._output_names
-        if not all(n in program.outputs for n in names):
+        if not route.outputs.issuperset(names):
             return None  # onnxruntime's error for an unknown output name
-        if program.single is not None and len(program.single.inputs) == len(feed):
-            return program.single.call(names, feed)  # the feed holds exactly its inputs (_program_for)
-        results = program.run(dict(feed))
-        return [results[n] for n in names]
+        return route.call(names, feed)
 
     def _program_for(self, feed: Any) -> Optional[tuple[Program, Plan]]:
         """The program of a feed that a plan may take as is: every declared input, each an array of
         the declared dtype, rank and fixed dims. Anything else is onnxruntime's to accept or refuse."""
         if self._original.device or not isinstance(feed, Mapping):
             return None
+        route = _known_route(self._routes, feed)
+        if route is not None:
+            return route.found
         spec = self._feed_spec or self._make_feed_spec()
-        if len(feed) != len(spec):
-            return None
-        seen = _feed_key(feed, spec)
-        if seen is not None:
-            found = self._seen.get(seen, _UNSEEN)
-            if found is not _UNSEEN:
-                return found
-        found = self._checked_program(feed, spec)
-        if seen is not None:
-            with self._lock:
-                if len(self._seen) >= MAX_UNPLANNED:
-                    self._seen.clear()
-                self._seen[seen] = found
+        found = self._checked_program(feed, spec) if len(feed) == len(spec) else None
+        try:
+            signature = _signature(feed)
+            hash(signature)
+        except (AttributeError, TypeError):  # not arrays: decided again on every call
+            return found
+        route = self._route(found, len(feed))
+        with self._lock:
+            if len(self._routes) >= MAX_UNPLANNED:
+                self._routes.clear()
+            self._routes[signature] = route
         return found
+
+    def _route(self, found: Optional[tuple[Program, Plan]], inputs: int) -> _Route:
+        """How :meth:`run` calls what runs a feed signature: the original session, the one session
+        or engine run of a whole-model program, or the program."""
+        if found is None:
+            return _Route(None, self._original.session().run, None)
+        program = found[0]
+        self._output_names = self._output_names or [o.name for o in self.get_outputs()]
+        single = program.single
+        if single is not None and len(single.inputs) == inputs:  # the feed holds exactly its inputs
+            return _Route(found, single.call, frozenset(program.outputs))
+        return _Route(found, lambda names, feed: _pick(program.run(dict(feed)), names), frozenset(program.outputs))
 
     def _checked_program(self, feed: Mapping[str, Any], spec: list) -> Optional[tuple[Program, Plan]]:
         for name, dtype, declared in spec:
@@ -268,7 +284,7 @@ class InferenceSession:
             table[key] = found
             if len(table) > (self._max_programs if found is not None else MAX_UNPLANNED):
                 table.popitem(last=False)
-                self._seen.clear()  # it may hold the evicted program
+                self._routes.clear()  # they may hold the evicted program
             return found
 
     def _load(self, shapes: dict) -> Optional[tuple[Program, Plan]]:
@@ -422,15 +438,28 @@ class InferenceSession:
 _UNSEEN = object()
 
 
-def _feed_key(feed: Mapping[str, Any], spec: list) -> Optional[tuple]:
-    """The shapes and dtypes of a feed of plain arrays, in declared order (None: not such a feed)."""
-    key = []
-    for name, _, _ in spec:
-        value = feed.get(name)
-        if type(value) is not np.ndarray:
-            return None
-        key.append((value.shape, value.dtype))
-    return tuple(key)
+class _Route(NamedTuple):
+    """What runs one feed signature, and how :meth:`InferenceSession.run` calls it."""
+    found: Optional[tuple[Program, Plan]]  # the program and its plan; None: the original session
+    call: Callable[[Any, Mapping[str, Any]], list]  # (output names, feed) -> outputs
+    outputs: Optional[frozenset]  # the output names it can give (None: onnxruntime checks them)
+
+
+def _signature(feed: Mapping[str, Any]) -> tuple:
+    """Each fed value's name, type, shape and dtype, in the feed's order: what decides the route
+    (AttributeError for values without a shape or dtype)."""
+    return tuple([(name, type(value), value.shape, value.dtype) for name, value in feed.items()])
+
+
+def _known_route(routes: dict, feed: Any) -> Optional[_Route]:
+    try:
+        return routes.get(_signature(feed))
+    except (AttributeError, TypeError):
+        return None
+
+
+def _pick(results: Mapping[str, Any], names: Sequence[str]) -> list:
+    return [results[n] for n in names]
 
 
 def _fits(shape: Sequence[int], declared: Sequence[Union[int, str, None]]) -> bool:

@@ -268,3 +268,26 @@ def test_a_one_session_plan_is_called_directly_with_any_output_names(tmp_path, c
     for names in (None, ["b", "a"], ["b"]):
         close(ours.run(names, data), theirs.run(names, data))
     assert ours.plan_for({"x": (3, 4)}) is not None
+
+
+def test_feeds_seen_before_answer_as_they_did_and_changed_feeds_are_decided_again(warm, cache_dir):
+    """Each feed signature (names, types, shapes, dtypes) is routed once and remembered: a second
+    round of the same mixed calls gives onnxruntime's answers and onnxruntime's errors again."""
+    ours = fastrun.InferenceSession(warm, cache_dir=cache_dir)
+    theirs = ort.InferenceSession(warm, providers=CPU)
+    planned, unplanned = feed(1), feed(2, seed=1)
+    calls = [(None, planned), (None, unplanned), (["y"], planned), (["nope"], planned),
+             (None, {"x": planned["x"].astype(np.float64)}), (None, {"x": planned["x"].tolist()}),
+             (None, {"x": planned["x"], "extra": planned["x"]}), (None, {"z": planned["x"]})]
+    name = theirs.get_outputs()[0].name
+    calls = [(names if names != ["y"] else [name], data) for names, data in calls]
+    assert ours.plan_for({"x": (1, 8, 12, 12)}) is not None
+    for _ in range(2):
+        for names, data in calls:
+            try:
+                want = theirs.run(names, data)
+            except Exception as exc:
+                with pytest.raises(type(exc)):
+                    ours.run(names, data)
+            else:
+                close(ours.run(names, data), want)
