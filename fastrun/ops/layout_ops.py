@@ -3,8 +3,8 @@
 The heavy ops (Conv, MatMul, Gemm) choose their formats through registered implementations.
 Everything else in the graph is "light": element-wise ops, pooling, concatenation... This module
 says in which formats such a node can run (:func:`light_formats`) and emits it as ONNX nodes in a
-chosen format (:func:`emit_light`); :mod:`fastrun.ops.reorders` emits and times the reorders
-between any two formats.
+chosen format (:func:`emit_light`), both by the rule of the node's op family (:data:`FAMILIES`);
+:mod:`fastrun.ops.reorders` emits and times the reorders between any two formats.
 
 Physical layouts are those of :mod:`fastrun.ops.formats`: a blocked tensor crosses fragment
 boundaries as 5-D ``[N, ceil(C/b), H, W, b]``. onnxruntime's ``com.microsoft.nchwc`` ops take the
@@ -35,7 +35,8 @@ What onnxruntime 1.32 provides (read from ``contrib_ops/cpu/nchwc_ops.{h,cc}``,
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -164,21 +165,8 @@ def light_formats(node, graph) -> list[str]:
         return []
     if node.activation is not None and node.activation not in SAFE_UNARY:
         return []
-    op = node.op_type
-    if op in SAFE_UNARY or op in UNSAFE_UNARY:
-        return _unary_formats(node, graph, out_shape, runtime)
-    if op in SAFE_BINARY or op in UNSAFE_BINARY:
-        return _binary_formats(node, graph, out_shape, runtime)
-    if op in POOLS:
-        return _pool_formats(node, graph)
-    blocked = _native_blocked()
-    if op == "BatchNormalization":
-        if _bn_affine(node, graph) is None:
-            return []
-        return [formats.NHWC] + ([blocked] if blocked else [])
-    if op == "Concat":
-        return _concat_formats(node, graph)
-    return []
+    family = _FAMILIES.get(node.op_type)
+    return family.formats(node, graph, out_shape, runtime) if family else []
 
 
 def _unary_formats(node, graph, out_shape: tuple[int, ...], runtime: list[str]) -> list[str]:
@@ -217,7 +205,7 @@ def _binary_formats(node, graph, out_shape: tuple[int, ...], runtime: list[str])
     return result
 
 
-def _pool_formats(node, graph) -> list[str]:
+def _pool_formats(node, graph, out_shape: tuple[int, ...], runtime: list[str]) -> list[str]:
     blocked = _native_blocked()
     if not blocked or not _is_float(graph, node) or len(node.inputs) != 1:
         return []
@@ -236,7 +224,14 @@ def _pool_formats(node, graph) -> list[str]:
     return [blocked]
 
 
-def _concat_formats(node, graph) -> list[str]:
+def _batchnorm_formats(node, graph, out_shape: tuple[int, ...], runtime: list[str]) -> list[str]:
+    if _bn_affine(node, graph) is None:
+        return []
+    blocked = _native_blocked()
+    return [formats.NHWC] + ([blocked] if blocked else [])
+
+
+def _concat_formats(node, graph, out_shape: tuple[int, ...], runtime: list[str]) -> list[str]:
     axis = int(node.attrs.get("axis", 1))
     axis = axis + 4 if axis < 0 else axis
     shapes = [_shape(graph, t) for t in node.inputs if t]
@@ -282,33 +277,23 @@ def emit_light(node, graph, fmt: str) -> OnnxFragment:
     ``"{node.name}/..."`` names).
     """
     out, tmp = _out_name(node)
-    opsets: dict[str, int] = {}
     if fmt == formats.NCHW:
         nodes = [make_node(node.op_type, node.inputs, [out] + node.outputs[1:], node.name, node.domain, node.attrs)]
         inits = {t: graph.constants[t] for t in node.inputs if t and t in graph.constants}
-        return _finish(node, nodes, inits, tmp, opsets)
+        return _finish(node, nodes, inits, tmp, {})
 
     if fmt not in light_formats(node, graph):
         raise ValueError(f"{node.op_type} node {node.name!r} cannot run in format {fmt}")
-    out_shape = _shape(graph, node.outputs[0])
-    op = node.op_type
-    if op == "Dropout" or op == "Identity":
-        return _finish(node, [make_node("Identity", [node.inputs[0]], [out], node.name)], {}, tmp, opsets)
-    if op in SAFE_UNARY or op in UNSAFE_UNARY:
-        inits, inputs = {}, list(node.inputs)
-        for t in node.inputs[1:]:  # e.g. Clip-11 min/max scalars: layout independent
-            if t:
-                inits[t] = graph.constants[t]
-        return _finish(node, [make_node(op, inputs, [out], node.name, node.domain, node.attrs)], inits, tmp, opsets)
-    if op in SAFE_BINARY or op in UNSAFE_BINARY:
-        return _emit_binary(node, graph, fmt, out, tmp, out_shape)
-    if op == "BatchNormalization":
-        return _emit_batchnorm(node, graph, fmt, out, tmp, out_shape)
-    if op == "Concat":
-        return _emit_concat(node, graph, fmt, out, tmp)
-    if op in POOLS:
-        return _emit_pool(node, fmt, out, tmp)
-    raise ValueError(f"{op} has no emitter for format {fmt}")  # pragma: no cover (light_formats said yes)
+    return _FAMILIES[node.op_type].emit(node, graph, fmt, out, tmp, _shape(graph, node.outputs[0]))
+
+
+def _emit_unary(node, graph, fmt: str, out: str, tmp: Optional[str], out_shape) -> OnnxFragment:
+    if node.op_type in ("Dropout", "Identity"):
+        return _finish(node, [make_node("Identity", [node.inputs[0]], [out], node.name)], {}, tmp, {})
+    # further inputs (Clip-11's min/max) are scalars: layout independent
+    inits = {t: graph.constants[t] for t in node.inputs[1:] if t}
+    return _finish(node, [make_node(node.op_type, node.inputs, [out], node.name, node.domain, node.attrs)],
+                   inits, tmp, {})
 
 
 def _emit_binary(node, graph, fmt: str, out: str, tmp: Optional[str], out_shape) -> OnnxFragment:
@@ -356,7 +341,7 @@ def _emit_batchnorm(node, graph, fmt: str, out: str, tmp: Optional[str], out_sha
     return _finish(node, nodes, inits, tmp, dict(NCHWC_OPSETS))
 
 
-def _emit_concat(node, graph, fmt: str, out: str, tmp: Optional[str]) -> OnnxFragment:
+def _emit_concat(node, graph, fmt: str, out: str, tmp: Optional[str], out_shape) -> OnnxFragment:
     opsets: dict[str, int] = {}
     axis = int(node.attrs.get("axis", 1))
     axis = axis + 4 if axis < 0 else axis
@@ -374,7 +359,7 @@ def _emit_concat(node, graph, fmt: str, out: str, tmp: Optional[str]) -> OnnxFra
     return _finish(node, [make_node("Concat", inputs, [out], node.name, "", attrs)], inits, tmp, opsets)
 
 
-def _emit_pool(node, fmt: str, out: str, tmp: Optional[str]) -> OnnxFragment:
+def _emit_pool(node, graph, fmt: str, out: str, tmp: Optional[str], out_shape) -> OnnxFragment:
     op = node.op_type
     b = formats.block_size(fmt)
     s4, s5 = f"{node.name}/shape4", f"{node.name}/shape5"
@@ -394,3 +379,24 @@ _POOL_ATTRS = {
     "GlobalMaxPool": (),
     "GlobalAveragePool": (),
 }
+
+
+@dataclass(frozen=True)
+class LightFamily:
+    """One family of light ops and its rule outside NCHW: the formats a node can run in
+    (``formats(node, graph, out_shape, runtime_inputs)``) and how it is emitted in one of them
+    (``emit(node, graph, fmt, out, tmp, out_shape)``, ``tmp`` the name a fused activation reads)."""
+
+    ops: frozenset[str]
+    formats: Callable[..., list[str]]
+    emit: Callable[..., OnnxFragment]
+
+
+FAMILIES = (
+    LightFamily(frozenset(SAFE_UNARY | UNSAFE_UNARY), _unary_formats, _emit_unary),
+    LightFamily(frozenset(SAFE_BINARY | UNSAFE_BINARY), _binary_formats, _emit_binary),
+    LightFamily(frozenset(POOLS), _pool_formats, _emit_pool),
+    LightFamily(frozenset({"BatchNormalization"}), _batchnorm_formats, _emit_batchnorm),
+    LightFamily(frozenset({"Concat"}), _concat_formats, _emit_concat),
+)
+_FAMILIES = {op: family for family in FAMILIES for op in family.ops}
