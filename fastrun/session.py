@@ -201,6 +201,10 @@ class InferenceSession:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(original.session(), name)
 
+    def __dir__(self) -> list[str]:
+        """fastrun's attributes and onnxruntime's public methods answered through :meth:`__getattr__`."""
+        return sorted(set(super().__dir__()) | {n for n in dir(ort.InferenceSession) if not n.startswith("_")})
+
     # -- plans
     @property
     def plans(self) -> dict[ShapeKey, Plan]:
