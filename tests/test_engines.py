@@ -73,6 +73,29 @@ def test_openvino_compiles_serialized_models_too(squeezenet_bytes):
     assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) < 1e-4
 
 
+@needs_openvino
+def test_a_users_thread_cap_bounds_an_openvino_plan(tmp_path, monkeypatch):
+    """intra_op_num_threads caps a whole-model OpenVINO plan as it caps onnxruntime's segments."""
+    import onnx
+
+    from fastrun.runtime.engines import OriginalModelSource
+    from fastrun.runtime.program import instantiate
+    from fastrun.runtime.recipe import ModelRecipe, Recipe
+
+    path = str(tmp_path / "tiny.onnx")
+    onnx.save(tiny_conv_model(), path)
+    asked = []
+    config = openvino_engine.OpenVINOEngine.config
+    monkeypatch.setattr(openvino_engine.OpenVINOEngine, "config",
+                        staticmethod(lambda precision, threads: asked.append(threads) or config(precision, threads)))
+    part = ModelRecipe(ENGINE.name, ["x"], ["y"], 0, "fp32", ENGINE.version(), {"x": [1, 8, 12, 12]})
+    program = instantiate(Recipe(parts=[part], constants={}, outputs={"y": "y"}), 1, OriginalModelSource(path))
+    assert asked == [1]
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype(np.float32)}
+    expected = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(program.run(feed)["y"], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_the_version_is_known_without_importing_openvino():
     assert ENGINE.version() == openvino_engine.installed_version()
 

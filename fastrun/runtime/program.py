@@ -145,7 +145,9 @@ def instantiate(recipe: Recipe, max_threads: int = 0, original: Optional[Origina
         if isinstance(part, ModelRecipe):
             if original is None:
                 raise RuntimeError(f"the plan runs the original model on {part.engine}, and it was not given")
-            return ModelCall(part.inputs, part.outputs, engines.build(original, part), part.engine)
+            # capped too: an engine other than onnxruntime (OpenVINO) would otherwise take every core
+            return ModelCall(part.inputs, part.outputs, engines.build(original, replace(part, threads=threads)),
+                             part.engine)
         if isinstance(part, HostRecipe):
             kernel = registry.by_id(part.spec.op_type, part.impl).build(part.spec, part.consts)
             return HostCall(part.inputs, part.output, kernel, threads, part.name)
