@@ -121,7 +121,7 @@ class InferenceSession:
         # hash and its declared inputs and outputs (read from the model without parsing its weights).
         self._data: Optional[bytes] = None
         self._model_proto = path_or_bytes if isinstance(path_or_bytes, onnx.ModelProto) else None
-        self._initializers: dict[str, np.ndarray] = {}  # one copy of the weights for every compiled shape
+        self._initializers: dict[str, np.ndarray] = {}  # the weights read once for every compiled shape
         self._hash = reader.source_hash(path_or_bytes)
         self._caches = Caches(cache_dir, writable=self._policy == "profile")
         self._fingerprint = fp.fingerprint()

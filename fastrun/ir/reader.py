@@ -168,7 +168,8 @@ def from_proto(model: onnx.ModelProto, data: bytes,
     """:func:`load` for a model already read (``data``: its serialized bytes, hashed as its identity).
 
     ``initializers`` (filled on first use) shares the model's weight arrays between the graphs of
-    several shape sets: one copy of the weights however many shapes a session compiles.
+    several shape sets: fastrun reads the weights once however many shapes a session compiles
+    (onnxruntime still copies a segment's weights into each session it makes).
     """
     _check(model, data)
     init_names = {t.name for t in model.graph.initializer}

@@ -102,7 +102,8 @@ def session(model: "onnx.ModelProto | bytes | str", level: str = "all", threads:
         so.add_external_initializers(list(external), values)
         keep = [values, list(external.values())]
     sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    sess._fastrun_external = keep  # onnxruntime reads these buffers for the session's lifetime
+    # onnxruntime 1.32 copies these buffers into the session; kept alive for versions that read them in place
+    sess._fastrun_external = keep
     return sess
 
 
