@@ -34,7 +34,12 @@ def stored(model, cache_dir, batch=1):
     return fastrun.load_plan(model, {"x": (batch, 8, 12, 12)}, cache_dir=cache_dir)
 
 
-def test_profile_policy_makes_the_plan_fastrun_profile_makes(model_n, tmp_path):
+def test_profile_warmup_and_the_profile_policy_make_plans_one_way(model_n, tmp_path, monkeypatch):
+    from fastrun.workflows import profile as profiling
+
+    made_by = []
+    make = profiling.make_and_store_plan
+    monkeypatch.setattr(profiling, "make_and_store_plan", lambda *a, **k: made_by.append(k) or make(*a, **k))
     by_cli, by_session = str(tmp_path / "cli"), str(tmp_path / "session")
     res = cli("profile", model_n, "--shape", "x:1x8x12x12", "--cache-dir", by_cli, "--op-limit", OP_LIMIT,
               "--no-measure", "--json", tmp_path / "p.json")
@@ -43,7 +48,11 @@ def test_profile_policy_makes_the_plan_fastrun_profile_makes(model_n, tmp_path):
     np.testing.assert_allclose(sess.run(None, X1)[0], ort.InferenceSession(model_n).run(None, X1)[0],
                                rtol=1e-4, atol=1e-5)
     assert sess.profiled == 1
-    made = [stored(model_n, d) for d in (by_cli, by_session)]
+    by_warmup = str(tmp_path / "warmup")
+    (warmed,) = warmup([model_n], [{"x": (1, 8, 12, 12)}], cache_dir=by_warmup, op_limit=OP_LIMIT)
+    assert warmed.status == "profiled"
+    assert len(made_by) == 3 and all(k.get("verify", True) for k in made_by)  # one function, checking every plan
+    made = [stored(model_n, d) for d in (by_cli, by_session, by_warmup)]
     for plan in made:  # raced end to end, threads measured unless the original model won
         assert plan.verified and plan.policy == "profiled" and "verified" in plan.solver
         assert plan.runs_original or "threads" in plan.solver
