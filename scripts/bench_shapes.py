@@ -8,8 +8,12 @@ session doing the same. Variants: ``onnxruntime`` (plain onnxruntime), ``fastrun
 policy: shapes without a plan run on the original model), ``heuristic`` (a program compiled per
 length, the ``max_programs`` most recent kept). Rounds alternate the variants' order; medians.
 
+The model is :func:`fastrun.workflows.models.dynamic_encoder`, or ``--model`` a text model file
+whose inputs are ``[batch, sequence]`` integers: ids drawn below 1000, inputs named ``*mask*`` ones.
+
     python scripts/bench_shapes.py                           # 30 lengths, 3 rounds
     python scripts/bench_shapes.py --lengths 30 --hidden 256 --layers 4 --rounds 5 --json shapes.json
+    python scripts/bench_shapes.py --model tests/fixtures/bert_encoder.onnx --step 4   # lengths 4..120
 """
 from __future__ import annotations
 
@@ -43,8 +47,9 @@ else:
     sess = fastrun.InferenceSession(path, cache_dir=tempfile.mkdtemp(), policy=policy)
 t1 = time.perf_counter()
 rng = np.random.default_rng(0)
+names = [i.name for i in sess.get_inputs()]
 for n in lengths:
-    sess.run(None, {"input_ids": rng.integers(0, 1000, (1, n))})
+    sess.run(None, {k: np.ones((1, n), np.int64) if "mask" in k else rng.integers(0, 1000, (1, n)) for k in names})
 t2 = time.perf_counter()
 print(json.dumps({"create_ms": (t1 - t0) * 1e3, "first_calls_ms": (t2 - t1) * 1e3,
                   "rss_mb": rss_mb(), "rss_growth_mb": rss_mb() - before}))
@@ -59,26 +64,34 @@ def run_variant(variant: str, path: str, lengths: list[int]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, default=30, help="how many sequence lengths (8, 16, ... 8*N)")
+    ap.add_argument("--lengths", type=int, default=30, help="how many sequence lengths (STEP, 2*STEP, ... N*STEP)")
+    ap.add_argument("--step", type=int, default=8)
+    ap.add_argument("--model", help="a text model file instead of the generated encoder")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    from fastrun.system import fingerprint
     from fastrun.workflows.models import dynamic_encoder
 
     import onnx
 
-    path = str(Path(tempfile.mkdtemp()) / "encoder.onnx")
-    onnx.save(dynamic_encoder(hidden=args.hidden, heads=4, layers=args.layers), path)
-    lengths = [8 * (i + 1) for i in range(args.lengths)]
+    path = args.model
+    if path is None:
+        path = str(Path(tempfile.mkdtemp()) / "encoder.onnx")
+        onnx.save(dynamic_encoder(hidden=args.hidden, heads=4, layers=args.layers), path)
+    lengths = [args.step * (i + 1) for i in range(args.lengths)]
     samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for v in (VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))):
             samples[v].append(run_variant(v, path, lengths))
     rows = {v: {k: statistics.median(s[k] for s in samples[v]) for k in samples[v][0]} for v in VARIANTS}
     base = rows["onnxruntime"]
-    print(f"encoder hidden={args.hidden} layers={args.layers}, {len(lengths)} lengths, median of {args.rounds} "
+    described = fingerprint.describe()
+    print(f"CPU: {described['cpu']}; flags: {' '.join(described['isa'])}; onnxruntime {described['onnxruntime']}")
+    model = args.model or f"encoder hidden={args.hidden} layers={args.layers}"
+    print(f"{model}, {len(lengths)} lengths {lengths[0]}..{lengths[-1]}, median of {args.rounds} "
           f"rounds, one process per variant and round")
     print(f"{'variant':<12} {'create ms':>10} {'first calls ms':>15} {'total / ort':>12} {'RSS MB':>8} {'growth MB':>10}")
     for v, row in rows.items():
