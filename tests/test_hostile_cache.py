@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -330,3 +331,47 @@ def test_a_program_write_that_fails_leaves_nothing(tmp_path, model_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         store_.save(plan, recipe, reader.declared_interface(onnx.load(model_path)))
     assert not list((tmp_path / "programs").rglob(".tmp-*"))
+
+
+# ------------------------------------------- store directories, databases and the lock file
+
+def _outside(victim: Path) -> dict:
+    return {p.name: p.read_bytes() for p in victim.parent.iterdir()}
+
+
+def _craft_store(cache_dir: str, victim: Path, kind: str) -> None:
+    root = Path(cache_dir)
+    if kind in ("plans", "programs"):  # the store directory a link to a directory outside
+        shutil.rmtree(root / kind)
+        (root / kind).symlink_to(victim.parent, target_is_directory=True)
+    elif kind == "fifo database":
+        (root / "plans" / "cache.db").unlink()
+        os.mkfifo(root / "plans" / "cache.db")
+    elif kind == "database settings":  # diskcache would pass it to its Disk, or set it on the cache
+        con = sqlite3.connect(str(root / "timings" / "cache.db"))
+        with con:
+            con.execute("INSERT INTO Settings VALUES ('disk_directory', ?)", (str(victim.parent),))
+        con.close()
+    else:  # the lock file a link to a file outside that does not exist yet
+        (root / "profile.lock").unlink(missing_ok=True)
+        (root / "profile.lock").symlink_to(victim.parent / "made.lock")
+
+
+@pytest.mark.parametrize("kind", ["plans", "programs", "fifo database", "database settings", "lock"])
+def test_a_store_or_lock_leading_outside_is_refused_and_removed(tmp_path, model_path, victim, kind):
+    cache_dir = str(tmp_path / "cache")
+    fastrun.profile(model_path, cache_dir=cache_dir, op_limit=0.02, measure=False, verify=False)
+    _craft_store(cache_dir, victim, kind)
+    before = _outside(victim)
+    for policy in ("heuristic", "profile"):
+        serve(model_path, cache_dir, policy)
+    fastrun.profile(model_path, cache_dir=cache_dir, op_limit=0.02, measure=False, verify=False)
+    res = verify(cache_dir)
+    if kind != "lock":  # a lock file that is not taken is no entry of the cache
+        assert res.exit_code == 1 and "the store is refused" in res.output, res.output
+    assert _outside(victim) == before
+    assert verify(cache_dir, "--fix").exit_code == 0 and verify(cache_dir).exit_code == 0
+    fastrun.profile(model_path, cache_dir=cache_dir, op_limit=0.02, measure=False, verify=False)
+    assert fastrun.load_plan(model_path, cache_dir=cache_dir) is not None
+    assert CliRunner().invoke(main, ["cache", "clear", "--yes", "--cache-dir", cache_dir]).exit_code == 0
+    assert _outside(victim) == before

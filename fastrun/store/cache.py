@@ -14,11 +14,13 @@ files, see :mod:`fastrun.store.programs`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -43,7 +45,11 @@ from fastrun.store.programs import ProgramStore
 log = logging.getLogger(__name__)
 
 DB_NAME = "cache.db"
+SQLITE_FILES = (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm")
 LOCK_NAME = "profile.lock"
+# Settings rows diskcache writes; it applies any other row of a database it opens (as a pragma,
+# a Disk argument or an attribute of the cache), so a database carrying one is refused.
+KNOWN_SETTINGS = frozenset(diskcache.DEFAULT_SETTINGS) | frozenset(diskcache.core.METADATA)
 
 
 class CacheEntryError(Exception):
@@ -100,6 +106,39 @@ class Entry:
     problem: str = ""           # "" when ``value`` is usable
 
 
+def refusal(directory: Path, settings: bool = True) -> str:
+    """Why a store directory from elsewhere must be neither read nor written ("" if it may be).
+
+    Refused: the directory is a symbolic link or not a directory (fastrun would read and write
+    wherever it points); a SQLite file of it is not a regular file (a link out, a FIFO); with
+    ``settings``, its database carries Settings rows diskcache does not write.
+    """
+    why = untrusted.directory_refusal(directory)
+    if why or not directory.is_dir():
+        return why
+    for name in SQLITE_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(directory / name).st_mode):
+                return f"its {name} is not a regular file"
+    foreign = _foreign_settings(directory / DB_NAME) if settings else []
+    return f"its database carries settings fastrun never writes ({', '.join(foreign)})" if foreign else ""
+
+
+def _foreign_settings(db: Path) -> list[str]:
+    """Settings keys of ``db`` that diskcache does not write (none when it cannot be read: opening it fails then)."""
+    if not db.is_file():
+        return []
+    try:
+        con = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = con.execute("SELECT key FROM Settings").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return []
+    return sorted(repr(k) for (k,) in rows if k not in KNOWN_SETTINGS)[:5]
+
+
 def _decode(text: Any) -> tuple[Optional[dict], str]:
     if not isinstance(text, (str, bytes)):
         return None, "not JSON"
@@ -128,15 +167,41 @@ class Store:
         self._ro_lock = threading.Lock()
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
         self._reported: set[str] = set()
-        if writable:
-            try:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                self._cache = diskcache.Cache(str(self.directory), disk=JsonOnlyDisk, timeout=30)
-            except (OSError, sqlite3.Error) as exc:
-                if (self.directory / DB_NAME).exists():
-                    log.debug("cache %s opened read-only (%s)", self.directory, exc)
-                else:
-                    log.warning("cache %s is unusable (%s); running without it", self.directory, exc)
+        self.refused = ""           # why the store is neither read nor written (:func:`refusal`)
+        self._open(writable)
+
+    def _open(self, writable: bool) -> None:
+        self.refused = refusal(self.directory, settings=writable)
+        if self.refused:
+            log.warning("cache %s is refused (%s); running without it", self.directory, self.refused)
+            return
+        if not writable:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # diskcache's own settings passed explicitly: the database's rows never choose them
+            self._cache = diskcache.Cache(str(self.directory), disk=JsonOnlyDisk, timeout=30,
+                                          **diskcache.DEFAULT_SETTINGS)
+        except (OSError, sqlite3.Error) as exc:
+            if (self.directory / DB_NAME).exists():
+                log.debug("cache %s opened read-only (%s)", self.directory, exc)
+            else:
+                log.warning("cache %s is unusable (%s); running without it", self.directory, exc)
+
+    def discard(self) -> bool:
+        """Remove a refused store - the link itself, or the directory with everything in it, no link
+        followed - and open a new empty one (what ``cache verify --fix`` and ``cache clear`` do)."""
+        self.close()
+        try:
+            if stat.S_ISDIR(os.lstat(self.directory).st_mode):
+                shutil.rmtree(self.directory)
+            else:
+                os.unlink(self.directory)
+        except OSError as exc:
+            log.debug("cannot remove %s: %s", self.directory, exc)
+            return False
+        self._open(writable=True)
+        return not self.refused
 
     @property
     def read_only(self) -> bool:
@@ -209,6 +274,8 @@ class Store:
         """A read-only SQLite connection to the store, opened on first use (None: no database)."""
         if self._ro is not None:
             return self._ro
+        if self.refused:
+            return None
         db = self.directory / DB_NAME
         if not db.is_file():
             return None
@@ -344,10 +411,16 @@ def _lock_file(root: Path) -> Any:
         return None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        f = open(root / LOCK_NAME, "a+b")
-    except OSError as exc:
-        log.debug("no profiling lock in %s: %s", root, exc)
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | untrusted.OPEN_FLAGS, 0o644)
+    except OSError as exc:  # ELOOP: a symbolic link, never followed
+        (log.warning if exc.errno == errno.ELOOP else log.debug)("no profiling lock in %s: %s", root, exc)
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        log.warning("no profiling lock in %s: %s is not a regular file", root, LOCK_NAME)
+        return None
+    os.set_blocking(fd, True)
+    f = os.fdopen(fd, "r+b")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -101,6 +101,20 @@ class ProgramStore:
         self.directory = Path(directory)
         self.writable = writable
 
+    @property
+    def refused(self) -> str:
+        """Why the store's directory is neither read nor written ("" if it may be)."""
+        return untrusted.directory_refusal(self.directory)
+
+    def discard(self) -> bool:
+        """Remove a refused store's directory entry (the link itself, never its target)."""
+        try:
+            os.unlink(self.directory)
+            return True
+        except OSError as exc:
+            log.debug("cannot remove %s: %s", self.directory, exc)
+            return False
+
     # -- paths
     def _model_dir(self, fingerprint: str, model_hash: str) -> Path:
         return self.directory / untrusted.component(fingerprint) / untrusted.component(model_hash)
@@ -118,6 +132,9 @@ class ProgramStore:
         tmp = None
         try:
             target = self.path_for(plan)
+            if self.refused:
+                raise untrusted.UntrustedDataError(f"{self.directory}: {self.refused}")
+            untrusted.inside(self.directory, "/".join(target.relative_to(self.directory).parts))  # no link on the way
             if (target / MANIFEST).exists():
                 return True
             target.parent.mkdir(parents=True, exist_ok=True)

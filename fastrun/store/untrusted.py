@@ -24,7 +24,8 @@ import numpy as np
 MAX_JSON_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64
 
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+# Never follow a link, never block on a FIFO or device, never leak into a child process.
+OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
@@ -69,11 +70,23 @@ def inside(root: Path, name: str) -> Path:
     return path
 
 
+def directory_refusal(path: Union[str, os.PathLike]) -> str:
+    """Why a store directory must be neither read nor written ("" if it may be, or is absent):
+    a symbolic link (reads and writes would land wherever it points) or not a directory."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return f"it cannot be examined ({exc.strerror})"
+    return "it is a symbolic link" if stat.S_ISLNK(mode) else "" if stat.S_ISDIR(mode) else "it is not a directory"
+
+
 def open_regular(path: Union[str, os.PathLike], max_bytes: Optional[int] = None) -> int:
     """A read-only descriptor of ``path`` if it is a regular file (not a link, FIFO or device)
     of at most ``max_bytes``; opening never blocks."""
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        fd = os.open(path, os.O_RDONLY | OPEN_FLAGS)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EMLINK):
             raise UntrustedDataError(f"{Path(path).name} is a symbolic link") from None

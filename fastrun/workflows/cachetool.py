@@ -21,6 +21,7 @@ from fastrun.ir import reader
 from fastrun.ops import registry
 from fastrun._version import SCHEMA
 from fastrun.store import untrusted
+from fastrun.store import cache as cache_store
 from fastrun.store.cache import Caches, Store
 from fastrun.store.keys import software_tag
 from fastrun.errors import FastrunError
@@ -269,10 +270,11 @@ def verify(caches: Caches, models: Sequence[os.PathLike] = (), fix: bool = False
     ``models`` (files or directories): plans of any other model are stale too (its file was
     edited or removed). ``fix`` deletes every entry found wrong.
     """
+    report = VerifyReport()
+    _verify_stores(caches, fix, report)
     if fix:
         _require_writable(caches)
     hashes = _model_hashes(models) if models else None
-    report = VerifyReport()
     for name, store in _stores(caches).items():
         check = _check_plan if name == "plans" else _check_timing
         for e in store.entries():
@@ -291,6 +293,21 @@ def verify(caches: Caches, models: Sequence[os.PathLike] = (), fix: bool = False
             problem.fixed = caches.programs.remove(path)
         report.problems.append(problem)
     return report
+
+
+def _verify_stores(caches: Caches, fix: bool, report: Optional[VerifyReport] = None) -> None:
+    """Store directories fastrun refuses to open (a link out of the cache, a FIFO for a database,
+    foreign diskcache settings): reported, and with ``fix`` removed (never what a link points to)."""
+    stores: dict[str, Any] = {**_stores(caches), "programs": caches.programs}
+    for name, store in stores.items():
+        reason = store.refused or (cache_store.refusal(store.directory) if name in STORES else "")
+        if not reason:
+            continue
+        problem = Problem(name, f"{name}/", "corrupt", f"the store is refused: {reason}")
+        if fix:
+            problem.fixed = store.discard()
+        if report is not None:
+            report.problems.append(problem)
 
 
 def _verify_programs(caches: Caches, hashes: Optional[set[str]], fix: bool, report: VerifyReport) -> None:
@@ -356,7 +373,10 @@ def _check_timing(key: str, value: dict, hashes: Optional[set[str]]) -> tuple[st
 
 
 def clear(caches: Caches, fingerprint: Optional[str] = None) -> dict[str, int]:
-    """Delete everything, or every entry of one fingerprint; how many entries went, per store."""
+    """Delete everything, or every entry of one fingerprint; how many entries went, per store.
+
+    A store fastrun refuses to open (:func:`_verify_stores`) is removed whole."""
+    _verify_stores(caches, fix=True)
     _require_writable(caches)
     prefix = f"{fingerprint}/" if fingerprint else ""
     counts = {name: store.clear(prefix) for name, store in _stores(caches).items()}
