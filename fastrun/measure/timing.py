@@ -19,27 +19,53 @@ def typical_ms(samples_s) -> float:
     return float(np.percentile(samples_s, TIME_PERCENTILE)) * 1e3
 
 
+# A block of calls lasting about this long is one sample of a model timed as it serves
+# (:func:`interleaved`'s ``block_seconds``): long enough that the calls settle into the loop a
+# server runs, short enough for dozens of samples per candidate.
+SERVING_BLOCK_SECONDS = 0.01
+MAX_BLOCK_CALLS = 1000
+
+
 def interleaved(runners: dict[str, Callable[[], object]], repeats: int = 10, min_seconds: float = 0.0,
-                max_seconds: float = 60.0) -> dict[str, float]:
+                max_seconds: float = 60.0, block_seconds: float = 0.0) -> dict[str, float]:
     """Time (:func:`typical_ms`) of each runner, measured round-robin so that noise hits them alike.
 
     Each runner is called once to warm up; then rounds run every runner once, in a rotating
     order, until ``repeats`` rounds and ``min_seconds`` have passed (or ``max_seconds``).
+
+    ``block_seconds`` > 0 times each runner as a server calls it, back to back: a sample is the
+    mean call of a block lasting about that long, after as many untimed calls. A session's
+    threads spin on after ``run`` returns and slow whatever runs next; call by call, each runner
+    would pay for its predecessor's spinning, and one that spins itself would look faster than
+    it serves. Runners slower than half a block are timed call by call.
     """
     names = list(runners)
-    for name in names:
-        runners[name]()
+    calls = {name: _block_calls(runners[name], block_seconds) for name in names}
     samples: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
     rnd = 0
     while True:
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
+            run, count = runners[name], calls[name]
+            for _ in range(count if count > 1 else 0):
+                run()
             t0 = time.perf_counter()
-            runners[name]()
-            samples[name].append(time.perf_counter() - t0)
+            for _ in range(count):
+                run()
+            samples[name].append((time.perf_counter() - t0) / count)
         rnd += 1
         elapsed = time.perf_counter() - start
         if (rnd >= repeats and elapsed >= min_seconds) or elapsed >= max_seconds:
             break
     return {n: typical_ms(v) for n, v in samples.items()}
+
+
+def _block_calls(run: Callable[[], object], block_seconds: float) -> int:
+    """Calls per sample of ``run`` (after its warm-up call): 1, or a block of ``block_seconds``."""
+    run()
+    if block_seconds <= 0:
+        return 1
+    t0 = time.perf_counter()
+    run()
+    return max(1, min(MAX_BLOCK_CALLS, int(block_seconds / max(time.perf_counter() - t0, 1e-7))))

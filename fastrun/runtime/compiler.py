@@ -54,12 +54,13 @@ def tensor_name(tensor: str, fmt: str, produced: dict[str, str]) -> str:
 
 
 def compile_plan(graph: Graph, plan: Plan, threads: Optional[int] = None,
-                 original: Optional[OriginalModelSource] = None) -> Program:
+                 original: Optional[OriginalModelSource] = None, serving: bool = False) -> Program:
     """The runnable program of a plan, for races (``threads`` overrides its onnxruntime intra-op
-    thread count; ``original`` is the model a plan of a whole-model engine runs). Its sessions stop
-    spinning when ``run`` returns, even a lone one: candidates timed call by call in turn would
-    otherwise slow whichever runs next."""
-    return instantiate(build_recipe(graph, plan, threads), original=original, spin_alone=False)
+    thread count; ``original`` is the model a plan of a whole-model engine runs). ``serving``: a
+    program that is one session keeps spinning between calls, as serving runs it (timed in
+    blocks, :func:`fastrun.measure.timing.interleaved`); otherwise its sessions stop spinning
+    when ``run`` returns, so that candidates timed call by call in turn do not slow each other."""
+    return instantiate(build_recipe(graph, plan, threads), original=original, spin_alone=serving)
 
 
 def model_recipe(plan: Plan, inputs: Sequence[str], outputs: Sequence[str], threads: Optional[int] = None,

@@ -32,7 +32,8 @@ from fastrun.runtime.engines import OriginalModelSource, model_source
 from fastrun.system import ortutil
 from fastrun.system import precision as precisions
 from fastrun.workflows import eligibility, engine_choice, fallback
-from fastrun.workflows.verify import choose_threads, model_reference, random_feed, relative_error, verify_plan
+from fastrun.workflows.verify import (choose_threads, model_reference, random_feed, relative_error, serving_original,
+                                      verify_plan)
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ def _profile_locked(model: ModelSource, model_proto, data: bytes, original: Orig
     if measure:
         if making["progress"]:
             making["progress"]("measuring the plan end to end against onnxruntime")
-        program = instantiate(made.recipe, original=original, spin_alone=False)  # stops spinning at return, as its baseline
+        program = instantiate(made.recipe, original=serving_original(original))  # as serving runs it
         _measure(report, graph, program, original, making["repeats"])
     return report
 
@@ -312,7 +313,7 @@ MEASURE_MIN_SECONDS = 2.0
 
 def _measure(report: ProfileReport, graph: Graph, program: Program, original: OriginalModelSource,
              repeats: int) -> None:
-    baseline = ortutil.session(original.source, level="all")
+    baseline = ortutil.session(original.source, level="all", spin_after_run=True)  # onnxruntime's default
     feed = random_feed(graph)
     names = list(program.outputs)
     ours = program.run(feed)
@@ -320,7 +321,8 @@ def _measure(report: ProfileReport, graph: Graph, program: Program, original: Or
     report.max_error = relative_error([ours[n] for n in names], ref)
     monitor = load.LoadMonitor().start()
     times = timing.interleaved({"fastrun": lambda: program.run(feed), "onnxruntime": lambda: baseline.run(names, feed)},
-                               repeats=repeats, min_seconds=MEASURE_MIN_SECONDS, max_seconds=60)
+                               repeats=repeats, min_seconds=MEASURE_MIN_SECONDS, max_seconds=60,
+                               block_seconds=timing.SERVING_BLOCK_SECONDS)
     report.measure_load = monitor.stop()
     report.measured_ms, report.onnxruntime_ms = times["fastrun"], times["onnxruntime"]
     report.segments, report.host_steps, report.reorders = program.segments, program.host_steps, program.reorders

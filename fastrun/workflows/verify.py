@@ -67,10 +67,12 @@ def model_reference(graph: Graph, original: OriginalModelSource, quantized: bool
 
 def _races(graph: Graph, programs: dict[str, Program], rounds: int, max_seconds: float,
            count: int = 1) -> list[dict[str, float]]:
-    """``count`` consecutive interleaved races of programs of one graph on the same random feed (ms)."""
+    """``count`` consecutive interleaved races of programs of one graph on the same random feed (ms),
+    each timed in blocks of calls as it serves (programs compiled with ``serving=True``)."""
     feed = random_feed(graph)
     runners = {k: (lambda p=p: p.run(feed)) for k, p in programs.items()}
-    return [timing.interleaved(runners, repeats=rounds, max_seconds=max_seconds) for _ in range(count)]
+    return [timing.interleaved(runners, repeats=rounds, max_seconds=max_seconds,
+                               block_seconds=timing.SERVING_BLOCK_SECONDS) for _ in range(count)]
 
 
 def _race(graph: Graph, programs: dict[str, Program], repeats: int) -> dict[str, float]:
@@ -151,9 +153,10 @@ def _checked_programs(graph: Graph, contenders: dict[str, Plan], fallible: set[s
     """Every contender's program and its error against ``reference``; a ``fallible`` one (another
     engine) that fails to compile or to run is left out, and recorded in ``plan.solver["failed_candidates"]``."""
     programs, errors = {}, {}
+    served = serving_original(original) if original is not None else None
     for k, p in contenders.items():
         try:
-            programs[k] = compiler.compile_plan(graph, p, original=original)
+            programs[k] = compiler.compile_plan(graph, p, original=served, serving=True)
             if reference:
                 errors[k] = reference.error(programs[k].run(dict(reference.feed)))
         except Exception as exc:
@@ -164,6 +167,14 @@ def _checked_programs(graph: Graph, contenders: dict[str, Plan], fallible: set[s
                 (str(exc).strip().splitlines() or [""])[-1][:200]
             programs.pop(k, None)
     return programs, errors
+
+
+def serving_original(original: OriginalModelSource) -> OriginalModelSource:
+    """``original`` with the session serving runs it on: the caller's, else onnxruntime's default
+    session (it spins between calls)."""
+    if original.shared is not None:
+        return original
+    return OriginalModelSource(original.source, ortutil.session(original.source, level="all", spin_after_run=True).run)
 
 
 def _whole_model_plans(graph: Graph, plan: Plan, original: Optional[OriginalModelSource],
