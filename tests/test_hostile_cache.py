@@ -28,8 +28,8 @@ import fastrun
 from fastrun.cli import main
 from fastrun.ir import reader
 from fastrun.planning import planner
-from fastrun.runtime import compiler
-from fastrun.runtime.recipe import Recipe, SegmentRecipe
+from fastrun.runtime import compiler, openvino_engine
+from fastrun.runtime.recipe import ModelRecipe, Recipe, SegmentRecipe
 from fastrun.store import programs, untrusted
 from fastrun.store.cache import Caches
 from fastrun.system import fingerprint as fp, ortutil
@@ -375,3 +375,46 @@ def test_a_store_or_lock_leading_outside_is_refused_and_removed(tmp_path, model_
     assert fastrun.load_plan(model_path, cache_dir=cache_dir) is not None
     assert CliRunner().invoke(main, ["cache", "clear", "--yes", "--cache-dir", cache_dir]).exit_code == 0
     assert _outside(victim) == before
+
+
+# ------------------------------------------------- an engine's stored compiled form
+
+def _openvino_recipe(model: onnx.ModelProto, damaged: bool = False) -> Recipe:
+    """A program running ``model`` whole on OpenVINO, from its stored compiled form (cut in half if ``damaged``)."""
+    engine = openvino_engine.OpenVINOEngine()
+    blob = engine.export(engine.compile(model.SerializeToString(), {"x": (1, 8, 12, 12)}, "fp32", 1))
+    blob = blob[: len(blob) // 2] if damaged else blob
+    part = ModelRecipe(engine.name, ["x"], ["y"], 0, "fp32", engine.version(), {"x": [1, 8, 12, 12]}, blob)
+    return Recipe([part], {}, {"y": "y"})
+
+
+def _another_model(kind: str) -> onnx.ModelProto:
+    model = tiny_conv_model(batch=1)
+    out = model.graph.output[0]
+    if kind == "output of another type":
+        model.graph.node[-1].output[0] = "y_float"
+        model.graph.node.append(helper.make_node("Cast", ["y_float"], ["y"], to=onnx.TensorProto.INT32))
+        out.type.tensor_type.elem_type = onnx.TensorProto.INT32
+    elif kind == "output of another shape":
+        model.graph.node.append(helper.make_node("Identity", ["x"], ["x_copy"]))
+        model.graph.output.append(helper.make_tensor_value_info("x_copy", onnx.TensorProto.FLOAT, [1, 8, 12, 12]))
+        model.graph.output.remove(out)
+        model.graph.node[-1].output[0] = "y"
+        model.graph.output[0].name = "y"
+    else:  # no output named y
+        model.graph.node[-1].output[0] = out.name = "z"
+    return model
+
+
+@pytest.mark.skipif(not openvino_engine.OpenVINOEngine().available(), reason="OpenVINO is not installed here")
+@pytest.mark.parametrize("kind", ["genuine", "damaged", "output of another type", "output of another shape",
+                                  "no such output"])
+def test_a_stored_compiled_model_damaged_or_of_another_model_is_refused(tmp_path, model_path, caplog, kind):
+    cache_dir = str(tmp_path / "cache")
+    model = onnx.load(model_path) if kind in ("genuine", "damaged") else _another_model(kind)
+    store(cache_dir, model_path, _openvino_recipe(model, damaged=kind == "damaged"))
+    with caplog.at_level(logging.WARNING, logger="fastrun"):
+        out, _ = serve(model_path, cache_dir)
+    assert out.dtype == np.float32 and out.shape == (1, 16, 1, 1)
+    refused = [r.getMessage() for r in caplog.records if "ignoring the stored program" in r.getMessage()]
+    assert bool(refused) == (kind != "genuine"), refused

@@ -31,9 +31,14 @@ class CompiledModel:
         self.precision = precision
         self.threads = threads
         self.keep_alive: object = None  # memory the engine's object reads from, kept as long as it is
+        # output name -> (numpy dtype name, dims with None where dynamic): what a stored compiled
+        # form really returns, checked against the model's declared outputs before it serves
+        self.output_types: dict[str, tuple[str, list]] = {}
 
     def run(self, output_names: Sequence[str] | None, feed: Mapping[str, np.ndarray]) -> list:
         return self._run(list(output_names or self.outputs), feed)
+
+    __call__ = run  # a runner (``run(output_names, feed)``) that also describes its outputs
 
 
 class Engine(abc.ABC):

@@ -118,7 +118,12 @@ def _compiled(compiled, precision: str, threads: int) -> CompiledModel:
             request.infer(arrays)
             return [np.array(request.get_output_tensor(i).data) for i in wanted]
 
-    return CompiledModel(inputs, outputs, run, compiled, precision, threads)
+    model = CompiledModel(inputs, outputs, run, compiled, precision, threads)
+    for port in compiled.outputs:
+        described = (np.dtype(port.get_element_type().to_dtype()).name,
+                     [d.get_length() if d.is_static else None for d in port.get_partial_shape()])
+        model.output_types.update(dict.fromkeys(port.get_names(), described))
+    return model
 
 
 # -- serving: a plan's ModelRecipe on OpenVINO (registered in fastrun.runtime.engines)
@@ -147,8 +152,8 @@ def build_runner(original, recipe, fallback):
         return fallback(original, recipe)
     engine = OpenVINOEngine()
     if len(recipe.blob):
-        return engine.load(recipe.blob, recipe.precision, recipe.threads).run
-    return engine.compile(original.source, recipe.shapes, recipe.precision, recipe.threads).run
+        return engine.load(recipe.blob, recipe.precision, recipe.threads)
+    return engine.compile(original.source, recipe.shapes, recipe.precision, recipe.threads)
 
 
 def compiled_blob(source: ModelInput, recipe) -> bytes:

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from fastrun.ops.registry import OpSpec
-from fastrun.runtime.program import Program, Segment
+from fastrun.runtime.program import ModelCall, Program, Segment
 from fastrun.runtime.recipe import Recipe, SegmentRecipe
 from fastrun.store import untrusted
 from fastrun.system import machine, ortutil
@@ -90,6 +90,24 @@ def check_program(program: Program, interface: Optional[dict]) -> None:
                 if arg.name in produced:  # onnxruntime reports [] for a shape it could not infer too
                     dims = [d if isinstance(d, int) and d > 0 else None for d in arg.shape] if arg.shape else None
                     _check_output(produced[arg.name], declared, arg.type, dims)
+        elif isinstance(part, ModelCall):
+            _check_engine_outputs(part, produced, declared)
+
+
+def _check_engine_outputs(part: ModelCall, produced: dict[str, str], declared: dict[str, tuple[list, str]]) -> None:
+    """An engine's compiled form (a stored OpenVINO blob) returns the outputs it is asked for, typed as declared.
+    A runner that describes no outputs (onnxruntime on the original model) is the model itself."""
+    described = getattr(part.runner, "output_types", None)
+    if not described:
+        return
+    missing = [name for name in part.outputs if name not in described]
+    if missing:
+        raise untrusted.UntrustedDataError(f"its compiled model has no output {missing[0]!r}")
+    for name in part.outputs:
+        if name in produced:
+            dtype, dims = described[name]
+            _check_output(produced[name], declared, _ort_type(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))),
+                          dims)
 
 
 def _declared_outputs(interface: dict) -> dict[str, tuple[list, str]]:
