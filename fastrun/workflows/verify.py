@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -128,31 +129,32 @@ def verify_plan(graph: Graph, plan: Plan, profiler: Profiler, fingerprint: str, 
         contenders[UNSPLIT] = unsplit
     whole = _whole_model_plans(graph, plan, original, engines)
     contenders.update(whole)
-    programs, errors = _checked_programs(graph, contenders, set(whole) - {candidates.BASELINE}, plan, original,
-                                         reference)
+    programs, errors, failed = _checked_programs(graph, contenders, set(whole) - {candidates.BASELINE}, original,
+                                                 reference)
     eligible = [k for k in programs if k == candidates.BASELINE or not reference or errors[k] <= _bound(contenders[k], reference)]
     eligible = eligible or ["optimal"]  # no baseline to fall back on: the plan as before
+    solver = dict(plan.solver)
+    if failed:
+        solver["failed_candidates"] = {**solver.get("failed_candidates", {}), **failed}
     record = {"errors": errors, **(reference.describe() if reference else {})}
     if len(eligible) == 1:
-        chosen = contenders[eligible[0]]
-        chosen.solver = dict(plan.solver, verified={"kept": eligible[0], "note": "no alternative to time", **record})
-        return chosen
+        verified = {"kept": eligible[0], "note": "no alternative to time", **record}
+        return replace(contenders[eligible[0]], solver=dict(solver, verified=verified))
     blocks = _race_blocks(graph, {k: programs[k] for k in eligible}, repeats)
     times = {k: float(np.median([block[k] for block in blocks])) for k in eligible}
     kept = _winner(times, blocks, [k for k in eligible if k in whole])
-    chosen = contenders[kept]
-    chosen.solver = dict(plan.solver, verified={"kept": kept, **{f"{k}_ms": v for k, v in times.items()}, **record})
     if kept != "optimal":
         log.info("kept %s (%.2f ms; the predicted optimum ran %s ms)", kept, times[kept],
                  f"{times['optimal']:.2f}" if "optimal" in times else "n/a, ineligible")
-    return chosen
+    verified = {"kept": kept, **{f"{k}_ms": v for k, v in times.items()}, **record}
+    return replace(contenders[kept], solver=dict(solver, verified=verified))
 
 
-def _checked_programs(graph: Graph, contenders: dict[str, Plan], fallible: set[str], plan: Plan,
+def _checked_programs(graph: Graph, contenders: dict[str, Plan], fallible: set[str],
                       original: Optional[OriginalModelSource], reference: Optional[Reference]):
     """Every contender's program and its error against ``reference``; a ``fallible`` one (another
-    engine) that fails to compile or to run is left out, and recorded in ``plan.solver["failed_candidates"]``."""
-    programs, errors = {}, {}
+    engine) that fails to compile or to run is left out, and why is returned (name -> reason)."""
+    programs, errors, failed = {}, {}, {}
     served = serving_original(original) if original is not None else None
     for k, p in contenders.items():
         try:
@@ -163,10 +165,9 @@ def _checked_programs(graph: Graph, contenders: dict[str, Plan], fallible: set[s
             if k not in fallible:
                 raise
             log.info("whole-model candidate %s failed: %s", k, exc)
-            plan.solver.setdefault("failed_candidates", {})[k] = f"raised {type(exc).__name__}: " + \
-                (str(exc).strip().splitlines() or [""])[-1][:200]
+            failed[k] = f"raised {type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[-1][:200]
             programs.pop(k, None)
-    return programs, errors
+    return programs, errors, failed
 
 
 def serving_original(original: OriginalModelSource) -> OriginalModelSource:
@@ -229,7 +230,8 @@ def thread_counts(available: int) -> list[int]:
 
 
 def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
-    """The plan with the thread counts of its onnxruntime segments and host kernels measured, not assumed.
+    """The plan with the thread counts of its onnxruntime segments and host kernels measured, not assumed
+    (a new plan, made once the counts are chosen: ``plan`` is left as it is).
 
     A deployment knob like the assignment: small models, and small segments of big ones, can lose
     more to waking and joining threads than they gain from them. Every count of
@@ -248,31 +250,28 @@ def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
     times = timing.interleaved({str(n): (lambda n=n: programs[n].run(feed, part_seconds[n])) for n in counts},
                                repeats=max(5, repeats), max_seconds=60)
     best = _faster_by_margin(counts, {n: times[str(n)] for n in counts})
-    plan.threads = best
+    if best != counts[0]:
+        log.info("%d intra-op thread(s) ran faster end to end than %d (%.2f vs %.2f ms): keeping %d",
+                 best, counts[0], times[str(best)], times[str(counts[0])], best)
     record: dict[str, Any] = {"chosen": best, "ms": times}
     segments = [i for i, p in enumerate(programs[best].program) if isinstance(p, Segment)]
     timed = all(part_seconds[n][i] for n in counts for i in segments)
     per_segment = [_faster_by_margin(counts, {n: timing.typical_ms(part_seconds[n][i]) for n in counts}, best)
                    for i in segments] if timed else []
-    program = programs[best]  # every segment on ``best`` threads
+    program, segment_threads = programs[best], []  # every segment on ``best`` threads
     if len(set(per_segment)) > 1:
-        mixed = copy.copy(plan)
-        mixed.segment_threads = per_segment
-        mixed_program = compiler.compile_plan(graph, mixed)
+        mixed_program = compiler.compile_plan(graph, replace(plan, threads=best, segment_threads=per_segment))
         raced = _race(graph, {"mixed": mixed_program, "uniform": program}, repeats)
         record.update(segments=per_segment, mixed_ms=raced["mixed"], uniform_ms=raced["uniform"])
         if raced["mixed"] < (1 - THREADS_MARGIN) * raced["uniform"]:
-            plan.segment_threads = per_segment
-            program = mixed_program
+            program, segment_threads = mixed_program, per_segment
+    host_threads = plan.host_threads
     if program.host_steps:
         host_ms = _race(graph, {str(n): with_host_threads(program, n) for n in counts}, repeats)
-        plan.host_threads = _faster_by_margin(counts, {n: host_ms[str(n)] for n in counts})
-        record.update(host=plan.host_threads, host_ms=host_ms)
-    plan.solver = dict(plan.solver, threads=record)
-    if best != counts[0]:
-        log.info("%d intra-op thread(s) ran faster end to end than %d (%.2f vs %.2f ms): keeping %d",
-                 best, counts[0], times[str(best)], times[str(counts[0])], best)
-    return plan
+        host_threads = _faster_by_margin(counts, {n: host_ms[str(n)] for n in counts})
+        record.update(host=host_threads, host_ms=host_ms)
+    return replace(plan, threads=best, segment_threads=segment_threads, host_threads=host_threads,
+                   solver=dict(plan.solver, threads=record))
 
 
 def _faster_by_margin(counts: list[int], ms: dict[int, float], default: Optional[int] = None) -> int:
