@@ -129,6 +129,24 @@ def test_verify_finds_damaged_and_stale_programs_and_fix_removes_them(profiled, 
     assert fastrun.load_plan(profiled, cache_dir=cache_dir) is not None  # plans are kept
 
 
+def test_verify_finds_the_plan_of_a_reduced_precision_program(profiled, cache_dir):
+    """A bf16 policy's plan is stored beside the fp32 one for the same shapes: its program is its
+    own, neither stale nor removed by ``--fix``."""
+    from fastrun.workflows import lookup
+
+    plan = fastrun.load_plan(profiled, cache_dir=cache_dir)
+    plan.precision_policy, plan.tolerance = "bf16", 1e-2
+    caches = Caches(cache_dir)
+    model = onnx.load(profiled)
+    assert lookup.store_plan(caches, plan)
+    assert caches.programs.save(plan, compiler.build_recipe(reader.load(model), plan), reader.declared_interface(model))
+    caches.close()
+    assert len(program_dirs(cache_dir)) == 2
+    res = CliRunner().invoke(main, ["cache", "verify", "--cache-dir", cache_dir, "--fix"])
+    assert res.exit_code == 0 and "2 program(s): 0 problem(s)" in res.output, res.output
+    assert len(program_dirs(cache_dir)) == 2
+
+
 def test_warmup_stores_the_program_of_a_plan_that_has_none(profiled, cache_dir):
     shutil.rmtree(Path(cache_dir, "programs"))
     caches = Caches(cache_dir)

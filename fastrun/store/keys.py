@@ -47,7 +47,13 @@ def plan_key(fingerprint: str, model_hash: str, shapes: dict[str, tuple[int, ...
              precision: str = FP32) -> str:
     """The key of a plan; exact-mode plans (``plan.exact``) and reduced-precision policies' plans are
     kept apart from the others (a bf16 plan is never found by an fp32 session)."""
-    return f"{fingerprint}/{model_hash}/{shapes_text(shapes)}" + ("/exact" if exact else "") + precision_suffix(precision)
+    return f"{fingerprint}/{model_hash}/{shapes_part(shapes, exact, precision)}"
+
+
+def shapes_part(shapes: dict[str, Any], exact: bool = False, precision: str = FP32) -> str:
+    """A plan key's last part: the shapes, ``/exact`` for an exact-mode plan, ``@bf16`` (...) for a
+    reduced-precision policy's."""
+    return shapes_text(shapes) + ("/exact" if exact else "") + precision_suffix(precision)
 
 
 def precision_suffix(precision: str) -> str:

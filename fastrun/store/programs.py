@@ -48,7 +48,7 @@ import numpy as np
 
 from fastrun.system import ortutil
 from fastrun.store import programcheck, untrusted
-from fastrun.store.keys import precision_suffix, shapes_text, software_tag
+from fastrun.store.keys import shapes_part, software_tag
 from fastrun.runtime.recipe import HostRecipe, ModelRecipe, Recipe, SegmentRecipe
 from fastrun.runtime.plan import Plan
 from fastrun.system.precision import FP32
@@ -120,8 +120,7 @@ class ProgramStore:
         return self.directory / untrusted.component(fingerprint) / untrusted.component(model_hash)
 
     def path_for(self, plan: Plan, digest: Optional[str] = None) -> Path:
-        shapes = _shapes_key(plan) + precision_suffix(plan.precision_policy)
-        shapes_id = hashlib.sha256(shapes.encode()).hexdigest()[:12]
+        shapes_id = hashlib.sha256(_shapes_key(plan).encode()).hexdigest()[:12]
         return self._model_dir(plan.fingerprint, plan.model_hash) / f"{shapes_id}.{digest or plan_digest(plan)}"
 
     # -- write
@@ -305,8 +304,9 @@ def _size(path: Path) -> int:
 
 
 def _shapes_key(plan: Plan) -> str:
-    """The plan key's last part: its shapes, and ``/exact`` for an exact-mode plan."""
-    return shapes_text(plan.input_shapes) + ("/exact" if plan.exact else "")
+    """The plan key's last part (shapes, exact mode, precision policy): the manifest's ``shapes``, by
+    which ``fastrun cache verify`` finds the plan a program belongs to."""
+    return shapes_part(plan.input_shapes, plan.exact, plan.precision_policy)
 
 
 def _read_manifest(root: Path, path: Path) -> dict:
