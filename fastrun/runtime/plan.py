@@ -61,8 +61,8 @@ class Plan:
     segment_threads: list[int] = field(default_factory=list)  # per segment in program order ([]: ``threads``)
     host_threads: int = 0           # threads of host kernels (0: all cores; fastrun.system.hostthreads)
     # Run the graph as one onnxruntime ORT_ENABLE_ALL session (every node on onnxruntime, its own
-    # layouts and fusions): when no assignment beat that end to end (api.verify_plan), or, without
-    # profiling, when no host kernel is predicted to save enough (planner.heuristic_plan).
+    # layouts and fusions): when no assignment beat that end to end (workflows.verify.verify_plan),
+    # or, without profiling, when no host kernel is predicted to save enough (planner.heuristic_plan).
     whole_model: bool = False
     policy: str = "profiled"        # "profiled" | "heuristic" | "partial" (budget ran out) | "fallback"
     # ENGINE_FASTRUN, or a whole-model engine of the original model (ENGINE_ORIGINAL, ...): see runtime.engines
