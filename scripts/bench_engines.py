@@ -80,6 +80,14 @@ def load_model(spec: str, batch: int) -> onnx.ModelProto:
                              strip_softmax=True)
 
 
+def parse_dims(items: list[str]) -> dict[str, int]:
+    """``--dim NAME=N`` pairs as sizes by name."""
+    try:
+        return {k: int(v) for k, v in (item.split("=", 1) for item in items)}
+    except ValueError:
+        raise SystemExit("--dim takes NAME=N pairs, e.g. --dim sequence=128")
+
+
 def make_feed(session: ort.InferenceSession, batch: int, dims: dict[str, int],
               seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs; a symbolic dimension named in ``dims`` gets that size, any other first one ``batch``."""
@@ -223,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ort-alone", action="store_true", help="time onnxruntime alone before and after OpenVINO")
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args(argv)
-    try:
-        args.dim = {k: int(v) for k, v in (item.split("=", 1) for item in args.dim)}
-    except ValueError:
-        raise SystemExit("--dim takes NAME=N pairs, e.g. --dim sequence=128")
+    args.dim = parse_dims(args.dim)
     try:
         import openvino as ov
     except ImportError:

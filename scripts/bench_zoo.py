@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""fastrun after ``fastrun.profile`` next to a default ``onnxruntime.InferenceSession`` on every zoo case.
+"""fastrun after ``fastrun.profile`` next to a default ``onnxruntime.InferenceSession`` on zoo cases and model files.
 
 For each case of ``tests/zoo.py`` (real exported models and their quantized, float16 and
-external-data variants) it profiles the first feed's shapes into a private cache, opens a
+external-data variants; every case unless ``--cases`` or ``--models`` is given) and each model
+file of ``--models`` (fed random values of its inputs' declared types, symbolic dimensions sized
+by ``--dim NAME=N``, a symbolic first one else 1; judged fp16 where an input or weight is float16,
+else fp32) it profiles the first feed's shapes into a private cache, opens a
 ``fastrun.InferenceSession(policy="require")`` and a default onnxruntime session, and times
 them round-robin on the same feed: every round runs each session for about 10 ms (after as
 many untimed calls, so that neither pays for the other's spinning threads), in alternating
@@ -13,10 +16,12 @@ Cases fastrun cannot serve print the reason.
 
     python scripts/bench_zoo.py                          # every case
     python scripts/bench_zoo.py --cases resnet vit --rounds 60 --json zoo.json
+    python scripts/bench_zoo.py --cases resnet --models exported/*.onnx --dim batch=4
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -25,8 +30,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 import fastrun
+from bench_engines import FLAGS_OF_INTEREST, cpu_flags, make_feed, parse_dims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests import zoo  # noqa: E402
@@ -61,15 +68,25 @@ def race(fastrun_run, ort_run, rounds: int, calls: int) -> list[float]:
     return ratios
 
 
-def measure(name: str, rounds: int, op_limit: float) -> dict:
+def zoo_case(name: str) -> tuple[str, dict[str, np.ndarray], str]:
     case = zoo.CASES[name]
-    model = str(case.model())
-    feed = case.feeds()[0]
-    row: dict = {"case": name, "kind": case.kind, "size_mb": round(Path(model).stat().st_size / 1e6, 2)}
+    return str(case.model()), case.feeds()[0], case.kind
+
+
+def model_file(path: str, dims: dict[str, int]) -> tuple[str, dict[str, np.ndarray], str]:
+    """The file with a random feed of its declared inputs, fp16 where an input or weight is float16."""
+    graph = onnx.load(path, load_external_data=False).graph
+    types = [vi.type.tensor_type.elem_type for vi in graph.input] + [t.data_type for t in graph.initializer]
+    return path, make_feed(zoo.session(path), 1, dims), "fp16" if onnx.TensorProto.FLOAT16 in types else "fp32"
+
+
+def measure(name: str, model: str, feed: dict[str, np.ndarray], kind: str, rounds: int, op_limit: float) -> dict:
+    row: dict = {"case": name, "kind": kind, "size_mb": round(Path(model).stat().st_size / 1e6, 2)}
     with tempfile.TemporaryDirectory() as cache_dir:
         start = time.perf_counter()
         try:
-            report = fastrun.profile(model, input_shapes=zoo.input_shapes(case), cache_dir=cache_dir,
+            input_shapes = {k: tuple(v.shape) for k, v in feed.items()}
+            report = fastrun.profile(model, input_shapes=input_shapes, cache_dir=cache_dir,
                                      op_limit=op_limit, measure=False)
             row["plan"] = report.plan.winner  # fastrun | onnxruntime (specialised graph) | onnxruntime-original
             row["policy"] = report.plan.policy
@@ -93,15 +110,25 @@ def measure(name: str, rounds: int, op_limit: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="*", choices=list(zoo.CASES), default=list(zoo.CASES))
+    parser.add_argument("--cases", nargs="*", choices=list(zoo.CASES),
+                        help="zoo cases (default: every case, or none when --models is given)")
+    parser.add_argument("--models", nargs="+", default=[], metavar="PATH", help="ONNX model files")
+    parser.add_argument("--dim", nargs="*", default=[], metavar="NAME=N",
+                        help="sizes of symbolic input dimensions in --models (a symbolic first one is else 1)")
     parser.add_argument("--rounds", type=int, default=45)
     parser.add_argument("--op-limit", type=float, default=0.5, help="profiling seconds per signature")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    dims = parse_dims(args.dim)
+    cases = args.cases if args.cases is not None else [] if args.models else list(zoo.CASES)
+    benches = [(name, functools.partial(zoo_case, name)) for name in cases]
+    benches += [(Path(path).stem, functools.partial(model_file, path, dims)) for path in args.models]
+    flags = cpu_flags()
+    print("CPU flags:", " ".join(f for f in FLAGS_OF_INTEREST if f in flags) or "(none of interest)")
     rows = []
     print(f"{'case':22s} {'runs':20s} {'ort ms':>8s} {'ratio':>6s} {'p10-p90':>12s}  blocks")
-    for name in args.cases:
-        row = measure(name, args.rounds, args.op_limit)
+    for name, load in benches:
+        row = measure(name, *load(), args.rounds, args.op_limit)
         rows.append(row)
         if "error" in row:
             print(f"{name:22s} fails: {row['error']}")
