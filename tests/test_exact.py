@@ -15,6 +15,7 @@ from fastrun.ir import reader
 from fastrun.measure.profiler import Timing
 from fastrun.ops import registry
 from fastrun.planning import planner
+from fastrun.workflows.report import render_html
 
 APPROXIMATE = ("winograd", "fft")
 
@@ -71,3 +72,17 @@ def test_an_exact_implementation_measured_beyond_the_limit_is_not_chosen(tiny_mo
     chosen = {c.impl for c in planner._heavy_choices(h, timings, {"NCHW", "NHWC"}, exact=True)}
     assert chosen == {i.id for i in h.impls if i.name == "ort"}
     assert len({c.impl for c in planner._heavy_choices(h, timings, {"NCHW", "NHWC"})}) > 1
+
+
+def test_the_report_shows_each_candidate_s_error(both_plans):
+    _, exact, _ = both_plans
+    page = render_html(exact)
+    shown = [f"error {e:.1e}" for node in exact["nodes"] if node["spec"] for e in node["errors"].values()]
+    assert shown and all(text in page for text in shown)
+
+
+def test_warmup_makes_the_exact_plan_under_its_own_key(tiny_model, cache_dir):
+    (result,) = fastrun.warmup([tiny_model], cache_dir=cache_dir, op_limit=0.02, verify=False, exact=True)
+    assert result.ok, result.error
+    assert fastrun.load_plan(tiny_model, cache_dir=cache_dir, exact=True).exact
+    assert fastrun.load_plan(tiny_model, cache_dir=cache_dir) is None

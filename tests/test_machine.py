@@ -84,6 +84,10 @@ def test_each_source_changes_the_key(tmp_path):
     base = key(fake(tmp_path / "a"))
     assert key(fake(tmp_path / "b")) == base                                     # same facts, same key
     assert key(fake(tmp_path / "c", v2="200000 100000")) != base                  # a container quota
+    assert key(fake(tmp_path / "c1", v1=("200000", "100000"))) != base           # a cgroup v1 quota
+    assert key(fake(tmp_path / "c2", affinity=8)) != base                         # taskset / cpuset
+    assert key(fake(tmp_path / "c3", env={"FASTRUN_THREADS": "4"})) != base
+    assert key(fake(tmp_path / "c4", cpuinfo=CPUINFO.replace("AuthenticAMD", "GenuineIntel"))) != base
     assert key(fake(tmp_path / "d", cpuinfo=CPUINFO.replace("model\t\t: 1", "model\t\t: 17"))) != base
     assert key(fake(tmp_path / "e", cpuinfo=CPUINFO.replace("stepping\t: 1", "stepping\t: 2"))) != base
     assert key(fake(tmp_path / "f", cpuinfo=CPUINFO.replace("cpu family\t: 25", "cpu family\t: 26"))) != base
