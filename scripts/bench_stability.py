@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
 from fastrun.measure.profiler import Timing
 from fastrun.store.cache import Caches
+from fastrun.system import fingerprint
 from fastrun.workflows import models
 from fastrun.workflows.profile import profile
 
@@ -74,8 +76,12 @@ def main() -> None:
         path = args.model
     else:
         parser.error("give a model file or --example")
+    described = fingerprint.describe()
+    print(f"CPU: {described['cpu']}; flags: {' '.join(described['isa'])}; cores: {described['cores']}; "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     first, second = one_run(path, args.op_limit), one_run(path, args.op_limit)
-    result = {"model": args.model or args.example, "op_limit": args.op_limit, **agreement(first, second),
+    result = {"model": args.model or args.example, "op_limit": args.op_limit, "cpu": described,
+              "loadavg_end": os.getloadavg(), **agreement(first, second),
               "under_load": [first["under_load"], second["under_load"]]}
     print(f"{result['model']}: {result['same_winner']}/{result['nodes']} nodes chose the same kernel; of the "
           f"{result['decided']} whose two best differ by more than their spread, {result['decided_same_winner']} agree"
