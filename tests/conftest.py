@@ -1,8 +1,10 @@
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
+from fastrun.cli import main
 from fastrun.workflows import models
 
 
@@ -56,3 +58,20 @@ def tiny_model(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_conv_model(batch=1), str(path))
     return str(path)
+
+
+@pytest.fixture
+def model_n(tmp_path):
+    """The tiny model with a symbolic batch: every batch size is its own shape set."""
+    return save(tiny_conv_model(), tmp_path / "models" / "tiny.onnx")
+
+
+def save(model, path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def cli(*args, env=None):
+    """The ``fastrun`` command in this process."""
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
