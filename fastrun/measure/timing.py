@@ -1,6 +1,7 @@
 """Side-by-side timing: interleaved repeats, the only comparison a noisy machine allows."""
 from __future__ import annotations
 
+import random
 import time
 from typing import Callable
 
@@ -30,8 +31,10 @@ def interleaved(runners: dict[str, Callable[[], object]], repeats: int = 10, min
                 max_seconds: float = 60.0, block_seconds: float = 0.0) -> dict[str, float]:
     """Time (:func:`typical_ms`) of each runner, measured round-robin so that noise hits them alike.
 
-    Each runner is called once to warm up; then rounds run every runner once, in a rotating
-    order, until ``repeats`` rounds and ``min_seconds`` have passed (or ``max_seconds``).
+    Each runner is called once to warm up; then rounds run every runner once, in a shuffled
+    order, until ``repeats`` rounds and ``min_seconds`` have passed (or ``max_seconds``). Shuffled,
+    not rotated: a rotation keeps each runner behind the same predecessor, whose lingering threads
+    or evicted caches would then always slow the same one.
 
     ``block_seconds`` > 0 times each runner as a server calls it, back to back: a sample is the
     mean call of a block lasting about that long, after as many untimed calls. A session's
@@ -43,9 +46,10 @@ def interleaved(runners: dict[str, Callable[[], object]], repeats: int = 10, min
     calls = {name: _block_calls(runners[name], block_seconds) for name in names}
     samples: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
-    rnd = 0
+    rnd, shuffle = 0, random.Random(0).shuffle
+    order = list(names)
     while True:
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        shuffle(order)
         for name in order:
             run, count = runners[name], calls[name]
             for _ in range(count if count > 1 else 0):

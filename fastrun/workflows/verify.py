@@ -235,7 +235,9 @@ def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
 
     A deployment knob like the assignment: small models, and small segments of big ones, can lose
     more to waking and joining threads than they gain from them. Every count of
-    :func:`thread_counts` runs the whole plan, interleaved, timing each segment as well; fewer
+    :func:`thread_counts` runs the whole plan, interleaved and as it serves (a lone session spinning
+    between calls, timed in blocks: call by call, a small model's threads wake up for every call
+    and one thread looks faster than it serves), timing each segment as well; fewer
     threads than all must win by ``THREADS_MARGIN``, for the plan (``plan.threads``) and for each
     segment (``plan.segment_threads``, kept only if the mix then wins end to end by the margin).
     Then, if the plan has host kernels, the same counts race for them (``plan.host_threads``),
@@ -244,11 +246,11 @@ def choose_threads(graph: Graph, plan: Plan, repeats: int) -> Plan:
     counts = thread_counts(ortutil.default_threads())
     if len(counts) == 1:
         return plan
-    programs = {n: compiler.compile_plan(graph, plan, threads=n) for n in counts}
+    programs = {n: compiler.compile_plan(graph, plan, threads=n, serving=True) for n in counts}
     feed = random_feed(graph)
     part_seconds: dict[int, list[list[float]]] = {n: [[] for _ in programs[n].program] for n in counts}
     times = timing.interleaved({str(n): (lambda n=n: programs[n].run(feed, part_seconds[n])) for n in counts},
-                               repeats=max(5, repeats), max_seconds=60)
+                               repeats=max(5, repeats), max_seconds=60, block_seconds=timing.SERVING_BLOCK_SECONDS)
     best = _faster_by_margin(counts, {n: times[str(n)] for n in counts})
     if best != counts[0]:
         log.info("%d intra-op thread(s) ran faster end to end than %d (%.2f vs %.2f ms): keeping %d",
