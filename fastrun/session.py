@@ -373,7 +373,7 @@ class InferenceSession:
 
     def _original_source(self) -> OriginalModelSource:
         """The original model for plans that run it whole; onnxruntime's engine runs it on this session's own."""
-        return OriginalModelSource(engines.model_source(self._original.source), shared=self._original.run)
+        return OriginalModelSource(engines.model_source(self._original.source), shared=self._original.run_matched)
 
     def _new_plan(self, graph: graph_mod.Graph, shapes: dict) -> tuple[Plan, Recipe]:
         """A plan for shapes the cache has none for (policy heuristic or profile; the others raise)."""

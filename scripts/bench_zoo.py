@@ -7,11 +7,13 @@ file of ``--models`` (fed random values of its inputs' declared types, symbolic 
 by ``--dim NAME=N``, a symbolic first one else 1; judged fp16 where an input or weight is float16,
 else fp32) it profiles the first feed's shapes into a private cache, opens a
 ``fastrun.InferenceSession(policy="require")`` and a default onnxruntime session, and times
-them round-robin on the same feed: every round runs each session for about 10 ms (after as
-many untimed calls, so that neither pays for the other's spinning threads), in alternating
-order, and gives one ratio (onnxruntime's time over fastrun's: above 1, fastrun is
-faster). It prints the median ratio with the 10th-90th percentile spread over rounds, and the
-medians of three consecutive blocks of rounds (how stable the ratio is on a busy machine).
+them with a second default onnxruntime session (the control) round-robin on the same feed:
+every round runs each session for about 10 ms (after as many untimed calls, so that none pays
+for another's spinning threads), in shuffled order, and gives one ratio (onnxruntime's time
+over fastrun's: above 1, fastrun is faster). It prints the median ratio with the 10th-90th
+percentile spread over rounds, the control's median ratio ("A/A": what two identical sessions
+measure, the noise floor of that row), and the medians of three consecutive blocks of rounds
+(how stable the ratio is on a busy machine).
 Cases fastrun cannot serve print the reason.
 
     python scripts/bench_zoo.py                          # every case
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -55,16 +58,18 @@ def _settled(run, calls: int) -> float:
     return _timed(run, calls)
 
 
-def race(fastrun_run, ort_run, rounds: int, calls: int) -> list[float]:
-    """Per-round ratios onnxruntime time / fastrun time, the order alternating every round."""
-    fastrun_run(), ort_run()
-    ratios = []
-    for index in range(rounds):
-        if index % 2:
-            theirs, ours = _settled(ort_run, calls), _settled(fastrun_run, calls)
-        else:
-            ours, theirs = _settled(fastrun_run, calls), _settled(ort_run, calls)
-        ratios.append(theirs / ours)
+def race(runners: dict, rounds: int, calls: int) -> dict[str, list[float]]:
+    """Per-round ratios onnxruntime's time / each other runner's time, the order shuffled every round."""
+    names = list(runners)
+    for run in runners.values():
+        run()
+    shuffle = random.Random(0).shuffle
+    ratios: dict[str, list[float]] = {n: [] for n in names if n != "onnxruntime"}
+    for _ in range(rounds):
+        shuffle(names)
+        seconds = {n: _settled(runners[n], calls) for n in names}
+        for n in ratios:
+            ratios[n].append(seconds["onnxruntime"] / seconds[n])
     return ratios
 
 
@@ -100,11 +105,15 @@ def measure(name: str, model: str, feed: dict[str, np.ndarray], kind: str, round
         _timed(lambda: theirs.run(None, feed), 3)  # warm-up: the first calls allocate
         one = min(_timed(lambda: theirs.run(None, feed), 1) for _ in range(5))
         calls = max(1, int(0.01 / max(one, 1e-6)))  # about 10 ms of work per sample
-        ratios = race(lambda: ours.run(None, feed), lambda: theirs.run(None, feed), rounds, calls)
+        control = zoo.session(model)  # a second default session: the ratio two identical sessions measure
+        raced = race({"fastrun": lambda: ours.run(None, feed), "onnxruntime": lambda: theirs.run(None, feed),
+                      "control": lambda: control.run(None, feed)}, rounds, calls)
+    ratios = raced["fastrun"]
     third = len(ratios) // 3
     row.update(ort_ms=round(one * 1e3, 3), median=statistics.median(ratios),
                p10=float(np.percentile(ratios, 10)), p90=float(np.percentile(ratios, 90)),
-               blocks=[statistics.median(ratios[i * third:(i + 1) * third]) for i in range(3)])
+               blocks=[statistics.median(ratios[i * third:(i + 1) * third]) for i in range(3)],
+               control=statistics.median(raced["control"]))
     return row
 
 
@@ -126,7 +135,7 @@ def main() -> None:
     flags = cpu_flags()
     print("CPU flags:", " ".join(f for f in FLAGS_OF_INTEREST if f in flags) or "(none of interest)")
     rows = []
-    print(f"{'case':22s} {'runs':20s} {'ort ms':>8s} {'ratio':>6s} {'p10-p90':>12s}  blocks")
+    print(f"{'case':22s} {'runs':20s} {'ort ms':>8s} {'ratio':>6s} {'p10-p90':>12s} {'A/A':>6s}  blocks")
     for name, load in benches:
         row = measure(name, *load(), args.rounds, args.op_limit)
         rows.append(row)
@@ -135,7 +144,7 @@ def main() -> None:
             continue
         mark = "  slower" if row["median"] < SLOW_BELOW else ""
         print(f"{name:22s} {row['plan']:20s} {row['ort_ms']:8.3f} {row['median']:6.3f} "
-              f"{row['p10']:5.3f}-{row['p90']:5.3f}  {' '.join(f'{b:.3f}' for b in row['blocks'])}{mark}", flush=True)
+              f"{row['p10']:5.3f}-{row['p90']:5.3f} {row['control']:6.3f}  {' '.join(f'{b:.3f}' for b in row['blocks'])}{mark}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

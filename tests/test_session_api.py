@@ -292,3 +292,22 @@ def test_feeds_seen_before_answer_as_they_did_and_changed_feeds_are_decided_agai
                     ours.run(names, data)
             else:
                 close(ours.run(names, data), want)
+
+
+def test_a_matched_feed_skips_onnxruntimes_python_checks_and_answers_the_same(warm, cache_dir, monkeypatch):
+    """A feed signature matched to a plan once runs through the session's binding (ortutil.matched_run):
+    onnxruntime's Python ``run`` and its per-call name checks are not called again."""
+    from fastrun.system import ortutil
+
+    ours = fastrun.InferenceSession(warm, cache_dir=cache_dir)
+    theirs = ort.InferenceSession(warm, providers=CPU)
+    data = feed(1)
+    want = theirs.run(None, data)
+    close(ours.run(None, data), want)
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda *a, **k: pytest.fail("onnxruntime's Python run"))
+    close(ours.run(None, data), want)
+
+    class Bare:  # a session without the binding where onnxruntime keeps it: its own run answers
+        def run(self, names, feed_):
+            return ["bare"]
+    assert ortutil.matched_run(Bare())(["y"], {}) == ["bare"]

@@ -19,6 +19,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from fastrun.system import ortutil
+
 log = logging.getLogger(__name__)
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -84,6 +86,7 @@ class OriginalModel:
         self.kwargs = dict(kwargs or {})
         self.device = device_providers(providers)  # non-CPU providers requested: plans do not apply
         self._session: Optional[ort.InferenceSession] = None
+        self._matched: Optional[Any] = None  # ortutil.matched_run of the session
         self._lock = threading.Lock()
 
     @property
@@ -117,6 +120,7 @@ class OriginalModel:
                       provider_options: Optional[Sequence[dict]] = None) -> None:
         """onnxruntime's ``set_providers`` (the session is made again); device providers turn plans off."""
         self.session().set_providers(providers, provider_options)
+        self._matched = None  # the session has a new binding
         self.providers, self.provider_options = providers, provider_options
         self.device = device_providers(providers)
         if self.device:
@@ -125,3 +129,9 @@ class OriginalModel:
 
     def run(self, output_names: Optional[Sequence[str]], feed: Any, run_options: Any = None) -> list:
         return self.session().run(output_names, feed, run_options)
+
+    def run_matched(self, output_names: list, feed: dict) -> list:
+        """:meth:`run` of a feed matched to the model's inputs (:func:`fastrun.system.ortutil.matched_run`)."""
+        if self._matched is None:
+            self._matched = ortutil.matched_run(self.session())
+        return self._matched(output_names, feed)

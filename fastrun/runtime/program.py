@@ -18,19 +18,21 @@ from fastrun.system import allocator, hostthreads, ortutil
 
 @dataclass
 class Segment:
-    """One onnxruntime session running a run of ONNX steps."""
+    """One onnxruntime session running a run of ONNX steps. Its feeds are always exactly its
+    inputs, as arrays: it runs them through :func:`~fastrun.system.ortutil.matched_run`."""
 
     inputs: list[str]
     outputs: list[str]
     session: object
     steps: int
+    call: Callable[[list, dict], list] = field(init=False, repr=False)  # (output names, feed) -> outputs
+
+    def __post_init__(self) -> None:
+        self.call = ortutil.matched_run(self.session)
 
     def __call__(self, values: dict[str, np.ndarray]) -> None:
-        results = self.session.run(self.outputs, {k: values[k] for k in self.inputs})
+        results = self.call(self.outputs, {k: values[k] for k in self.inputs})
         values.update(zip(self.outputs, results))
-
-    def call(self, output_names: list, feed: dict) -> list:
-        return self.session.run(output_names, feed)
 
 
 @dataclass

@@ -172,10 +172,11 @@ def _checked_programs(graph: Graph, contenders: dict[str, Plan], fallible: set[s
 
 def serving_original(original: OriginalModelSource) -> OriginalModelSource:
     """``original`` with the session serving runs it on: the caller's, else onnxruntime's default
-    session (it spins between calls)."""
+    session (it spins between calls), called as serving calls it (:func:`ortutil.matched_run`)."""
     if original.shared is not None:
         return original
-    return OriginalModelSource(original.source, ortutil.session(original.source, level="all", spin_after_run=True).run)
+    served = ortutil.session(original.source, level="all", spin_after_run=True)
+    return OriginalModelSource(original.source, ortutil.matched_run(served))
 
 
 def _whole_model_plans(graph: Graph, plan: Plan, original: Optional[OriginalModelSource],
