@@ -95,6 +95,8 @@ def measure(name: str, model: str, feed: dict[str, np.ndarray], kind: str, round
                                      op_limit=op_limit, measure=False)
             row["plan"] = report.plan.winner  # fastrun | onnxruntime (specialised graph) | onnxruntime-original
             row["policy"] = report.plan.policy
+            verified = report.plan.solver.get("verified", {})
+            row["race_ms"] = {k[:-3]: v for k, v in verified.items() if k.endswith("_ms")}  # what the race measured
             ours = fastrun.InferenceSession(model, cache_dir=cache_dir, policy="require")
             ours.run(None, feed)
         except Exception as exc:  # a case fastrun cannot serve yet: report why and go on

@@ -16,9 +16,12 @@ def test_fast_runners_are_timed_in_blocks_after_as_many_untimed_calls():
     times = timing.interleaved({"fast": sleeper(0.0005, log, "fast"), "slow": sleeper(0.008, log, "slow")},
                                repeats=3, block_seconds=0.01)
     fast_calls, slow_calls = log.count("fast"), log.count("slow")
-    # fast: a warm-up and a sizing call, then per round a block of k untimed and k timed calls (k >= 2)
-    assert (fast_calls - 2) % 6 == 0 and (fast_calls - 2) // 6 >= 2
-    assert slow_calls == 2 + 3  # slower than half a block: one timed call per round, nothing untimed
+    # fast: a warm-up and a sizing call, then per round SETTLE_BLOCKS blocks untimed and one timed
+    per_round = (fast_calls - 2) / 3
+    assert per_round == int(per_round) and per_round >= (timing.SETTLE_BLOCKS + 1) * 2
+    # slower than half a block: per round one timed call after untimed ones lasting SETTLE_BLOCKS blocks
+    per_round = (slow_calls - 2) / 3
+    assert per_round == int(per_round) and timing.SETTLE_BLOCKS + 1 <= per_round <= timing.SETTLE_BLOCKS + 2
     assert 0.45 <= times["fast"] <= 4 and 7 <= times["slow"] <= 30  # per call, in ms
 
 

@@ -1,6 +1,7 @@
 """Side-by-side timing: interleaved repeats, the only comparison a noisy machine allows."""
 from __future__ import annotations
 
+import math
 import random
 import time
 from typing import Callable
@@ -24,6 +25,10 @@ def typical_ms(samples_s) -> float:
 # (:func:`interleaved`'s ``block_seconds``): long enough that the calls settle into the loop a
 # server runs, short enough for dozens of samples per candidate.
 SERVING_BLOCK_SECONDS = 0.01
+# Untimed calls before each block last this many blocks: another runner's spinning threads and
+# cached data take tens of ms to clear (a 7 ms EfficientNet ran 10-12 ms after one untimed call,
+# 7.6-8 after two, 6.9-7.2 after four: its time in a loop).
+SETTLE_BLOCKS = 3
 MAX_BLOCK_CALLS = 1000
 
 
@@ -37,10 +42,11 @@ def interleaved(runners: dict[str, Callable[[], object]], repeats: int = 10, min
     or evicted caches would then always slow the same one.
 
     ``block_seconds`` > 0 times each runner as a server calls it, back to back: a sample is the
-    mean call of a block lasting about that long, after as many untimed calls. A session's
-    threads spin on after ``run`` returns and slow whatever runs next; call by call, each runner
-    would pay for its predecessor's spinning, and one that spins itself would look faster than
-    it serves. Runners slower than half a block are timed call by call.
+    mean call of a block lasting about that long (at least one call), after untimed calls lasting
+    :data:`SETTLE_BLOCKS` times as long (at least one). Another runner's threads spin on after it
+    returns and its data fills the caches; call by call, each runner pays for its predecessor (a
+    7 ms EfficientNet measured 10-16 ms that way), and one that spins itself looks faster than it
+    serves.
     """
     names = list(runners)
     calls = {name: _block_calls(runners[name], block_seconds) for name in names}
@@ -51,8 +57,8 @@ def interleaved(runners: dict[str, Callable[[], object]], repeats: int = 10, min
     while True:
         shuffle(order)
         for name in order:
-            run, count = runners[name], calls[name]
-            for _ in range(count if count > 1 else 0):
+            run, (untimed, count) = runners[name], calls[name]
+            for _ in range(untimed):
                 run()
             t0 = time.perf_counter()
             for _ in range(count):
@@ -65,11 +71,14 @@ def interleaved(runners: dict[str, Callable[[], object]], repeats: int = 10, min
     return {n: typical_ms(v) for n, v in samples.items()}
 
 
-def _block_calls(run: Callable[[], object], block_seconds: float) -> int:
-    """Calls per sample of ``run`` (after its warm-up call): 1, or a block of ``block_seconds``."""
+def _block_calls(run: Callable[[], object], block_seconds: float) -> tuple[int, int]:
+    """Untimed and timed calls per sample of ``run`` (after its warm-up call): (0, 1), or
+    :data:`SETTLE_BLOCKS` blocks and one block of ``block_seconds``."""
     run()
     if block_seconds <= 0:
-        return 1
+        return 0, 1
     t0 = time.perf_counter()
     run()
-    return max(1, min(MAX_BLOCK_CALLS, int(block_seconds / max(time.perf_counter() - t0, 1e-7))))
+    per_block = block_seconds / max(time.perf_counter() - t0, 1e-7)
+    untimed = min(SETTLE_BLOCKS * MAX_BLOCK_CALLS, max(1, math.ceil(SETTLE_BLOCKS * per_block)))
+    return untimed, min(MAX_BLOCK_CALLS, max(1, int(per_block)))
