@@ -8,8 +8,8 @@ by ``--dim NAME=N``, a symbolic first one else 1; judged fp16 where an input or 
 else fp32) it profiles the first feed's shapes into a private cache, opens a
 ``fastrun.InferenceSession(policy="require")`` and a default onnxruntime session, and times
 them with a second default onnxruntime session (the control) round-robin on the same feed:
-every round runs each session for about 10 ms (after as many untimed calls, so that none pays
-for another's spinning threads), in shuffled order, and gives one ratio (onnxruntime's time
+every round runs each session for about 10 ms (after three times as many untimed calls, so that
+none pays for another's spinning threads or cached data), in shuffled order, and gives one ratio (onnxruntime's time
 over fastrun's: above 1, fastrun is faster). It prints the median ratio with the 10th-90th
 percentile spread over rounds, the control's median ratio ("A/A": what two identical sessions
 measure, the noise floor of that row), and the medians of three consecutive blocks of rounds
@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 
 import fastrun
+from fastrun.measure import timing
 from bench_engines import FLAGS_OF_INTEREST, cpu_flags, make_feed, parse_dims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,9 +53,10 @@ def _timed(run, calls: int) -> float:
 
 
 def _settled(run, calls: int) -> float:
-    """``calls`` timed calls after as many untimed ones: a default session's threads spin on after
-    ``run`` returns, and the first calls after the other session's block pay for its spinning."""
-    _timed(run, calls)
+    """``calls`` timed calls after SETTLE_BLOCKS times as many untimed ones: another session's
+    threads spin on after ``run`` returns and its data fills the caches, and the first calls after
+    its block pay for them (fastrun.measure.timing.SETTLE_BLOCKS, as fastrun's own races)."""
+    _timed(run, timing.SETTLE_BLOCKS * calls)
     return _timed(run, calls)
 
 
