@@ -8,8 +8,8 @@ by ``--dim NAME=N``, a symbolic first one else 1; judged fp16 where an input or 
 else fp32) it profiles the first feed's shapes into a private cache, opens a
 ``fastrun.InferenceSession(policy="require")`` and a default onnxruntime session, and times
 them with a second default onnxruntime session (the control) round-robin on the same feed:
-every round runs each session for about 10 ms (after three times as many untimed calls, so that
-none pays for another's spinning threads or cached data), in shuffled order, and gives one ratio (onnxruntime's time
+every round runs each session for about 10 ms (after untimed calls, so that none pays for
+another's spinning threads or cached data), in shuffled order, and gives one ratio (onnxruntime's time
 over fastrun's: above 1, fastrun is faster). It prints the median ratio with the 10th-90th
 percentile spread over rounds, the control's median ratio ("A/A": what two identical sessions
 measure, the noise floor of that row), and the medians of three consecutive blocks of rounds
@@ -52,15 +52,15 @@ def _timed(run, calls: int) -> float:
     return time.perf_counter() - start
 
 
-def _settled(run, calls: int) -> float:
-    """``calls`` timed calls after SETTLE_BLOCKS times as many untimed ones: another session's
-    threads spin on after ``run`` returns and its data fills the caches, and the first calls after
-    its block pay for them (fastrun.measure.timing.SETTLE_BLOCKS, as fastrun's own races)."""
-    _timed(run, timing.SETTLE_BLOCKS * calls)
+def _settled(run, untimed: int, calls: int) -> float:
+    """``calls`` timed calls after ``untimed`` ones: another session's threads spin on after
+    ``run`` returns and its data fills the caches, and the first calls after its block pay for
+    them (fastrun.measure.timing.block_calls, as fastrun's own races)."""
+    _timed(run, untimed)
     return _timed(run, calls)
 
 
-def race(runners: dict, rounds: int, calls: int) -> dict[str, list[float]]:
+def race(runners: dict, rounds: int, calls: tuple[int, int]) -> dict[str, list[float]]:
     """Per-round ratios onnxruntime's time / each other runner's time, the order shuffled every round."""
     names = list(runners)
     for run in runners.values():
@@ -69,7 +69,7 @@ def race(runners: dict, rounds: int, calls: int) -> dict[str, list[float]]:
     ratios: dict[str, list[float]] = {n: [] for n in names if n != "onnxruntime"}
     for _ in range(rounds):
         shuffle(names)
-        seconds = {n: _settled(runners[n], calls) for n in names}
+        seconds = {n: _settled(runners[n], *calls) for n in names}
         for n in ratios:
             ratios[n].append(seconds["onnxruntime"] / seconds[n])
     return ratios
@@ -108,7 +108,7 @@ def measure(name: str, model: str, feed: dict[str, np.ndarray], kind: str, round
         theirs = zoo.session(model)
         _timed(lambda: theirs.run(None, feed), 3)  # warm-up: the first calls allocate
         one = min(_timed(lambda: theirs.run(None, feed), 1) for _ in range(5))
-        calls = max(1, int(0.01 / max(one, 1e-6)))  # about 10 ms of work per sample
+        calls = timing.block_calls(one, 0.01)  # untimed calls, then about 10 ms of work per sample
         control = zoo.session(model)  # a second default session: the ratio two identical sessions measure
         raced = race({"fastrun": lambda: ours.run(None, feed), "onnxruntime": lambda: theirs.run(None, feed),
                       "control": lambda: control.run(None, feed)}, rounds, calls)

@@ -49,7 +49,7 @@ def _serve_stored(path: str, cache_dir: str, graph, caches, plan) -> list:
     ((program, served),) = session._programs.values()
     assert served.engine == plan.engine
     if plan.engine == ENGINE_ORIGINAL:  # the session's own onnxruntime session of the model runs it
-        assert program.program[0].runner == session._original.run
+        assert program.program[0].runner == session._original.run_matched
     return ours, ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)
 
 

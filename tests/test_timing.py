@@ -11,18 +11,25 @@ def sleeper(seconds: float, log: list, name: str):
     return run
 
 
-def test_fast_runners_are_timed_in_blocks_after_as_many_untimed_calls():
+def test_the_settle_is_three_calls_worth_within_its_bounds():
+    low, high = timing.SETTLE_SECONDS
+    untimed, timed = timing.block_calls(20e-6, 0.01)  # microseconds: the lower bound of settling
+    assert abs(untimed * 20e-6 - low) <= 20e-6 and abs(timed * 20e-6 - 0.01) <= 20e-6
+    assert timing.block_calls(0.007, 0.01) == (timing.SETTLE_CALLS, 1)
+    assert timing.block_calls(0.3, 0.01) == (1, 1)  # past the upper bound: one untimed call
+    assert high < 0.3
+
+
+def test_fast_runners_are_timed_in_blocks_after_untimed_calls():
     log: list = []
     times = timing.interleaved({"fast": sleeper(0.0005, log, "fast"), "slow": sleeper(0.008, log, "slow")},
                                repeats=3, block_seconds=0.01)
     fast_calls, slow_calls = log.count("fast"), log.count("slow")
-    # fast: a warm-up and a sizing call, then per round SETTLE_BLOCKS blocks untimed and one timed
+    # a warm-up and a sizing call, then per round the untimed calls and a timed block
     per_round = (fast_calls - 2) / 3
-    assert per_round == int(per_round) and per_round >= (timing.SETTLE_BLOCKS + 1) * 2
-    # slower than half a block: per round one timed call after untimed ones lasting SETTLE_BLOCKS blocks
-    per_round = (slow_calls - 2) / 3
-    assert per_round == int(per_round) and timing.SETTLE_BLOCKS + 1 <= per_round <= timing.SETTLE_BLOCKS + 2
-    assert 0.45 <= times["fast"] <= 4 and 7 <= times["slow"] <= 30  # per call, in ms
+    assert per_round == int(per_round) and per_round >= 2 + 2
+    assert slow_calls == 2 + 3 * (timing.SETTLE_CALLS + 1)  # 3 x 8 ms of settle is within the bounds
+    assert 0.45 <= times["fast"] <= 4 and 7 <= times["slow"] <= 40  # per call, in ms
 
 
 def test_call_by_call_without_blocks_and_no_runner_always_follows_the_same_one():

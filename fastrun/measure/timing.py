@@ -24,12 +24,25 @@ def typical_ms(samples_s) -> float:
 # A block of calls lasting about this long is one sample of a model timed as it serves
 # (:func:`interleaved`'s ``block_seconds``): long enough that the calls settle into the loop a
 # server runs, short enough for dozens of samples per candidate.
-SERVING_BLOCK_SECONDS = 0.01
-# Untimed calls before each block last this many blocks: another runner's spinning threads and
-# cached data take tens of ms to clear (a 7 ms EfficientNet ran 10-12 ms after one untimed call,
-# 7.6-8 after two, 6.9-7.2 after four: its time in a loop).
-SETTLE_BLOCKS = 3
+SERVING_BLOCK_SECONDS = 0.005
+# Untimed calls before each block: three calls' worth, within these bounds. Another runner's
+# spinning threads and cached data take a few calls to clear (a 7 ms EfficientNet ran 10-12 ms
+# after one untimed call, 7.6-8 after two, 6.9-7.2 after four: its time in a loop); for a model
+# of microseconds what lingers is the other's spinning, a few milliseconds; beyond a model of
+# tens of milliseconds one call restores the caches and nothing else lingers.
+SETTLE_CALLS = 3
+SETTLE_SECONDS = (0.005, 0.03)
 MAX_BLOCK_CALLS = 1000
+
+
+def block_calls(one_call_seconds: float, block_seconds: float) -> tuple[int, int]:
+    """Untimed and timed calls per sample of a runner whose call lasts ``one_call_seconds``:
+    the settle (:data:`SETTLE_CALLS` calls' worth, bounded by :data:`SETTLE_SECONDS`) and a
+    block of ``block_seconds``, at least one call each."""
+    one = max(one_call_seconds, 1e-7)
+    settle = min(max(SETTLE_CALLS * one, SETTLE_SECONDS[0]), SETTLE_SECONDS[1])
+    return (min(MAX_BLOCK_CALLS, max(1, math.ceil(settle / one))),
+            min(MAX_BLOCK_CALLS, max(1, int(block_seconds / one))))
 
 
 def interleaved(runners: dict[str, Callable[[], object]], repeats: int = 10, min_seconds: float = 0.0,
@@ -42,11 +55,10 @@ def interleaved(runners: dict[str, Callable[[], object]], repeats: int = 10, min
     or evicted caches would then always slow the same one.
 
     ``block_seconds`` > 0 times each runner as a server calls it, back to back: a sample is the
-    mean call of a block lasting about that long (at least one call), after untimed calls lasting
-    :data:`SETTLE_BLOCKS` times as long (at least one). Another runner's threads spin on after it
-    returns and its data fills the caches; call by call, each runner pays for its predecessor (a
-    7 ms EfficientNet measured 10-16 ms that way), and one that spins itself looks faster than it
-    serves.
+    mean call of a block lasting about that long (at least one call), after untimed calls
+    (:func:`block_calls`). Another runner's threads spin on after it returns and its data fills the
+    caches; call by call, each runner pays for its predecessor (a 7 ms EfficientNet measured 10-16
+    ms that way), and one that spins itself looks faster than it serves.
     """
     names = list(runners)
     calls = {name: _block_calls(runners[name], block_seconds) for name in names}
@@ -73,12 +85,10 @@ def interleaved(runners: dict[str, Callable[[], object]], repeats: int = 10, min
 
 def _block_calls(run: Callable[[], object], block_seconds: float) -> tuple[int, int]:
     """Untimed and timed calls per sample of ``run`` (after its warm-up call): (0, 1), or
-    :data:`SETTLE_BLOCKS` blocks and one block of ``block_seconds``."""
+    :func:`block_calls` of a second call's time."""
     run()
     if block_seconds <= 0:
         return 0, 1
     t0 = time.perf_counter()
     run()
-    per_block = block_seconds / max(time.perf_counter() - t0, 1e-7)
-    untimed = min(SETTLE_BLOCKS * MAX_BLOCK_CALLS, max(1, math.ceil(SETTLE_BLOCKS * per_block)))
-    return untimed, min(MAX_BLOCK_CALLS, max(1, int(per_block)))
+    return block_calls(time.perf_counter() - t0, block_seconds)
