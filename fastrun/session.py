@@ -439,9 +439,6 @@ class InferenceSession:
         return self._data
 
 
-_UNSEEN = object()
-
-
 class _Route(NamedTuple):
     """What runs one feed signature, and how :meth:`InferenceSession.run` calls it."""
     found: Optional[tuple[Program, Plan]]  # the program and its plan; None: the original session
