@@ -16,7 +16,8 @@ def test_the_settle_is_three_calls_worth_within_its_bounds():
     untimed, timed = timing.block_calls(20e-6, 0.01)  # microseconds: the lower bound of settling
     assert abs(untimed * 20e-6 - low) <= 20e-6 and abs(timed * 20e-6 - 0.01) <= 20e-6
     assert timing.block_calls(0.007, 0.01) == (timing.SETTLE_CALLS, 1)
-    assert timing.block_calls(0.3, 0.01) == (1, 1)  # past the upper bound: one untimed call
+    assert timing.block_calls(0.02, 0.01) == (2, 1)  # three calls' worth, cut to the upper bound
+    assert timing.block_calls(0.3, 0.01) == (0, 1)  # past the upper bound: timed call by call
     assert high < 0.3
 
 

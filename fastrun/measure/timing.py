@@ -28,8 +28,9 @@ SERVING_BLOCK_SECONDS = 0.005
 # Untimed calls before each block: three calls' worth, within these bounds. Another runner's
 # spinning threads and cached data take a few calls to clear (a 7 ms EfficientNet ran 10-12 ms
 # after one untimed call, 7.6-8 after two, 6.9-7.2 after four: its time in a loop); for a model
-# of microseconds what lingers is the other's spinning, a few milliseconds; beyond a model of
-# tens of milliseconds one call restores the caches and nothing else lingers.
+# of microseconds what lingers is the other's spinning, a few milliseconds. A call longer than
+# the upper bound is timed without one: an untimed call would halve the race's samples of a
+# VGG-19 at batch 8 (0.9 s a call) for nothing that lingers.
 SETTLE_CALLS = 3
 SETTLE_SECONDS = (0.005, 0.03)
 MAX_BLOCK_CALLS = 1000
@@ -37,12 +38,13 @@ MAX_BLOCK_CALLS = 1000
 
 def block_calls(one_call_seconds: float, block_seconds: float) -> tuple[int, int]:
     """Untimed and timed calls per sample of a runner whose call lasts ``one_call_seconds``:
-    the settle (:data:`SETTLE_CALLS` calls' worth, bounded by :data:`SETTLE_SECONDS`) and a
-    block of ``block_seconds``, at least one call each."""
+    the settle (:data:`SETTLE_CALLS` calls' worth, bounded by :data:`SETTLE_SECONDS`; none for a
+    call longer than the bound, whose caches no call restores and which no spinning slows) and a
+    block of ``block_seconds``, at least one call."""
     one = max(one_call_seconds, 1e-7)
     settle = min(max(SETTLE_CALLS * one, SETTLE_SECONDS[0]), SETTLE_SECONDS[1])
-    return (min(MAX_BLOCK_CALLS, max(1, math.ceil(settle / one))),
-            min(MAX_BLOCK_CALLS, max(1, int(block_seconds / one))))
+    untimed = min(MAX_BLOCK_CALLS, math.ceil(settle / one)) if one < SETTLE_SECONDS[1] else 0
+    return untimed, min(MAX_BLOCK_CALLS, max(1, int(block_seconds / one)))
 
 
 def interleaved(runners: dict[str, Callable[[], object]], repeats: int = 10, min_seconds: float = 0.0,
