@@ -358,7 +358,7 @@ class InferenceSession:
         return program, plan
 
     def _original_program(self, shapes: dict, exc: Exception) -> tuple[Program, Plan]:
-        """The plan that runs the original model on this session's onnxruntime session, for shapes
+        """The plan that runs the original model on the onnxruntime session this one holds, for shapes
         fastrun's front end cannot take (stored under policy="profile", so that require serves it)."""
         if self._policy in ("require", "onnxruntime"):
             raise self._not_found(shapes)
@@ -372,7 +372,7 @@ class InferenceSession:
         return instantiate(recipe, self._original.thread_cap(), self._original_source()), plan
 
     def _original_source(self) -> OriginalModelSource:
-        """The original model for plans that run it whole; onnxruntime's engine runs it on this session's own."""
+        """The original model for plans that run it whole; onnxruntime's engine runs it on the one this session holds."""
         return OriginalModelSource(engines.model_source(self._original.source), shared=self._original.run_matched)
 
     def _new_plan(self, graph: graph_mod.Graph, shapes: dict) -> tuple[Plan, Recipe]:

@@ -53,7 +53,7 @@ def _timed(run, calls: int) -> float:
 
 
 def _settled(run, untimed: int, calls: int) -> float:
-    """``calls`` timed calls after ``untimed`` ones: another session's threads spin on after
+    """``calls`` timed calls after ``untimed`` ones: the threads of another session spin on after
     ``run`` returns and its data fills the caches, and the first calls after its block pay for
     them (fastrun.measure.timing.block_calls, as fastrun's own races)."""
     _timed(run, untimed)

@@ -197,7 +197,7 @@ def _check(name: str, tmp_path_factory: pytest.TempPathFactory, **kwargs: Any) -
     _run_case(name, cache_dir=cache_dir, **kwargs)
 
 
-LEFT_TO_ONNXRUNTIME = "the original model runs on onnxruntime as is"  # the session's warning
+LEFT_TO_ONNXRUNTIME = "the original model runs on onnxruntime as is"  # the warning fastrun's session logs
 
 
 def _check_compiled(name: str, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture) -> None:

@@ -48,7 +48,7 @@ def _serve_stored(path: str, cache_dir: str, graph, caches, plan) -> list:
     ours = session.run(None, feed)
     ((program, served),) = session._programs.values()
     assert served.engine == plan.engine
-    if plan.engine == ENGINE_ORIGINAL:  # the session's own onnxruntime session of the model runs it
+    if plan.engine == ENGINE_ORIGINAL:  # the onnxruntime session of the model that fastrun's session holds runs it
         assert program.program[0].runner == session._original.run_matched
     return ours, ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)
 

@@ -295,7 +295,7 @@ def test_feeds_seen_before_answer_as_they_did_and_changed_feeds_are_decided_agai
 
 
 def test_a_matched_feed_skips_onnxruntimes_python_checks_and_answers_the_same(warm, cache_dir, monkeypatch):
-    """A feed signature matched to a plan once runs through the session's binding (ortutil.matched_run):
+    """A feed signature matched to a plan once runs through the binding of the session (ortutil.matched_run):
     onnxruntime's Python ``run`` and its per-call name checks are not called again."""
     from fastrun.system import ortutil
 

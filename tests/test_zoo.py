@@ -43,7 +43,7 @@ def _model_path(case: zoo.Case) -> str:
 
 
 def check_outputs(case: zoo.Case, model: str, got: list, feed: dict) -> None:
-    """``got`` (fastrun's outputs on ``feed``) against a default onnxruntime session's, as ``case.kind`` says."""
+    """``got`` (fastrun's outputs on ``feed``) against those of a default onnxruntime session, as ``case.kind`` says."""
     want = zoo.session(model).run(None, feed)
     assert len(got) == len(want)
     for index, (g, w) in enumerate(zip(got, want)):

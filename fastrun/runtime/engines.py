@@ -27,7 +27,7 @@ class OriginalModelSource:
 
     ``source`` is a path (external data resolves from the model's own directory, and models over
     2 GB load without serializing a proto) or the serialized bytes. ``shared`` is an
-    onnxruntime session's ``run`` of that model the caller already holds (a serving session's):
+    ``run`` of an onnxruntime session of that model the caller already holds (in serving, the caller's own):
     the onnxruntime engine uses it rather than loading the model a second time.
     """
 

@@ -113,7 +113,7 @@ def matched_run(session: ort.InferenceSession) -> Callable[[list, dict], list]:
 
     onnxruntime's Python ``run`` checks the feed's names against the model's inputs on every call
     (about a microsecond, 5-10% of the smallest models' run); fastrun checks a feed signature once
-    and then calls the session's binding directly. Where the binding is not where onnxruntime keeps
+    and then calls the binding of the session directly. Where the binding is not where onnxruntime keeps
     it (``_sess``), this is ``session.run``. A session whose providers change makes a new binding:
     take this again after ``set_providers``.
     """

@@ -6,7 +6,7 @@ Float models (fp32, fp16): a candidate's outputs must match onnxruntime's on the
 Quantized models (QDQ, QOperator, dynamic quantization: found by their op types): onnxruntime's
 own fusions already move the outputs away from the model's semantics, which are onnxruntime with
 every optimization off (``ORT_DISABLE_ALL``) on the original. A candidate is eligible when its
-error against those semantics is no larger than a default onnxruntime session's error against
+error against those semantics is no larger than the error of a default onnxruntime session against
 them, times QUANTIZED_SLACK plus QUANTIZED_ABS_SLACK. The error there is the RMS error relative
 to the reference's RMS (worst output): one int8 rounding step that flips in one element moves a
 max-abs error by a whole step and an RMS error by almost nothing, so the rule compares how far
@@ -77,7 +77,7 @@ class Reference:
     outputs: dict[str, np.ndarray]
     quantized: bool
     bound: float                  # the largest eligible error
-    onnxruntime_error: float = 0.0  # a default onnxruntime session's error (quantized models)
+    onnxruntime_error: float = 0.0  # the error of a default onnxruntime session (quantized models)
 
     def error(self, outputs: dict[str, np.ndarray]) -> float:
         names = list(self.outputs)
